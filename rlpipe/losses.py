@@ -1,0 +1,213 @@
+"""Token-level training losses in Tinker's vocabulary.
+
+Every loss is a SUM over tokens, never a mean: the caller concatenates many datums into
+one T, and a mean here would silently reweight datums by their length. Normalisation is
+the caller's job, through `weights` and `advantages`.
+
+Notation: lp = learner logprobs (carry the gradient), sampling_lp = the sampler's recorded
+logprobs (`inputs["logprobs"]`), r = exp(lp - sampling_lp), A = advantages.
+
+    cross_entropy        -sum w * lp
+    importance_sampling  -sum w * r * A
+    ppo                  -sum w * min(r * A, clip(r, lo, hi) * A)
+    cispo                -sum w * sg(clip(r, lo, hi)) * lp * A
+    dro                  -sum w * (lp * A - beta/2 * (lp - sampling_lp)^2)
+
+The RL losses take an optional `weights` (default ones) and two optional corrections:
+truncated IS (`tis_cap` = C multiplies each term by the detached min(r, C) / r) and masked
+IS (`mis_low`, `mis_high` zero the weight of tokens whose r lies outside [a, b]).
+
+Diagnostics cover the "counted" tokens, those with weight > 0, including tokens that MIS
+masks (the point is to watch the sampler/learner mismatch, masked or not). With no counted
+token the ratio statistics report 1.0 (the on-policy value) and every mean reports 0.0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+
+Inputs = dict[str, Tensor]
+Config = dict[str, float]
+
+
+class LossSpec(NamedTuple):
+    # fn(logprobs_T, inputs, config) -> per-token loss before weights and corrections.
+    fn: Callable[[Tensor, Inputs, Config], Tensor]
+    required_inputs: tuple[str, ...]
+    optional_inputs: tuple[str, ...]
+    config_keys: tuple[str, ...]
+
+
+def cross_entropy_loss(logprobs_T: Tensor, inputs: Inputs, config: Config) -> Tensor:
+    return -logprobs_T
+
+
+def importance_sampling_loss(logprobs_T: Tensor, inputs: Inputs, config: Config) -> Tensor:
+    ratio_T = torch.exp(logprobs_T - inputs["logprobs"])
+    return -ratio_T * inputs["advantages"]
+
+
+def ppo_loss(logprobs_T: Tensor, inputs: Inputs, config: Config) -> Tensor:
+    advantages_T = inputs["advantages"]
+    ratio_T = torch.exp(logprobs_T - inputs["logprobs"])
+    clipped_T = ratio_T.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    return -torch.minimum(ratio_T * advantages_T, clipped_T * advantages_T)
+
+
+def cispo_loss(logprobs_T: Tensor, inputs: Inputs, config: Config) -> Tensor:
+    # Clipping only the detached coefficient keeps every token's gradient alive (unlike PPO,
+    # which drops clipped tokens entirely) while bounding how far one token can push.
+    ratio_T = torch.exp(logprobs_T.detach() - inputs["logprobs"])
+    coef_T = ratio_T.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    return -coef_T * logprobs_T * inputs["advantages"]
+
+
+def dro_loss(logprobs_T: Tensor, inputs: Inputs, config: Config) -> Tensor:
+    log_ratio_T = logprobs_T - inputs["logprobs"]
+    return -(logprobs_T * inputs["advantages"] - 0.5 * config["beta"] * log_ratio_T.square())
+
+
+_RL_INPUTS = ("target_tokens", "logprobs", "advantages")
+_CORRECTIONS = ("tis_cap", "mis_low", "mis_high")
+_CLIP = ("clip_low_threshold", "clip_high_threshold")
+
+LOSSES: dict[str, LossSpec] = {
+    "cross_entropy": LossSpec(cross_entropy_loss, ("target_tokens", "weights"), (), ()),
+    "importance_sampling": LossSpec(importance_sampling_loss, _RL_INPUTS, ("weights",), _CORRECTIONS),
+    "ppo": LossSpec(ppo_loss, _RL_INPUTS, ("weights",), _CLIP + _CORRECTIONS),
+    "cispo": LossSpec(cispo_loss, _RL_INPUTS, ("weights",), _CLIP + _CORRECTIONS),
+    "dro": LossSpec(dro_loss, _RL_INPUTS, ("weights",), ("beta",) + _CORRECTIONS),
+}
+
+# beta = 0.05 is a mild pull towards the sampler; corrections have no default (absent = off).
+DEFAULTS: dict[str, float] = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2, "beta": 0.05}
+
+
+def _validated_inputs(name: str, spec: LossSpec, logprobs_T: Tensor, inputs: Inputs) -> Inputs:
+    if not isinstance(logprobs_T, Tensor) or logprobs_T.dim() != 1 or not logprobs_T.is_floating_point():
+        raise ValueError(f"{name}: logprobs_T must be a 1-D float tensor")
+    for key in spec.required_inputs:
+        if key not in inputs:
+            raise ValueError(f"{name}: missing required input {key!r}")
+    allowed = spec.required_inputs + spec.optional_inputs
+    for key in inputs:
+        if key not in allowed:
+            raise ValueError(f"{name}: unexpected input {key!r}; accepted inputs are {list(allowed)}")
+    T = logprobs_T.shape[0]
+    out: Inputs = {}
+    for key, value in inputs.items():
+        if not isinstance(value, Tensor) or value.dim() != 1:
+            raise ValueError(f"{name}: input {key!r} must be a 1-D tensor")
+        if value.shape[0] != T:
+            length = value.shape[0]
+            raise ValueError(f"{name}: input {key!r} has length {length}, logprobs_T has length {T}")
+        if key == "target_tokens":
+            continue  # carried for the Tinker schema; the math never reads it
+        value = value.to(device=logprobs_T.device, dtype=logprobs_T.dtype)
+        if torch.isnan(value).any():
+            raise ValueError(f"{name}: {key} contains NaN")
+        if torch.isinf(value).any():
+            raise ValueError(f"{name}: {key} contains inf")
+        out[key] = value
+    # Negative weights would be contributing tokens that the weight > 0 diagnostics skip.
+    if "weights" in out and (out["weights"] < 0).any():
+        raise ValueError(f"{name}: weights contains negative values")
+    return out
+
+
+def _validated_config(name: str, spec: LossSpec, config: dict | None) -> Config:
+    config = dict(config or {})
+    for key, value in config.items():
+        if key not in spec.config_keys:
+            accepted = list(spec.config_keys)
+            raise ValueError(f"{name}: unknown config key {key!r}; accepted keys are {accepted}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValueError(f"{name}: config {key!r} must be a number, got {value!r}")
+    cfg = {k: v for k, v in DEFAULTS.items() if k in spec.config_keys}
+    cfg |= {k: float(v) for k, v in config.items()}
+    if "clip_low_threshold" in cfg:
+        lo, hi = cfg["clip_low_threshold"], cfg["clip_high_threshold"]
+        if lo < 0 or lo >= hi:
+            msg = f"need 0 <= clip_low_threshold < clip_high_threshold, got {lo}, {hi}"
+            raise ValueError(f"{name}: {msg}")
+    if "beta" in cfg and not 0 < cfg["beta"] < math.inf:
+        raise ValueError(f"{name}: beta must be a finite number > 0, got {cfg['beta']}")
+    if "tis_cap" in cfg and not 0 < cfg["tis_cap"] < math.inf:
+        raise ValueError(f"{name}: tis_cap must be a finite number > 0, got {cfg['tis_cap']}")
+    if "mis_low" in cfg or "mis_high" in cfg:
+        a, b = cfg.setdefault("mis_low", 0.0), cfg.setdefault("mis_high", math.inf)
+        if a < 0 or a >= b:
+            raise ValueError(f"{name}: need 0 <= mis_low < mis_high, got {a}, {b}")
+    return cfg
+
+
+def compute_loss(
+    loss_fn: str, logprobs_T: Tensor, inputs: dict[str, Tensor], config: dict | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """Summed loss (differentiable through logprobs_T) and its metrics as python floats."""
+    spec = LOSSES.get(loss_fn)
+    if spec is None:
+        raise ValueError(f"unknown loss_fn {loss_fn!r}; known losses are {sorted(LOSSES)}")
+    inputs_T = _validated_inputs(loss_fn, spec, logprobs_T, inputs)
+    cfg = _validated_config(loss_fn, spec, config)
+    weights_T = inputs_T.get("weights", torch.ones_like(logprobs_T))
+    counted_T = weights_T > 0
+
+    if loss_fn == "cross_entropy":
+        # where(), not a product, so a -inf logprob on a weight-0 token cannot turn into NaN.
+        loss = torch.where(counted_T, weights_T * spec.fn(logprobs_T, inputs_T, cfg), 0.0).sum()
+        return loss, {"loss:sum": loss.item()}
+
+    log_ratio_T = logprobs_T.detach() - inputs_T["logprobs"]
+    ratio_T = log_ratio_T.exp()
+    active_T = counted_T
+    if "mis_low" in cfg:
+        masked_T = counted_T & ((ratio_T < cfg["mis_low"]) | (ratio_T > cfg["mis_high"]))
+        active_T = counted_T & ~masked_T
+    # Inactive tokens are computed at r == 1: an overflowing exp(lp - sampling_lp) on an
+    # observation token would otherwise leak NaN through its zero weight into the gradient.
+    inputs_T["logprobs"] = torch.where(active_T, inputs_T["logprobs"], logprobs_T.detach())
+    terms_T = spec.fn(logprobs_T, inputs_T, cfg)
+    if "tis_cap" in cfg:
+        # min(r, C) / r in log space, so r == inf gives 0 instead of inf / inf.
+        terms_T = terms_T * (math.log(cfg["tis_cap"]) - log_ratio_T).clamp(max=0.0).exp()
+    loss = torch.where(active_T, weights_T * terms_T, 0.0).sum()
+
+    metrics = {"loss:sum": loss.item()} | _ratio_metrics(ratio_T[counted_T], log_ratio_T[counted_T], cfg)
+    if "mis_low" in cfg:
+        metrics["mis_masked:sum"] = float(masked_T.sum().item())
+    return loss, metrics
+
+
+def _ratio_metrics(ratio_N: Tensor, log_ratio_N: Tensor, cfg: Config) -> dict[str, float]:
+    n = ratio_N.numel()
+    metrics = {"tokens:sum": float(n)}
+    if n == 0:
+        metrics |= {"ratio:mean": 1.0, "ratio:min": 1.0, "ratio:max": 1.0, "clip_frac:mean": 0.0}
+        metrics |= {"kl_sampler_learner:mean": 0.0, "kl_k1:mean": 0.0}
+        if "tis_cap" in cfg:
+            metrics["tis_truncated_frac:mean"] = 0.0
+        return metrics
+    clipped_N = torch.zeros_like(ratio_N, dtype=torch.bool)
+    if "clip_low_threshold" in cfg:
+        clipped_N = (ratio_N < cfg["clip_low_threshold"]) | (ratio_N > cfg["clip_high_threshold"])
+    stats = [
+        ratio_N.mean(),
+        ratio_N.min(),
+        ratio_N.max(),
+        clipped_N.double().mean(),
+        (ratio_N - 1 - log_ratio_N).mean(),  # k3: unbiased, never negative, low variance
+        (-log_ratio_N).mean(),
+    ]
+    names = ["ratio:mean", "ratio:min", "ratio:max", "clip_frac:mean"]
+    names += ["kl_sampler_learner:mean", "kl_k1:mean"]
+    if "tis_cap" in cfg:
+        stats.append((ratio_N > cfg["tis_cap"]).double().mean())
+        names.append("tis_truncated_frac:mean")
+    values = torch.stack([s.double() for s in stats]).tolist()  # one device sync, not one per metric
+    return metrics | dict(zip(names, values))

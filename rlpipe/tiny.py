@@ -1,0 +1,176 @@
+"""Build the embedded default model: a tiny Llama-architecture LM with its own tokenizer.
+
+Nothing is downloaded. A byte-level BPE tokenizer is trained on generated text, a small
+LlamaForCausalLM is built from a config and pre-trained briefly on the same text, and the
+result is saved as an ordinary Hugging Face directory (config.json, model.safetensors,
+tokenizer.json with a chat template), so every code path treats it like a user's model.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
+EOS_TOKEN = "<|end|>"
+PAD_TOKEN = "<|pad|>"
+
+# One turn is "<|role|>content<|end|>"; EOS ends every turn, so sampling an assistant
+# turn stops at the end of the turn and multi-turn histories stay token-exact.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+DEFAULTS = dict(
+    vocab_size=384,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    train_steps=150,
+    seed=0,
+)
+VERSION = 1  # bump when the corpus or recipe changes, so caches rebuild
+
+
+def corpus(n: int, seed: int) -> list[str]:
+    """Generated text: arithmetic, counting and chat turns, enough for the tokenizer and
+    a brief pre-training that teaches digits, operators and the turn structure."""
+    rng = random.Random(seed)
+    words = "the a is of and to in answer number sum plus minus times what question result".split()
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        op = rng.choice("+-*")
+        value = eval(f"{a}{op}{b}")
+        kind = rng.random()
+        if kind < 0.4:
+            out.append(f"{a} {op} {b} = {value}")
+        elif kind < 0.6:
+            start = rng.randint(0, 90)
+            out.append(" ".join(str(start + i) for i in range(rng.randint(3, 8))))
+        elif kind < 0.8:
+            out.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))))
+        else:
+            out.append(
+                f"<|user|>What is {a} {op} {b}?<|end|><|assistant|>{rng.choice(words)} {value}<|end|>"
+            )
+    return out
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Single digits keep numbers compositional: arithmetic rewards then depend on the
+    # model, not on which numbers happened to get merged into one token.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(out_dir: str | os.PathLike, **overrides) -> Path:
+    """Train a tokenizer, build and briefly pre-train a tiny Llama, save it to out_dir."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = {**DEFAULTS, **overrides}
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown tiny-model settings: {sorted(unknown)}")
+    texts = corpus(4000, cfg["seed"])
+    tokenizer = train_tokenizer(texts, cfg["vocab_size"])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_key_value_heads"],
+        max_position_embeddings=cfg["max_position_embeddings"],
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(cfg["seed"])
+    model = LlamaForCausalLM(config)
+    pretrain(model, tokenizer, texts, cfg["train_steps"], cfg["seed"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "rlpipe_tiny.json").write_text(json.dumps({"version": VERSION, **cfg}, indent=1))
+    return out
+
+
+def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int) -> None:
+    import torch
+
+    rng = random.Random(seed)
+    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(ids, 32)
+        width = max(map(len, batch))
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        for i, seq in enumerate(batch):
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, : len(seq)] = torch.tensor(seq)
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLPIPE_CACHE", Path.home() / ".cache" / "rlpipe"))
+
+
+def default_model_path(**overrides) -> Path:
+    """The embedded default model, built once per machine and settings, then reused.
+
+    A file lock makes concurrent callers (pytest workers, roles of one run) wait for one
+    build instead of racing; the directory appears atomically by rename."""
+    cfg = {**DEFAULTS, **overrides, "version": VERSION}
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"tiny-llama-{digest}"
+    if (path / "config.json").exists():
+        return path
+    with open(root / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").exists():
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
+            try:
+                build_tiny_model(tmp, **overrides)
+                os.rename(tmp, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return path

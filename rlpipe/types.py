@@ -1,0 +1,280 @@
+"""The Tinker-shaped data types, plus the trajectory and wire types of the pipeline.
+
+One schema serves memory and the wire: every type here is a msgspec Struct, so the
+transport encodes exactly what the code passes around. Names and semantics follow
+`tinker.types` wherever Tinker has the concept.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+# --------------------------------------------------------------------------- model input
+
+
+class EncodedTextChunk(msgspec.Struct, omit_defaults=True, gc=False):
+    tokens: list[int]
+    type: Literal["encoded_text"] = "encoded_text"
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+class ModelInput(msgspec.Struct, omit_defaults=True):
+    """A sequence of token chunks fed to the model (only text chunks exist in rlpipe)."""
+
+    chunks: list[EncodedTextChunk]
+
+    @classmethod
+    def from_ints(cls, tokens: list[int]) -> ModelInput:
+        return cls(chunks=[EncodedTextChunk(tokens=[int(t) for t in tokens])])
+
+    @classmethod
+    def empty(cls) -> ModelInput:
+        return cls(chunks=[])
+
+    def to_ints(self) -> list[int]:
+        return [t for chunk in self.chunks for t in chunk.tokens]
+
+    @property
+    def length(self) -> int:
+        return sum(chunk.length for chunk in self.chunks)
+
+    def append(self, chunk: EncodedTextChunk) -> ModelInput:
+        return ModelInput(chunks=[*self.chunks, chunk])
+
+    def append_int(self, token: int) -> ModelInput:
+        return self.append(EncodedTextChunk(tokens=[int(token)]))
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+class TensorData(msgspec.Struct, omit_defaults=True, gc=False):
+    """A flat array with its dtype and shape, as Tinker sends loss inputs and outputs."""
+
+    data: list[float] | list[int]
+    dtype: Literal["int64", "float32", "float64"]
+    shape: list[int] | None = None
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> TensorData:
+        array = np.asarray(array)
+        if array.dtype.kind in "iub":
+            dtype = "int64"
+        elif array.dtype == np.float64:
+            dtype = "float64"
+        elif array.dtype.kind == "f":
+            dtype = "float32"
+        else:
+            raise TypeError(f"TensorData cannot hold arrays of dtype {array.dtype}")
+        return cls(data=array.reshape(-1).tolist(), dtype=dtype, shape=list(array.shape))
+
+    @classmethod
+    def from_torch(cls, tensor: Any) -> TensorData:
+        return cls.from_numpy(tensor.detach().cpu().numpy())
+
+    @classmethod
+    def coerce(cls, value: Any) -> TensorData:
+        """Accept TensorData, numpy arrays, torch tensors and plain lists."""
+        if isinstance(value, TensorData):
+            return value
+        if hasattr(value, "detach"):
+            return cls.from_torch(value)
+        array = np.asarray(value)
+        if array.dtype == object:
+            raise TypeError("loss inputs must be numeric arrays")
+        if array.dtype.kind == "f" and array.dtype != np.float64:
+            array = array.astype(np.float32)
+        return cls.from_numpy(array)
+
+    def to_numpy(self) -> np.ndarray:
+        array = np.asarray(self.data, dtype=self.dtype)
+        return array.reshape(self.shape) if self.shape is not None else array
+
+    def to_torch(self) -> Any:
+        import torch
+
+        return torch.from_numpy(self.to_numpy())
+
+    def tolist(self) -> list:
+        return self.to_numpy().tolist()
+
+
+class Datum(msgspec.Struct, omit_defaults=True):
+    """One training example. Inputs are already shifted: model_input = tokens[:-1],
+    loss_fn_inputs["target_tokens"] = tokens[1:], one entry per model_input position."""
+
+    model_input: ModelInput
+    loss_fn_inputs: dict[str, TensorData]
+
+    def __post_init__(self) -> None:
+        self.loss_fn_inputs = {k: TensorData.coerce(v) for k, v in self.loss_fn_inputs.items()}
+
+
+# --------------------------------------------------------------------------- training
+
+
+class AdamParams(msgspec.Struct, omit_defaults=True, frozen=True):
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+    """Clip the global gradient norm to this value before the step; 0 disables clipping."""
+
+
+class LoraConfig(msgspec.Struct, omit_defaults=True, frozen=True):
+    rank: int = 32
+    seed: int | None = None
+    """Seeds the LoRA initialisation; None draws from the current RNG."""
+    train_mlp: bool = True
+    train_attn: bool = True
+    train_unembed: bool = True
+    """Put LoRA on lm_head too."""
+
+
+class ForwardBackwardOutput(msgspec.Struct, omit_defaults=True):
+    loss_fn_output_type: str
+    loss_fn_outputs: list[dict[str, TensorData]]
+    """Per datum, in input order: at least "logprobs" (learner logprobs of target_tokens)."""
+    metrics: dict[str, float]
+    """Keys carry their reduction as a suffix, as in Tinker: "loss:sum", "ratio:mean", ..."""
+
+
+class OptimStepResponse(msgspec.Struct, omit_defaults=True):
+    step: int
+    metrics: dict[str, float]
+
+
+class SaveResponse(msgspec.Struct, omit_defaults=True):
+    path: str
+
+
+class LoadResponse(msgspec.Struct, omit_defaults=True):
+    path: str
+    step: int
+
+
+class ModelInfo(msgspec.Struct, omit_defaults=True):
+    base_model: str
+    lora: LoraConfig
+    vocab_size: int
+    step: int
+    trainable_params: int
+    device: str
+    dtype: str
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True, frozen=True):
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
+    """Stop strings or stop token ids; the tokenizer's EOS always stops."""
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+
+StopReason = Literal["length", "stop"]
+
+
+class SampledSequence(msgspec.Struct, omit_defaults=True):
+    stop_reason: StopReason
+    tokens: list[int]
+    logprobs: list[float] | None = None
+    """Sampling logprob of each token under the distribution actually sampled from."""
+    policy_version: int = 0
+    """Version of the LoRA adapter that produced every token (0 = base or first adapter)."""
+
+
+class SampleResponse(msgspec.Struct, omit_defaults=True):
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None
+
+
+# --------------------------------------------------------------------------- trajectories
+
+
+class Trajectory(msgspec.Struct, omit_defaults=True, gc=False):
+    """One episode as the learner sees it: the full token history, token-in/token-out.
+
+    All per-token lists have len(tokens). Observation tokens (prompt, tool output, other
+    players' turns) have action_mask 0, sampling_logprob 0.0 and policy_version -1."""
+
+    tokens: list[int]
+    action_mask: list[int]
+    sampling_logprobs: list[float]
+    policy_versions: list[int]
+    reward: float
+    advantage: float = 0.0
+    stop_reason: str = ""
+    metrics: dict[str, float] = {}
+
+
+# --------------------------------------------------------------------------- wire messages
+
+
+class TrajectoryGroup(msgspec.Struct, tag="group", omit_defaults=True):
+    """The trajectories of one EnvGroupBuilder; failed groups carry the error instead."""
+
+    group_id: str
+    trajectories: list[Trajectory]
+    explorer_id: str = ""
+    failed: bool = False
+    error: str = ""
+    created_at: float = 0.0
+
+
+class WeightUpdate(msgspec.Struct, tag="weights", omit_defaults=True):
+    """A new sampler adapter: the PEFT adapter directory packed as a tar archive."""
+
+    version: int
+    adapter_tar: bytes
+    step: int = 0
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", omit_defaults=True):
+    sender: str
+    time: float
+    version: int = 0
+
+
+class Ready(msgspec.Struct, tag="ready", omit_defaults=True):
+    sender: str
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", omit_defaults=True):
+    reason: str = ""
+
+
+class BatchRequest(msgspec.Struct, tag="batch_request", omit_defaults=True):
+    """Learner to buffer: "I have trained everything up to after_seq; send the next batch".
+
+    Pulling with an explicit position makes delivery idempotent: a learner that restarts
+    from a checkpoint asks again from the checkpoint's position and nothing is lost."""
+
+    sender: str
+    learner_version: int
+    after_seq: int
+    max_groups: int
+
+
+class Batch(msgspec.Struct, tag="batch", omit_defaults=True):
+    """Buffer to learner: accepted groups in log order, with their log sequence numbers."""
+
+    groups: list[TrajectoryGroup]
+    seqs: list[int]
+    dropped: dict[str, int] = {}
+    """Cumulative drops by reason (stale, invalid, env_error, ...) for the metrics."""
+
+
+Message = TrajectoryGroup | WeightUpdate | Heartbeat | Ready | Shutdown | BatchRequest | Batch
