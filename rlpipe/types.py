@@ -232,6 +232,9 @@ class TrajectoryGroup(msgspec.Struct, tag="group", omit_defaults=True):
     failed: bool = False
     error: str = ""
     created_at: float = 0.0
+    explorer_stats: dict[str, float] = {}
+    """The explorer's running figures when it pushed this group (sampler busy fraction,
+    weight-sync latency, ...): how the learner's metrics learn about the sampling side."""
 
 
 class WeightUpdate(msgspec.Struct, tag="weights", omit_defaults=True):
@@ -240,6 +243,8 @@ class WeightUpdate(msgspec.Struct, tag="weights", omit_defaults=True):
     version: int
     adapter_tar: bytes
     step: int = 0
+    created_at: float = 0.0
+    """time.time() when the learner started saving it, for the weight-sync latency."""
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", omit_defaults=True):

@@ -1,0 +1,1 @@
+"""Environments: user-level code written against rlpipe.env, like the examples."""

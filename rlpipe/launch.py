@@ -1,0 +1,141 @@
+"""`rlpipe run`: the three roles as processes on one machine, watched until done.
+
+Each role runs in its own session (process group), so stopping it also stops what it
+started (the vLLM engine core). Any role failing, or Ctrl-C, stops all of them: SIGTERM,
+then SIGKILL after a grace period. No orphans are left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rlpipe.config import RunConfig, dump
+from rlpipe.metrics import read_metrics
+
+ROLES = ("buffer", "learner", "explorer")
+GRACE_S = 15.0
+
+
+def role_command(role: str, config_path: str, sets: list[str], resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "rlpipe.cli", role, config_path]
+    for item in sets:
+        cmd += ["--set", item]
+    if resume and role == "learner":
+        cmd.append("--resume")
+    return cmd
+
+
+def stop_all(procs: dict[str, subprocess.Popen], grace_s: float = GRACE_S) -> None:
+    for proc in procs.values():
+        _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs.values():
+        _signal_group(proc, signal.SIGKILL)  # the group may hold children even after the leader exited
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def summary_line(record: dict, steps: int) -> str:
+    done = int(record.get("step", 0))
+    bar = "#" * int(20 * done / max(steps, 1))
+    parts = [f"[{bar:<20}] step {done}/{steps}", f"reward {record.get('reward/mean', float('nan')):.3f}"]
+    for key, label in (("env/correct", "correct"), ("loss:sum", "loss"), ("kl_sampler_learner:mean", "kl"),
+                       ("staleness/max", "stale"), ("learner/idle_frac", "learner idle"),
+                       ("explorer/sampler_busy_frac", "sampler busy"), ("time/step_s", "s/step")):
+        if record.get(key) is not None:
+            parts.append(f"{label} {record[key]:.3g}")
+    return "  ".join(parts)
+
+
+def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = False,
+        timeout_s: float | None = None, quiet: bool = False) -> int:
+    """Start the roles, print a line per learner step, return 0 when the learner finished."""
+    run_dir = config.run_dir
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_bytes(dump(config))
+    metrics_path = run_dir / "metrics.jsonl"
+    seen = len(read_metrics(metrics_path))
+    procs: dict[str, subprocess.Popen] = {}
+    interrupted = False
+
+    def on_signal(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    start = time.monotonic()
+    try:
+        for role in ROLES:
+            log_file = open(run_dir / "logs" / f"{role}.log", "ab")
+            procs[role] = subprocess.Popen(role_command(role, config_path, sets, resume), stdout=log_file,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+            log_file.close()
+        while True:
+            time.sleep(0.5)
+            records = read_metrics(metrics_path)
+            for record in records[seen:]:
+                if not quiet:
+                    print(summary_line(record, config.learner.steps), flush=True)
+            seen = len(records)
+            if interrupted:
+                print("interrupted: stopping all roles", file=sys.stderr)
+                return 130
+            learner = procs["learner"].poll()
+            if learner == 0:
+                _wait_others(procs)
+                return 0
+            failed = {r: p.returncode for r, p in procs.items() if p.poll() not in (None, 0)}
+            if failed:
+                for role, code in failed.items():
+                    print(f"role {role} failed with exit code {code}; last lines of its log:", file=sys.stderr)
+                    print(_tail(run_dir / "logs" / f"{role}.log"), file=sys.stderr)
+                return 1
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                print(f"run did not finish within {timeout_s:.0f} s", file=sys.stderr)
+                return 124
+    finally:
+        stop_all(procs)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _wait_others(procs: dict[str, subprocess.Popen], timeout_s: float = 60.0) -> None:
+    """After the learner's Shutdown the others exit by themselves; stop_all catches stragglers."""
+    deadline = time.monotonic() + timeout_s
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def buffer_stats(config: RunConfig) -> dict:
+    path = config.run_dir / "buffer_stats.json"
+    return json.loads(path.read_text()) if path.exists() else {}
