@@ -354,6 +354,19 @@ class ExperienceBuffer:
 # --------------------------------------------------------------------------- the process role
 
 
+def _intake(pull: Receiver, buf: ExperienceBuffer, limit: int | None) -> None:
+    """Take queued groups; a bounded number per round so a flood cannot starve the learner."""
+    count = itertools.count()
+    while limit is None or next(count) < limit:
+        match pull.recv(0.0):
+            case None:
+                return
+            case TrajectoryGroup() as group:
+                buf.add(group)
+            case _:
+                buf.drop("unexpected")
+
+
 def serve(log_dir: str | os.PathLike, experience_address: str, batch_address: str, *,
           vocab_size: int, max_staleness: int = 4, drop_no_signal: bool = False,
           max_message_bytes: int = EXPERIENCE_MAX_BYTES, poll_s: float = 0.05,
@@ -377,20 +390,15 @@ def serve(log_dir: str | os.PathLike, experience_address: str, batch_address: st
         while stop is None or not stop.is_set():
             events = dict(poller.poll(int(poll_s * 1000)))
             # Drain a bounded number of groups so a flood cannot starve the learner.
-            for _ in range(256 if pull.socket in events else 0):
-                match pull.recv(0.0):
-                    case None:
-                        break
-                    case TrajectoryGroup() as group:
-                        buf.add(group)
-                    case _:
-                        buf.drop("unexpected")
+            if pull.socket in events:
+                _intake(pull, buf, limit=256)
             while (request := router.recv(0.0)) is not None:
                 match request:
                     case (to, BatchRequest() as req):
                         router.reply(to, buf.batch(req))
                     case (to, Shutdown(reason=reason)):
                         log.info("buffer shutting down: %s", reason or "learner asked")
+                        _intake(pull, buf, limit=None)  # what was already sent still counts
                         router.reply(to, Shutdown(reason="buffer stopped"))  # the acknowledgement
                         return buf.stats()
                     case _:

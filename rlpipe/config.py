@@ -141,7 +141,10 @@ def check(config: RunConfig) -> RunConfig:
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    raw = msgspec.toml.decode(Path(path).read_bytes())
+    """Read a TOML config (or the JSON a run writes next to its metrics), apply dotted
+    overrides such as {"learner.steps": 20}, and check it."""
+    data = Path(path).read_bytes()
+    raw = msgspec.json.decode(data) if str(path).endswith(".json") else msgspec.toml.decode(data)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

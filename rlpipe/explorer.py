@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import io
 import itertools
+import json
 import logging
 import tarfile
 import threading
@@ -101,6 +102,7 @@ class Explorer:
         self.sampler, self.version = client, update.version
         if self.first_version is None:
             self.first_version = update.version
+            self._t0 = time.monotonic()  # busy fraction counts from the first adapter, not engine start
         self.stats["weight_sync_latency_s"] = time.time() - update.created_at if update.created_at else 0.0
         self.stats["version"] = float(update.version)
         log.info("%s: sampling with version %d (sync %.2f s)", self.id, update.version, self.stats["weight_sync_latency_s"])
@@ -214,6 +216,8 @@ class Explorer:
                     raise task.exception()
         finally:
             self._stop.set()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "stats.json").write_text(json.dumps(self.stats, indent=1))
             for task in asyncio.all_tasks() - {asyncio.current_task()}:
                 task.cancel()
             control.join(timeout=5)

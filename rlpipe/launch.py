@@ -90,6 +90,7 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
             procs[role] = subprocess.Popen(role_command(role, config_path, sets, resume), stdout=log_file,
                                            stderr=subprocess.STDOUT, start_new_session=True)
             log_file.close()
+        (run_dir / "pids.json").write_text(json.dumps({r: p.pid for r, p in procs.items()}))
         while True:
             time.sleep(0.5)
             records = read_metrics(metrics_path)

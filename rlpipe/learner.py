@@ -32,6 +32,7 @@ from rlpipe.types import AdamParams, Batch, BatchRequest, Datum, LoraConfig, Mod
 
 log = logging.getLogger(__name__)
 LATEST = "latest.json"
+SHUTDOWN_GRACE_S = 3.0
 
 
 def group_datums(groups: list[TrajectoryGroup]) -> list[Datum]:
@@ -140,6 +141,9 @@ class Learner:
                 self.metrics.write(record)
                 control.poll(0)
             control.shutdown("learner finished")
+            # Explorers stop at once on Shutdown; give their last pushes time to reach the
+            # buffer before the buffer is told to stop (so every pushed group is counted).
+            time.sleep(SHUTDOWN_GRACE_S)
         finally:
             requests.close()
             control.close()
@@ -174,6 +178,7 @@ class Learner:
         step = self.client.step
         record = {"step": step + 1, "time": time.time(), **batch_metrics(batch.groups, step)}
         record.update({f"dropped/{k}": float(v) for k, v in batch.dropped.items()})
+        record.update({"buffer/first_seq": batch.seqs[0], "buffer/last_seq": batch.seqs[-1]})
         data = group_datums(batch.groups)
         fb = self.client.forward_backward(data, self.config.learner.loss_fn, self.loss_config)
         opt = self.client.optim_step(AdamParams(learning_rate=self.lr, grad_clip_norm=self.config.learner.grad_clip_norm,

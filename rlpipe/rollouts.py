@@ -107,11 +107,10 @@ async def do_group(
         envs = list(await asyncio.wait_for(builder.make_envs(), episode_timeout_s))
         if not envs:
             raise EpisodeError(f"{type(builder).__name__}.make_envs returned no envs")
-        episodes = [
+        trajectories = await _all_or_nothing([
             asyncio.wait_for(do_episode(env, get_sampler, sampling_params, max_turns, max_context), episode_timeout_s)
             for env in envs
-        ]
-        trajectories = list(await asyncio.gather(*episodes))
+        ])
         extra = await asyncio.wait_for(group_rewards(builder, trajectories), episode_timeout_s)
     except asyncio.CancelledError:
         raise
@@ -128,6 +127,21 @@ async def do_group(
         msgspec.structs.replace(t, reward=r, advantage=a) for t, r, a in zip(trajectories, rewards, advantages)
     ]
     return TrajectoryGroup(group_id=group_id, trajectories=trajectories, explorer_id=explorer_id, created_at=started)
+
+
+async def _all_or_nothing(coros) -> list:
+    """Like gather, but the first failure cancels the rest (a game whose other player died
+    should not wait out its timeout)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def failed_group(group_id: str, explorer_id: str, started: float, error: str) -> TrajectoryGroup:

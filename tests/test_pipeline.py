@@ -1,0 +1,231 @@
+"""The async pipeline end to end: real processes, real ZeroMQ sockets, the real sampler.
+
+Each run uses fresh ports on 127.0.0.1 and its own run directory. The toy "digits" env gives
+graded rewards even to the untrained tiny model, so runs need no warm-up.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+
+from rlpipe import transport
+from rlpipe.config import vocab_size
+from rlpipe.metrics import read_metrics
+from rlpipe.types import Trajectory, TrajectoryGroup
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLER = "vllm" if __import__("importlib").util.find_spec("vllm") else "local"
+
+
+def write_config(tmp_path, name, **fields) -> Path:
+    ports = [transport.free_port() for _ in range(3)]
+    lines = [
+        f'name = "{name}"', f'runs_dir = "{tmp_path}"', f"max_staleness = {fields.pop('max_staleness', 1)}",
+        f"groups_per_batch = {fields.pop('groups_per_batch', 4)}",
+        "[dataset]", f'factory = "{fields.pop("factory", "envs.toy:DigitsDataset")}"', "args = { group_size = 8 }",
+        "[explorer]", f'sampler = "{fields.pop("sampler", SAMPLER)}"', "concurrency = 8", "max_tokens = 8",
+        f"episode_timeout_s = {fields.pop('episode_timeout_s', 60)}",
+        "[learner]", f"steps = {fields.pop('steps', 5)}", "rank = 8", "learning_rate = 2e-3",
+        f"checkpoint_every = {fields.pop('checkpoint_every', 10)}", "batch_timeout_s = 300",
+        "[addresses]", *(f'{k} = "tcp://127.0.0.1:{p}"' for k, p in zip(("experience", "batches", "control"), ports)),
+    ]
+    assert not fields, fields
+    path = tmp_path / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def rlpipe(*args, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    return subprocess.Popen([sys.executable, "-m", "rlpipe.cli", *map(str, args)], cwd=REPO, env=env,
+                            start_new_session=True, **kwargs)
+
+
+def run_to_end(config: Path, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    proc = rlpipe("run", config, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        pytest.fail(f"run did not finish:\n{out.decode()[-3000:]}")
+    assert proc.returncode == 0, out.decode()[-3000:]
+    return out.decode()
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Processes still alive in a process group (vLLM's engine core joins its parent's)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def assert_no_orphans(run_dir: Path) -> None:
+    pids = json.loads((run_dir / "pids.json").read_text())
+    for role, pid in pids.items():
+        assert group_pids(pid) == [], f"{role} left processes behind"
+
+
+def accounting(run_dir: Path) -> tuple[dict, dict]:
+    buffer = json.loads((run_dir / "buffer_stats.json").read_text())
+    explorer = json.loads(next(run_dir.glob("explorer-*/stats.json")).read_text())
+    non_stale = sum(v for k, v in buffer["dropped"].items() if k != "stale")
+    assert buffer["received"] == buffer["accepted"] + non_stale
+    assert buffer["dropped"].get("stale", 0) <= buffer["accepted"]
+    return buffer, explorer
+
+
+def test_async_run_end_to_end(tmp_path):
+    config = write_config(tmp_path, "e2e", steps=5, max_staleness=1)
+    out = run_to_end(config)
+    run_dir = tmp_path / "e2e"
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    for r in records:
+        assert r["staleness/max"] <= 1  # the bound holds for every trained group
+        assert r["groups"] == 4 and r["trajectories"] == 32
+        assert 0.0 <= r["reward/mean"] <= 1.0 and r["tokens/sampled"] > 0
+        assert "kl_sampler_learner:mean" in r and "ratio:mean" in r
+    assert records[-1]["explorer/version"] >= 3  # the explorer hot-loaded new adapters
+    assert "step 5/5" in out
+    buffer, explorer = accounting(run_dir)
+    assert explorer["groups_pushed"] == buffer["received"]  # nothing lost between them
+    assert buffer["accepted"] >= 20
+    assert_no_orphans(run_dir)
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1], ids=["sync", "async"])
+def test_sync_and_async_modes_learn(tmp_path, max_staleness):
+    name = f"learn{max_staleness}"
+    config = write_config(tmp_path, name, steps=14, max_staleness=max_staleness)
+    run_to_end(config)
+    records = read_metrics(tmp_path / name / "metrics.jsonl")
+    assert len(records) == 14
+    assert max(r["staleness/max"] for r in records) <= max_staleness
+    first = sum(r["reward/mean"] for r in records[:4]) / 4
+    last = sum(r["reward/mean"] for r in records[-4:]) / 4
+    assert last > first + 0.05, [round(r["reward/mean"], 3) for r in records]
+
+
+def bad_group(vocab: int, version: int, token: int = 5) -> TrajectoryGroup:
+    trajectories = [Trajectory(tokens=[1, 2, token, 3], action_mask=[0, 0, 1, 1], sampling_logprobs=[0, 0, -1.0, -1.0],
+                               policy_versions=[-1, -1, version, version], reward=float(i), advantage=i - 0.5)
+                    for i in range(2)]
+    return TrajectoryGroup(group_id=f"injected-{token}-{version}", trajectories=trajectories, explorer_id="test")
+
+
+def test_faults_are_counted_and_the_run_continues(tmp_path):
+    config = write_config(tmp_path, "faults", steps=6, factory="tests.pipeline_envs:FlakyDataset",
+                          episode_timeout_s=4)
+    address = [line.split('"')[1] for line in config.read_text().splitlines() if line.startswith("experience")][0]
+    run_dir = tmp_path / "faults"
+    proc = rlpipe("run", config, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while len(read_metrics(run_dir / "metrics.jsonl")) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended or stalled early"
+            time.sleep(0.5)
+        vocab = vocab_size(str(json.loads((run_dir / "config.json").read_text())["base_model"] or _tiny()))
+        with transport.Sender(address) as sender:
+            for frame in (b"not msgpack", msgspec.msgpack.encode({"type": "group", "group_id": 3}), b"\x00" * 10):
+                sender.socket.send(frame)
+            sender.send(bad_group(vocab, version=0, token=vocab + 7))  # id outside the vocabulary
+            sender.send(bad_group(vocab, version=0))  # learner is at >= 2 with max_staleness 1: stale
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=60)
+    assert proc.returncode == 0
+    buffer, explorer = accounting(run_dir)
+    dropped = buffer["dropped"]
+    assert dropped.get("malformed", 0) >= 3
+    assert dropped.get("invalid", 0) >= 1
+    assert dropped.get("stale", 0) >= 1
+    assert dropped.get("env_error", 0) >= 2  # raised and hung (timed out) episodes
+    assert explorer["groups_pushed"] + 5 == buffer["received"]  # + the 5 frames injected here
+    assert explorer.get("groups_env_error", 0) == dropped["env_error"]
+    assert len(read_metrics(run_dir / "metrics.jsonl")) == 6
+    log = (run_dir / "logs" / "explorer.log").read_text()
+    assert "crashed on purpose" in log and "timeout" in log
+
+
+def _tiny():
+    from rlpipe.tiny import default_model_path
+
+    return default_model_path()
+
+
+def test_learner_resume_trains_what_was_logged(tmp_path):
+    config = write_config(tmp_path, "resume", steps=6, checkpoint_every=2)
+    run_dir = tmp_path / "resume"
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True)
+    roles = {role: rlpipe(role, config, stdout=open(logs / f"{role}.log", "ab"), stderr=subprocess.STDOUT)
+             for role in ("buffer", "explorer", "learner")}
+    try:
+        latest = run_dir / "learner" / "latest.json"
+        deadline = time.monotonic() + 300
+        # Wait until a checkpoint exists and at least one step was trained after it.
+        while not (latest.exists() and len(read_metrics(run_dir / "metrics.jsonl")) >= json.loads(latest.read_text())["step"] + 1):
+            assert time.monotonic() < deadline and roles["learner"].poll() is None
+            time.sleep(0.2)
+        os.killpg(roles["learner"].pid, signal.SIGKILL)
+        roles["learner"].wait(timeout=30)
+        checkpoint = json.loads(latest.read_text())
+        trained_before = len(read_metrics(run_dir / "metrics.jsonl"))
+        assert trained_before > checkpoint["step"]
+
+        roles["learner"] = rlpipe("learner", config, "--resume", stdout=open(logs / "learner2.log", "ab"), stderr=subprocess.STDOUT)
+        assert roles["learner"].wait(timeout=300) == 0, (logs / "learner2.log").read_text()[-3000:]
+        roles["buffer"].wait(timeout=60)
+        roles["explorer"].wait(timeout=60)
+    finally:
+        for proc in roles.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    resumed = records[trained_before:]
+    # Steps continue from the checkpoint, not from where the killed learner had got to ...
+    assert [r["step"] for r in resumed] == list(range(checkpoint["step"] + 1, 7))
+    # ... and the first batch after the restart starts right after the checkpoint's position:
+    # groups that were logged (and even trained once, then lost with the process) are trained.
+    assert resumed[0]["buffer/first_seq"] == checkpoint["after_seq"] + 1
+    assert "resumed at step" in (logs / "learner2.log").read_text()
+    # The optimizer state went on: Adam's step count equals the total number of steps.
+    final = json.loads((run_dir / "learner" / "latest.json").read_text())
+    adam = torch.load(Path(final["path"]) / "optimizer.pt", weights_only=False)
+    assert {int(s["step"]) for s in adam["state"].values()} == {6}
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    config = write_config(tmp_path, "ctrlc", steps=200)
+    run_dir = tmp_path / "ctrlc"
+    proc = rlpipe("run", config, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not read_metrics(run_dir / "metrics.jsonl"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        pids = json.loads((run_dir / "pids.json").read_text())
+        assert len(group_pids(pids["explorer"])) >= 1
+        os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        assert proc.wait(timeout=90) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert_no_orphans(run_dir)
