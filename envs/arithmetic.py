@@ -102,3 +102,13 @@ class ArithmeticDataset:
         start = (index % len(self)) * self.groups_per_batch
         return [ArithmeticGroupBuilder(p, self.tokenizer, self.group_size)
                 for p in self.problems[start : start + self.groups_per_batch]]
+
+
+def eval_items(tokenizer, n: int = 200, difficulty: int = 2, seed: int = 999):
+    """Held-out (prompt, grader) pairs for rlpipe.evaluators.sampling_eval; the seed is one
+    the training datasets do not use."""
+    items = []
+    for p in make_problems(n, difficulty, seed):
+        grader = lambda text, answer=p.answer: grade(text, answer)[1]["correct"] == 1.0  # noqa: E731
+        items.append((ModelInput.from_ints(prompt_tokens(tokenizer, p.question)), grader))
+    return items

@@ -31,7 +31,7 @@ class DatasetConfig(Config):
     args: dict[str, Any] = {}
     eval_factory: str = ""
     """Optional "module:callable"(tokenizer, **eval_args) -> list of (prompt ModelInput, grade fn(text) -> bool),
-    evaluated by the learner every eval_every steps."""
+    e.g. "envs.arithmetic:eval_items"; the learner reports greedy accuracy every eval_every steps."""
     eval_args: dict[str, Any] = {}
 
 
@@ -70,6 +70,8 @@ class LearnerConfig(Config):
     checkpoint_every: int = 10
     eval_every: int = 0
     """Run the sampling evaluator every this many steps (0 = never; needs dataset.eval_factory)."""
+    eval_sampler: Literal["auto", "vllm", "local"] = "local"
+    """The learner's own sampler for evaluations (greedy); local avoids a second vLLM engine."""
     batch_timeout_s: float = 600.0
     """How long the learner waits for one batch before it fails with a clear error."""
     init_from: str = ""

@@ -17,11 +17,12 @@ from rlpipe import launch
 from rlpipe.config import RunConfig, dump, load
 from rlpipe.datums import supervised_datum
 from rlpipe.metrics import read_metrics
-from rlpipe.types import AdamParams, ModelInput, SamplingParams
+from rlpipe.types import AdamParams, SamplingParams
 
 DIFFICULTY = 1
 SFT_STEPS = 250  # about 25% greedy accuracy: the format is learnt, most sums are not yet
 RL_LEARNING_RATE = 3e-4
+EVAL = {"n": 200, "difficulty": DIFFICULTY, "seed": 999}
 
 
 def demo_config(runs_dir: str, steps: int | None) -> RunConfig:
@@ -33,6 +34,9 @@ def demo_config(runs_dir: str, steps: int | None) -> RunConfig:
     config.learner.learning_rate = RL_LEARNING_RATE
     config.learner.rank = 16
     config.learner.checkpoint_every = 10
+    config.learner.eval_every = 20  # greedy held-out accuracy in metrics.jsonl as RL goes
+    config.dataset.eval_factory = "envs.arithmetic:eval_items"
+    config.dataset.eval_args = dict(EVAL)
     return config
 
 
@@ -55,21 +59,19 @@ def warm_up(model: str, config: RunConfig) -> str:
     return client.save_state("warmup").result().path
 
 
-def accuracy(model: str, adapter: str | None, n: int = 200) -> float:
+def accuracy(model: str, adapter: str | None) -> float:
     """Greedy accuracy on held-out problems (a seed the RL dataset never uses)."""
     from transformers import AutoTokenizer
 
-    from envs.arithmetic import grade, make_problems, prompt_tokens
+    from envs.arithmetic import eval_items
+    from rlpipe.evaluators import run_sampling_eval
     from rlpipe.sampling import create_sampling_client
 
     tok = AutoTokenizer.from_pretrained(model)
-    client = create_sampling_client(model, model_path=adapter)
-    params = SamplingParams(max_tokens=12, temperature=0.0, stop=[tok.eos_token_id])
-    problems = make_problems(n, DIFFICULTY, seed=999)
-    futures = [client.sample(ModelInput.from_ints(prompt_tokens(tok, p.question)), 1, params) for p in problems]
-    correct = [grade(tok.decode(f.result().sequences[0].tokens, skip_special_tokens=True), p.answer)[1]["correct"]
-               for f, p in zip(futures, problems)]
-    return float(np.mean(correct))
+    metrics = run_sampling_eval(create_sampling_client(model, model_path=adapter), eval_items(tok, **EVAL),
+                                SamplingParams(max_tokens=12, temperature=0.0),
+                                decode=lambda tokens: tok.decode(tokens, skip_special_tokens=True))
+    return metrics["eval/accuracy"]
 
 
 def main(args) -> None:

@@ -60,7 +60,7 @@ def summary_line(record: dict, steps: int) -> str:
     bar = "#" * int(20 * done / max(steps, 1))
     parts = [f"[{bar:<20}] step {done}/{steps}", f"reward {record.get('reward/mean', float('nan')):.3f}"]
     for key, label in (("env/correct", "correct"), ("loss:sum", "loss"), ("kl_sampler_learner:mean", "kl"),
-                       ("staleness/max", "stale"), ("learner/idle_frac", "learner idle"),
+                       ("eval/accuracy", "eval acc"), ("staleness/max", "stale"), ("learner/idle_frac", "learner idle"),
                        ("explorer/sampler_busy_frac", "sampler busy"), ("time/step_s", "s/step")):
         if record.get(key) is not None:
             parts.append(f"{label} {record[key]:.3g}")

@@ -28,7 +28,8 @@ from rlpipe.config import RunConfig, import_callable
 from rlpipe.hyperparams import get_lr
 from rlpipe.metrics import MetricsWriter, mean_of
 from rlpipe.training import TrainingClient
-from rlpipe.types import AdamParams, Batch, BatchRequest, Datum, LoraConfig, ModelInput, TrajectoryGroup, WeightUpdate
+from rlpipe.types import (AdamParams, Batch, BatchRequest, Datum, LoraConfig, ModelInput, SamplingParams,
+                          TrajectoryGroup, WeightUpdate)
 
 log = logging.getLogger(__name__)
 LATEST = "latest.json"
@@ -101,16 +102,13 @@ class Learner:
         self.lr = config.learner.learning_rate or get_lr(model)
         self.loss_config = {**config.learner.loss_fn_config, "temperature": config.explorer.temperature}
         self.metrics = MetricsWriter(config.run_dir / "metrics.jsonl")
-        self.evaluate = self._make_evaluator()
+        self.eval_items = self._make_evaluator()
 
     def _make_evaluator(self):
         cfg = self.config
         if not cfg.learner.eval_every or not cfg.dataset.eval_factory:
             return None
-        from rlpipe.evaluators import SamplingEvaluator
-
-        items = import_callable(cfg.dataset.eval_factory)(self.client.get_tokenizer(), **cfg.dataset.eval_args)
-        return SamplingEvaluator(items, max_tokens=cfg.explorer.max_tokens)
+        return import_callable(cfg.dataset.eval_factory)(self.client.get_tokenizer(), **cfg.dataset.eval_args)
 
     def run(self) -> None:
         cfg = self.config
@@ -129,7 +127,7 @@ class Learner:
                     record["sync/publish_s"] = self._publish(control)
                 if self.client.step % cfg.learner.checkpoint_every == 0 or self.client.step == cfg.learner.steps:
                     self._checkpoint()
-                if self.evaluate and self.client.step % cfg.learner.eval_every == 0:
+                if self.eval_items and self.client.step % cfg.learner.eval_every == 0:
                     record.update(self._eval())
                 t3 = time.monotonic()
                 record.update({
@@ -204,5 +202,14 @@ class Learner:
         os.replace(tmp, latest)  # atomic: a crash leaves the previous checkpoint in force
 
     def _eval(self) -> dict[str, float]:
+        from rlpipe.evaluators import run_sampling_eval
+        from rlpipe.sampling import create_sampling_client
+
+        cfg = self.config
         path = self.client.save_weights_for_sampler(f"eval-{self.client.step:06d}").result().path
-        return self.evaluate(self.config.model_path(), path)
+        backend = None if cfg.learner.eval_sampler == "auto" else cfg.learner.eval_sampler
+        sampler = create_sampling_client(cfg.model_path(), model_path=path, backend=backend, policy_version=self.client.step)
+        tokenizer = self.client.get_tokenizer()
+        params = SamplingParams(max_tokens=cfg.explorer.max_tokens, temperature=0.0)
+        return run_sampling_eval(sampler, self.eval_items, params,
+                                 decode=lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True))

@@ -31,10 +31,12 @@ def write_config(tmp_path, name, **fields) -> Path:
         f'name = "{name}"', f'runs_dir = "{tmp_path}"', f"max_staleness = {fields.pop('max_staleness', 1)}",
         f"groups_per_batch = {fields.pop('groups_per_batch', 4)}",
         "[dataset]", f'factory = "{fields.pop("factory", "envs.toy:DigitsDataset")}"', "args = { group_size = 8 }",
+        *fields.pop("dataset_lines", []),
         "[explorer]", f'sampler = "{fields.pop("sampler", SAMPLER)}"', "concurrency = 8", "max_tokens = 8",
         f"episode_timeout_s = {fields.pop('episode_timeout_s', 60)}",
         "[learner]", f"steps = {fields.pop('steps', 5)}", "rank = 8", "learning_rate = 2e-3",
         f"checkpoint_every = {fields.pop('checkpoint_every', 10)}", "batch_timeout_s = 300",
+        f"eval_every = {fields.pop('eval_every', 0)}",
         "[addresses]", *(f'{k} = "tcp://127.0.0.1:{p}"' for k, p in zip(("experience", "batches", "control"), ports)),
     ]
     assert not fields, fields
@@ -90,7 +92,8 @@ def accounting(run_dir: Path) -> tuple[dict, dict]:
 
 
 def test_async_run_end_to_end(tmp_path):
-    config = write_config(tmp_path, "e2e", steps=5, max_staleness=1)
+    evaluation = ['eval_factory = "envs.arithmetic:eval_items"', "eval_args = { n = 12, difficulty = 1 }"]
+    config = write_config(tmp_path, "e2e", steps=5, max_staleness=1, eval_every=5, dataset_lines=evaluation)
     out = run_to_end(config)
     run_dir = tmp_path / "e2e"
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -101,6 +104,8 @@ def test_async_run_end_to_end(tmp_path):
         assert 0.0 <= r["reward/mean"] <= 1.0 and r["tokens/sampled"] > 0
         assert "kl_sampler_learner:mean" in r and "ratio:mean" in r
     assert records[-1]["explorer/version"] >= 3  # the explorer hot-loaded new adapters
+    assert records[-1]["eval/n"] == 12 and 0.0 <= records[-1]["eval/accuracy"] <= 1.0
+    assert "eval/accuracy" not in records[0]
     assert "step 5/5" in out
     buffer, explorer = accounting(run_dir)
     assert explorer["groups_pushed"] == buffer["received"]  # nothing lost between them
