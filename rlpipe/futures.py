@@ -29,6 +29,8 @@ class APIFuture(Generic[T]):
         try:
             return self._future.result(limit)
         except concurrent.futures.TimeoutError:
+            if self._future.done():
+                raise  # a TimeoutError raised by the call itself, not our deadline
             raise CallTimeout(f"{self._what} did not finish within {limit:.0f} s") from None
 
     async def result_async(self, timeout: float | None = None) -> T:
@@ -36,6 +38,8 @@ class APIFuture(Generic[T]):
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._future)), limit)
         except asyncio.TimeoutError:
+            if self._future.done():
+                raise
             raise CallTimeout(f"{self._what} did not finish within {limit:.0f} s") from None
 
     def done(self) -> bool:

@@ -248,7 +248,7 @@ class TrainingClient:
 
         name = name or f"sampler-{self.step:06d}-{next(self._sampler_versions)}"
         path = self.save_weights_for_sampler(name).result().path
-        return create_sampling_client(self.base_model, model_path=path, **sampler_options)
+        return create_sampling_client(self.base_model, model_path=path, policy_version=self.step, **sampler_options)
 
     def get_info(self) -> ModelInfo:
         return ModelInfo(

@@ -266,3 +266,21 @@ def test_async_calls_run_in_submission_order(client):
 def test_base_model_must_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a local Hugging Face model directory"):
         TrainingClient(str(tmp_path / "nope"), types.LoraConfig(rank=2), tmp_path)
+
+
+def test_future_reports_errors_and_deadlines_apart():
+    import concurrent.futures
+    import time
+
+    from rlpipe.futures import APIFuture, CallTimeout
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def raise_timeout():
+        raise TimeoutError("the call's own timeout")
+
+    with pytest.raises(TimeoutError, match="the call's own timeout"):
+        APIFuture(pool.submit(raise_timeout), "call", 5).result()
+    with pytest.raises(CallTimeout, match="slow did not finish"):
+        APIFuture(pool.submit(time.sleep, 1.0), "slow", 0.05).result()
+    pool.shutdown()

@@ -1,0 +1,401 @@
+"""The vLLM backend: one AsyncLLM per base model per process, LoRA versions hot-swapped.
+
+AsyncLLM is bound to the event loop it runs on, so each engine owns a background thread
+running its own loop. Sync callers submit coroutines with run_coroutine_threadsafe and get
+a concurrent future; async callers (the explorer's loop, pytest-asyncio) await that future
+through asyncio.wrap_future. Nothing here depends on the caller having a loop.
+
+Policy versions: every `load_adapter` registers the adapter under a NEW LoRA int id and
+name, from an engine-owned snapshot of its directory. A request carries the LoRARequest of
+the version it started with, so requests running when v+1 loads finish on v. The
+AdapterTable keeps the newest `max_loaded_adapters` versions and evicts older idle ones
+(remove_lora), never one with requests in flight.
+
+Prefix cache and LoRA: vLLM hashes every KV block together with the request's LoRA name and
+path (vllm/v1/core/kv_cache_utils.py `_gen_lora_extra_hash_keys`); base-model requests have
+no LoRA key (or, on CPU, the zero adapter's own, see _zero_adapter). Since each loaded
+version has a unique name and a unique snapshot path, a block computed under one version
+can never serve another (tests/test_sampling_vllm.py::test_prefix_cache_is_per_adapter).
+
+Logprobs: the engine runs with logprobs_mode="processed_logprobs", so a sampled token's
+logprob is log_softmax of the logits after temperature, top_k and top_p — the distribution
+it was actually drawn from. logprobs=0 returns exactly the sampled token's entry, which we
+read by token id. (Greedy, temperature 0: log_softmax of the raw logits.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from rlpipe.sampling.adapters import Adapter, AdapterTable, base_weight_shapes, snapshot_adapter, write_zero_adapter
+from rlpipe.sampling.client import Request
+from rlpipe.sampling.errors import EngineDeadError, SamplingError, SamplingTimeout
+from rlpipe.types import SampledSequence, SampleResponse
+
+log = logging.getLogger(__name__)
+
+HEALTH_POLL_S = 0.5  # how often a waiting request checks that the engine core is alive
+GiB = 1 << 30
+
+
+class LoopThread:
+    """An asyncio event loop running forever on a daemon thread."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, coro):
+        """Schedule coro on the loop (from any thread); returns a concurrent.futures.Future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        base_model: str,
+        *,
+        max_loaded_adapters: int = 4,
+        max_lora_rank: int = 32,
+        max_model_len: int | None = None,
+        dtype: str | None = None,
+        enforce_eager: bool = True,
+        enable_prefix_caching: bool = True,
+        kv_cache_memory_bytes: int | None = None,
+        startup_timeout_s: float = 900.0,
+        **engine_args,
+    ):
+        """max_loaded_adapters: adapter versions kept loaded (>= max_staleness + 1), also
+        the number vLLM may batch together. dtype: default float32 on CPU (exact logprobs),
+        "auto" elsewhere. enforce_eager: skip torch.compile (fast start; on CPU compiled
+        graphs also recompile per LoRA set). kv_cache_memory_bytes: default 1 GiB on CPU
+        unless VLLM_CPU_KVCACHE_SPACE is set. engine_args: passed to vllm.AsyncEngineArgs."""
+        from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if not (Path(base_model) / "config.json").is_file():
+            raise FileNotFoundError(f"base_model {base_model!r} is not a local Hugging Face model directory (no config.json)")
+        self.base_model = str(base_model)
+        self.max_lora_rank = max_lora_rank
+        self.table = AdapterTable(max_loaded_adapters)
+        self.base_shapes = base_weight_shapes(self.base_model)
+        self.options = dict(max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank,
+                            max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager,
+                            enable_prefix_caching=enable_prefix_caching, **engine_args)
+        on_cpu = current_platform.is_cpu()
+        if kv_cache_memory_bytes is None and on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kv_cache_memory_bytes = GiB
+        args = AsyncEngineArgs(
+            model=self.base_model,
+            dtype=dtype or ("float32" if on_cpu else "auto"),
+            max_model_len=max_model_len,
+            enable_lora=True,
+            max_lora_rank=max_lora_rank,
+            max_loras=max_loaded_adapters + on_cpu,  # + the zero adapter on CPU, see _zero_adapter
+            max_cpu_loras=2 * max_loaded_adapters + on_cpu,  # room for versions lingering with requests in flight
+            logprobs_mode="processed_logprobs",
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            disable_log_stats=True,
+            **engine_args,
+        )
+        self._ids = itertools.count(1)
+        self._adapter_dir = Path(tempfile.mkdtemp(prefix="rlpipe-vllm-adapters-"))
+        self._loop = LoopThread(f"rlpipe-vllm-{Path(base_model).name}")
+        self._closed = False
+        self.stats: collections.Counter = collections.Counter()  # requests, prompt / cached / generated tokens
+
+        async def start():  # AsyncLLM binds its output handler to the loop it is created on
+            return AsyncLLM.from_engine_args(args)
+
+        try:
+            self.llm = self._loop.submit(start()).result(startup_timeout_s)
+        except BaseException:
+            self._loop.stop()
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+            raise
+        self.vocab_size = self.llm.model_config.get_vocab_size()
+        self.max_model_len = self.llm.model_config.max_model_len
+        # vLLM CPU LoRA index bug workaround, see _zero_adapter
+        self._lora_index_bug = on_cpu
+        self._max_loras = max_loaded_adapters + on_cpu
+        self._base_lora = None  # the zero adapter, once base requests must run under it
+        self._plain_base = 0  # base requests in flight without any LoRA
+        self._route_lock = threading.Lock()  # _base_lora / _plain_base (never held while waiting on the loop)
+        self._load_lock = threading.Lock()  # one adapter load at a time
+
+    # ------------------------------------------------------------------ health
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and not self._errored()
+
+    def _errored(self) -> bool:
+        llm = self.llm
+        return llm is None or llm.errored
+
+    def check_alive(self) -> None:
+        if self._closed:
+            raise EngineDeadError(f"the vLLM engine for {self.base_model} was shut down")
+        if self._errored():
+            raise EngineDeadError(
+                f"the vLLM engine core for {self.base_model} has died (process exited or crashed); "
+                "its requests failed. Call create_sampling_client again to start a fresh engine."
+            )
+
+    def engine_core_pids(self) -> list[int]:
+        """PIDs of the engine-core processes (diagnostics and tests)."""
+        manager = self.llm.engine_core.resources.engine_manager
+        return [p.pid for p in manager.processes] if manager is not None else []
+
+    # ------------------------------------------------------------------ adapters
+
+    def load_adapter(self, path: str, version: int, timeout_s: float = 300.0) -> Adapter:
+        """Hot-load a PEFT adapter as policy `version`; running requests are not disturbed."""
+        from vllm.lora.request import LoRARequest
+
+        self.check_alive()
+        adapter = snapshot_adapter(path, self._adapter_dir, next(self._ids), version, self.max_lora_rank, self.base_shapes)
+        existing = self.table.find(version, adapter.digest)
+        if existing is not None:
+            shutil.rmtree(adapter.path, ignore_errors=True)
+            return existing
+        request = LoRARequest(adapter.name, adapter.key, adapter.path)
+        with self._load_lock:
+            if self._lora_index_bug:
+                self._guard_base_requests(timeout_s)
+            try:
+                self._loop.submit(self.llm.add_lora(request)).result(timeout_s)
+            except Exception as e:
+                shutil.rmtree(adapter.path, ignore_errors=True)
+                self.check_alive()
+                raise ValueError(f"vLLM could not load adapter {path!r}: {type(e).__name__}: {e}") from e
+            for old in self.table.add(adapter):
+                self._loop.submit(self._remove(old))
+        return adapter
+
+    def _guard_base_requests(self, timeout_s: float) -> None:
+        """Before an adapter load on CPU: route base requests through the zero adapter from now
+        on, and before the adapter slots could reach the last one, let base requests that still
+        run without LoRA finish."""
+        if self._base_lora is None:
+            zero = self._zero_adapter()
+            with self._route_lock:
+                self._base_lora = zero
+        # slots in use after this load: the zero adapter + every registered version
+        if 1 + len(self.table.loaded()) + 1 >= self._max_loras:
+            deadline = time.monotonic() + timeout_s
+            while self._plain_base > 0:
+                if time.monotonic() > deadline:
+                    raise SamplingError("base-model requests started before the first adapter load are still running")
+                time.sleep(0.02)
+
+    def _zero_adapter(self):
+        """A LoRA whose delta is exactly zero, that base-model requests run under on CPU once
+        any adapter has been loaded.
+
+        vLLM's CPU LoRA ops (vllm/lora/ops/torch_ops, up to at least 0.32) gather the LoRA
+        weights with the no-LoRA index -1, which Python wraps to the LAST adapter slot: once
+        that slot has held an adapter (freed slots keep their weights), base-model tokens get
+        its delta (wrong logprobs, no error; vllm-project/vllm PR #48421). Under the zero
+        adapter no token has index -1. Slots fill first-free, so the last one cannot be used
+        before the others are; until then plain base requests are safe, and ~4x faster on CPU
+        (any LoRA in the batch makes vLLM CPU run its slow per-token LoRA ops)."""
+        from vllm.lora.request import LoRARequest
+
+        path = write_zero_adapter(self._adapter_dir / "zero-base", self.base_model, self.base_shapes)
+        request = LoRARequest("rlpipe-base", next(self._ids), str(path))
+        self._loop.submit(self.llm.add_lora(request)).result(300)
+        return request
+
+    async def _remove(self, adapter: Adapter) -> None:
+        if not self._errored():
+            await self.llm.remove_lora(adapter.key)
+        shutil.rmtree(adapter.path, ignore_errors=True)
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, request: Request):
+        """Run one request on the engine loop; returns a concurrent.futures.Future."""
+        from vllm.lora.request import LoRARequest
+
+        a = request.adapter
+        if a is not None:
+            self.table.acquire(a)  # raises if evicted; pins it while in flight
+            return self._loop.submit(self._run(request, LoRARequest(a.name, a.key, a.path), plain=False))
+        with self._route_lock:
+            lora = self._base_lora
+            self._plain_base += lora is None
+        return self._loop.submit(self._run(request, lora, plain=lora is None))
+
+    async def _run(self, request: Request, lora, plain: bool):
+        try:
+            return await self._watch(self._generate(request, lora), request)
+        except asyncio.CancelledError:
+            if self._closed:  # cancelled by shutdown(): say so rather than "cancelled"
+                raise EngineDeadError(f"the vLLM engine for {self.base_model} was shut down") from None
+            raise
+        finally:
+            if plain:
+                with self._route_lock:
+                    self._plain_base -= 1
+            if request.adapter is not None:
+                for old in self.table.release(request.adapter):
+                    asyncio.ensure_future(self._remove(old))
+
+    async def _watch(self, coro, request: Request):
+        """Await coro, but give up with a clear error past the timeout or if the engine dies.
+        Cancelling the generate() task makes vLLM abort the request."""
+        task = asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request.timeout_s
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, min(HEALTH_POLL_S, deadline - loop.time())))
+            if done:
+                return task.result()
+            if self._errored() or loop.time() >= deadline:
+                task.cancel()
+                await asyncio.wait({task}, timeout=5.0)  # let generate() abort the request
+                self.check_alive()
+                what = "compute_logprobs" if request.logprobs_only else f"sample (n={request.num_samples}, max_tokens={request.decoding.max_tokens})"
+                raise SamplingTimeout(
+                    f"{what} on {self.base_model} (policy version {request.policy_version}) did not finish "
+                    f"within {request.timeout_s:g} s; the request was aborted"
+                )
+
+    async def _generate(self, request: Request, lora) -> SampleResponse | list[float | None]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs.engine import tokens_input
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
+
+        d = request.decoding
+        params = VSamplingParams(
+            n=request.num_samples,
+            max_tokens=d.max_tokens,
+            temperature=d.temperature,
+            top_k=d.top_k,
+            top_p=d.top_p,
+            seed=d.seed,  # vLLM gives sample i the seed seed + i
+            stop=list(d.stop_strings) or None,
+            stop_token_ids=list(d.stop_token_ids) or None,
+            logprobs=None if request.logprobs_only else 0,  # 0: just the sampled token's logprob
+            prompt_logprobs=0 if request.prompt_logprobs else None,
+            detokenize=bool(d.stop_strings),  # text is only needed to match stop strings
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        final = None
+        try:
+            async for out in self.llm.generate(tokens_input(request.prompt), params, uuid.uuid4().hex, lora_request=lora):
+                final = out
+        except VLLMEngineDead as e:
+            raise EngineDeadError(f"the vLLM engine core for {self.base_model} died during the request") from e
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.check_alive()
+            raise SamplingError(f"vLLM failed the request: {type(e).__name__}: {e}") from e
+        if final is None:
+            raise SamplingError("vLLM returned no output")
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(request.prompt)
+        self.stats["cached_prompt_tokens"] += final.num_cached_tokens or 0
+        self.stats["generated_tokens"] += sum(len(c.token_ids) for c in final.outputs)
+        prompt_logprobs = None
+        if request.prompt_logprobs:
+            prompt_logprobs = [None] + [
+                float(pos[t].logprob) for t, pos in zip(request.prompt[1:], final.prompt_logprobs[1:])
+            ]
+        if request.logprobs_only:
+            return prompt_logprobs
+        sequences = []
+        for c in sorted(final.outputs, key=lambda c: c.index):
+            if c.finish_reason not in ("stop", "length"):
+                raise SamplingError(f"vLLM finished a sequence with reason {c.finish_reason!r}")
+            tokens = list(c.token_ids)
+            sequences.append(SampledSequence(
+                stop_reason=c.finish_reason,
+                tokens=tokens,
+                logprobs=[float(pos[t].logprob) for t, pos in zip(tokens, c.logprobs)],
+                policy_version=request.policy_version,
+            ))
+        return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def shutdown(self, shutdown_timeout_s: float = 2.0) -> None:
+        """Stop the engine core (killed if it has not exited after shutdown_timeout_s)."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def stop():
+            llm, self.llm = self.llm, None  # dropped here, not at interpreter exit (AsyncLLM.__del__)
+            llm.shutdown(timeout=shutdown_timeout_s)
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pending:  # requests and adapter removals still waiting on the engine
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+        try:
+            self._loop.submit(stop()).result(shutdown_timeout_s + 60)
+        finally:
+            self._loop.stop()
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- one engine per base model
+
+_engines: dict[str, VLLMEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(base_model: str, **options) -> VLLMEngine:
+    """The process's engine for base_model, started on first use (and again if it died).
+    Options only take effect when the engine starts; later differing options are logged."""
+    key = os.path.realpath(base_model)
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is not None and engine.alive:
+            differing = {k: v for k, v in options.items() if engine.options.get(k, v) != v}
+            if differing:
+                log.warning("vLLM engine for %s already runs; ignoring differing options %s", base_model, differing)
+            return engine
+        if engine is not None:
+            log.warning("vLLM engine for %s is dead; starting a new one", base_model)
+            engine.shutdown()
+        if not _engines:
+            atexit.register(shutdown_engines)
+        engine = _engines[key] = VLLMEngine(base_model, **options)
+        return engine
+
+
+def shutdown_engines() -> None:
+    """Shut down every vLLM engine this process started."""
+    with _engines_lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        try:
+            engine.shutdown()
+        except Exception:  # shutting down at exit: report, keep going with the others
+            log.exception("shutting down the vLLM engine for %s failed", engine.base_model)
