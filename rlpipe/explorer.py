@@ -23,6 +23,7 @@ import io
 import itertools
 import json
 import logging
+import shutil
 import tarfile
 import threading
 import time
@@ -99,6 +100,7 @@ class Explorer:
             create_sampling_client, self.model, model_path=str(target), backend=backend,
             policy_version=update.version, timeout_s=cfg.explorer.episode_timeout_s, **options,
         )
+        shutil.rmtree(target, ignore_errors=True)  # the engine keeps its own copy of each version
         self.sampler, self.version = client, update.version
         if self.first_version is None:
             self.first_version = update.version
@@ -123,21 +125,21 @@ class Explorer:
 
     async def _handle_control(self, inbox: asyncio.Queue, admitted: asyncio.Condition) -> None:
         while True:
-            msg = await inbox.get()
-            match msg:
-                case WeightUpdate() if msg.version > self.version:
-                    # Only the newest matters: skip versions superseded while we were loading.
-                    while not inbox.empty() and isinstance(newer := inbox.get_nowait(), WeightUpdate):
-                        msg = newer if newer.version > msg.version else msg
-                    await self._load(msg)
-                    async with admitted:
-                        admitted.notify_all()
-                case Shutdown(reason=reason):
-                    log.info("%s: shutdown requested (%s)", self.id, reason)
-                    self._stop.set()
-                    async with admitted:
-                        admitted.notify_all()
-                    return
+            messages = [await inbox.get()]
+            while not inbox.empty():
+                messages.append(inbox.get_nowait())
+            # Only the newest adapter matters: skip versions superseded while we were loading.
+            updates = [m for m in messages if isinstance(m, WeightUpdate) and m.version > self.version]
+            if updates:
+                await self._load(max(updates, key=lambda m: m.version))
+            shutdown = next((m for m in messages if isinstance(m, Shutdown)), None)
+            if shutdown is not None:
+                log.info("%s: shutdown requested (%s)", self.id, shutdown.reason)
+                self._stop.set()
+            async with admitted:
+                admitted.notify_all()
+            if shutdown is not None:
+                return
 
     # ------------------------------------------------------------------ rollouts
 

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tarfile
 import time
 from collections import Counter
@@ -34,6 +35,7 @@ from rlpipe.types import (AdamParams, Batch, BatchRequest, Datum, LoraConfig, Mo
 log = logging.getLogger(__name__)
 LATEST = "latest.json"
 SHUTDOWN_GRACE_S = 3.0
+KEEP_SAMPLER_WEIGHTS = 2
 
 
 def group_datums(groups: list[TrajectoryGroup]) -> list[Datum]:
@@ -192,6 +194,9 @@ class Learner:
         version = self.client.step
         path = self.client.save_weights_for_sampler(f"v{version:06d}").result().path
         control.publish(WeightUpdate(version=version, adapter_tar=pack_adapter(path), step=version, created_at=created))
+        # The bytes went out with the message; on disk only the newest few are kept.
+        for old in sorted(Path(path).parent.glob("v[0-9]*"))[:-KEEP_SAMPLER_WEIGHTS]:
+            shutil.rmtree(old, ignore_errors=True)
         return time.monotonic() - start
 
     def _checkpoint(self) -> None:
