@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 from envs.multi_agent import (GuessNumberDataset, GuessNumberEnv, TicTacToeDataset, TicTacToeGame,
                               TicTacToeGroupBuilder, answerer, parse_move)
+from tests.scripted import Recorder, fake_logprobs
 from rlpipe.rollouts import do_episode, do_group
 from rlpipe.types import SampledSequence, SampleResponse, SamplingParams
 
@@ -31,42 +32,9 @@ class ScriptedSampler:
     async def sample_async(self, prompt, num_samples, sampling_params):
         text = self.reply(self.tokenizer.decode(prompt.to_ints()))
         tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        logprobs = [-1.0 - 0.01 * i for i in range(len(tokens))]
+        logprobs = fake_logprobs(len(tokens))
         return SampleResponse(sequences=[SampledSequence(stop_reason="stop", tokens=tokens, logprobs=logprobs,
                                                          policy_version=self.version)])
-
-
-class Recorder:
-    """Wraps an env and keeps what it returned, to rebuild the expected token history."""
-
-    def __init__(self, env):
-        self.env, self.prompt, self.actions, self.observations = env, [], [], []
-
-    async def initial_observation(self):
-        observation, stop = await self.env.initial_observation()
-        self.prompt = observation.to_ints()
-        return observation, stop
-
-    async def step(self, action):
-        result = await self.env.step(action)
-        self.actions.append(list(action))
-        if not result.episode_done:
-            self.observations.append(result.next_observation.to_ints())
-        return result
-
-    def check_history(self, trajectory, version):
-        """The history is exactly prompt + action + observation + action + ...: observation
-        tokens have mask 0, action tokens mask 1 with their sampling logprobs and version."""
-        segments = [(self.prompt, False)]
-        for i, action in enumerate(self.actions):
-            segments.append((action, True))
-            if i < len(self.observations):
-                segments.append((self.observations[i], False))
-        assert trajectory.tokens == [t for seg, _ in segments for t in seg]
-        assert trajectory.action_mask == [int(is_action) for seg, is_action in segments for _ in seg]
-        assert trajectory.policy_versions == [version if is_action else -1 for seg, is_action in segments for _ in seg]
-        assert trajectory.sampling_logprobs == pytest.approx(
-            [-1.0 - 0.01 * j if is_action else 0.0 for seg, is_action in segments for j in range(len(seg))])
 
 
 class RecordingBuilder:

@@ -10,6 +10,7 @@ from envs.search import BM25Index, Document, load_documents, tokenize
 from envs.tool_use import (FORMAT_BONUS, Answer, ToolCall, ToolError, ToolTask, ToolUseDataset, ToolUseEnv,
                            answers_match, calculate, check_arguments, default_tools, format_number,
                            next_turn_tokens, parse_action)
+from tests.scripted import Recorder, fake_logprobs
 from rlpipe.rollouts import do_episode
 from rlpipe.types import SampledSequence, SampleResponse, SamplingParams
 
@@ -38,42 +39,9 @@ class ScriptedSampler:
     async def sample_async(self, prompt, num_samples, sampling_params):
         tokens = self.tokenizer(self.replies.pop(0), add_special_tokens=False)["input_ids"]
         tokens += [self.tokenizer.eos_token_id] if self.end_turn else []
-        logprobs = [-0.5 - 0.01 * i for i in range(len(tokens))]
+        logprobs = fake_logprobs(len(tokens))
         return SampleResponse(sequences=[SampledSequence(stop_reason="stop" if self.end_turn else "length",
                                                          tokens=tokens, logprobs=logprobs, policy_version=self.version)])
-
-
-class Recorder:
-    """Wraps an env and keeps what it returned, to rebuild the expected token history."""
-
-    def __init__(self, env):
-        self.env, self.prompt, self.actions, self.observations = env, [], [], []
-
-    async def initial_observation(self):
-        observation, stop = await self.env.initial_observation()
-        self.prompt = observation.to_ints()
-        return observation, stop
-
-    async def step(self, action):
-        result = await self.env.step(action)
-        self.actions.append(list(action))
-        if not result.episode_done:
-            self.observations.append(result.next_observation.to_ints())
-        return result
-
-    def check_history(self, trajectory, version):
-        """The history is exactly prompt + action + observation + action + ...: observation
-        tokens have mask 0, action tokens mask 1 with their sampling logprobs and version."""
-        segments = [(self.prompt, False)]
-        for i, action in enumerate(self.actions):
-            segments.append((action, True))
-            if i < len(self.observations):
-                segments.append((self.observations[i], False))
-        assert trajectory.tokens == [t for seg, _ in segments for t in seg]
-        assert trajectory.action_mask == [int(is_action) for seg, is_action in segments for _ in seg]
-        assert trajectory.policy_versions == [version if is_action else -1 for seg, is_action in segments for _ in seg]
-        assert trajectory.sampling_logprobs == pytest.approx(
-            [-0.5 - 0.01 * j if is_action else 0.0 for seg, is_action in segments for j in range(len(seg))])
 
 
 async def run(tokenizer, env, replies, version=2, **sampler_kwargs):
