@@ -186,8 +186,12 @@ class Explorer:
         self.stats["sampler_busy_frac"] = self._sampler_busy_frac()
         self.stats["groups_useful_or_running"] = float(self.useful + self.running)
         group = msgspec.structs.replace(group, explorer_stats=dict(self.stats))
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._send_pool, self._sender.send, group, self.config.explorer.push_timeout_s)
+        await asyncio.get_running_loop().run_in_executor(self._send_pool, self._send, group)
+
+    def _send(self, group: TrajectoryGroup) -> None:
+        self._sender.send(group, self.config.explorer.push_timeout_s)
+        # Counted here, in the push thread: a send that completes after its awaiting task was
+        # cancelled (at shutdown) still counts, so pushed == what the buffer received.
         self.stats["groups_pushed"] += 1
 
     async def run(self) -> None:
@@ -218,13 +222,14 @@ class Explorer:
                     raise task.exception()
         finally:
             self._stop.set()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "stats.json").write_text(json.dumps(self.stats, indent=1))
             for task in asyncio.all_tasks() - {asyncio.current_task()}:
                 task.cancel()
             control.join(timeout=5)
+            # The push thread is FIFO: close runs after any send still in progress.
             await loop.run_in_executor(self._send_pool, self._sender.close)
             self._send_pool.shutdown(wait=False)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "stats.json").write_text(json.dumps(self.stats, indent=1))
 
 
 async def _wait_for(condition: asyncio.Condition, predicate, timeout_s: float) -> bool:
