@@ -32,6 +32,7 @@ def run(mode: str, args, root: Path) -> list[dict]:
         "[dataset]", 'factory = "envs.toy:DigitsDataset"', f"args = {{ group_size = {args.group_size} }}",
         "[explorer]", f'sampler = "{args.sampler}"', f"concurrency = {args.groups * 2}", f"max_tokens = {args.max_tokens}",
         "[learner]", f"steps = {args.steps}", "rank = 16", "learning_rate = 1e-3", "checkpoint_every = 1000",
+        f"cpu_threads = {args.learner_threads}",
         "[addresses]", *(f'{k} = "tcp://127.0.0.1:{p}"' for k, p in zip(("experience", "batches", "control"), ports)),
     ]) + "\n")
     subprocess.run([sys.executable, "-m", "rlpipe.cli", "run", str(config)], cwd=REPO, check=True,
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--sampler", default="vllm" if __import__("importlib").util.find_spec("vllm") else "local")
     parser.add_argument("--model", default="")
+    parser.add_argument("--learner-threads", type=int, default=0, help="learner.cpu_threads (0 = torch default)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sync = run("sync", args, Path(tmp))

@@ -74,6 +74,10 @@ class LearnerConfig(Config):
     """The learner's own sampler for evaluations (greedy); local avoids a second vLLM engine."""
     batch_timeout_s: float = 600.0
     """How long the learner waits for one batch before it fails with a clear error."""
+    cpu_threads: int = 0
+    """torch threads of the learner. 0 = auto: on a host without a GPU, half the cores (the
+    sampler runs on the same cores; oversubscribing them made a learner step 7x slower on
+    2 cores), torch's default elsewhere."""
     init_from: str = ""
     """Optional save_state checkpoint to start from (weights only), e.g. an SFT warm-up."""
 

@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from rlpipe import transport
 from rlpipe.config import RunConfig, import_callable
@@ -90,6 +91,11 @@ class Learner:
     def __init__(self, config: RunConfig, resume: bool = False):
         self.config = config
         self.dir = config.run_dir / "learner"
+        threads = config.learner.cpu_threads
+        if not threads and not torch.cuda.is_available():
+            threads = max(1, (os.cpu_count() or 2) // 2)
+        if threads:
+            torch.set_num_threads(threads)
         model = config.model_path()
         lora = LoraConfig(rank=config.learner.rank, seed=config.seed)
         self.client = TrainingClient(model, lora, self.dir)
