@@ -30,11 +30,11 @@ def demo_config(runs_dir: str, steps: int | None) -> RunConfig:
     config.dataset.args = {"group_size": 16, "difficulty": DIFFICULTY, "seed": 1}
     config.explorer.concurrency = 16
     config.explorer.max_tokens = 12
-    config.learner.steps = steps or 60
+    config.learner.steps = steps or 100
     config.learner.learning_rate = RL_LEARNING_RATE
     config.learner.rank = 16
     config.learner.checkpoint_every = 10
-    config.learner.eval_every = 20  # greedy held-out accuracy in metrics.jsonl as RL goes
+    config.learner.eval_every = 25  # greedy held-out accuracy in metrics.jsonl as RL goes
     config.dataset.eval_factory = "envs.arithmetic:eval_items"
     config.dataset.eval_args = dict(EVAL)
     return config
