@@ -20,7 +20,6 @@ equation form the prompt asks for (next to the prompted teacher's own rate).
 """
 
 import argparse
-import random
 import time
 
 import numpy as np

@@ -28,7 +28,6 @@ import tarfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import msgspec
 

@@ -24,7 +24,7 @@ def vllm_engine(tiny_model_path):
     create_sampling_client(tiny_model_path) anywhere in the session reuses it."""
     pytest.importorskip("vllm", reason="vLLM is not installed: vLLM sampling tests skipped")
     from rlpipe.sampling import get_engine
-    from rlpipe.sampling.vllm_backend import shutdown_engines
+    from rlpipe.sampling import shutdown_engines
 
     engine = get_engine(tiny_model_path, "vllm")
     yield engine

@@ -10,12 +10,17 @@ version on it. See client.py for the request semantics, vllm_backend.py for the 
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import logging
+import os
+import threading
 
 from rlpipe.sampling.adapters import base_weight_shapes, check_adapter
 from rlpipe.sampling.client import DEFAULT_TIMEOUT_S, SamplingClient
 from rlpipe.sampling.errors import AdapterEvictedError, EngineDeadError, SamplingError, SamplingTimeout
 
+log = logging.getLogger(__name__)
 BACKENDS = ("vllm", "local")
 
 
@@ -24,16 +29,35 @@ def default_backend() -> str:
     return "vllm" if importlib.util.find_spec("vllm") is not None else "local"
 
 
+_engines: dict[tuple[str, str], object] = {}
+_engines_lock = threading.Lock()
+
+
 def get_engine(base_model: str, backend: str | None = None, **engine_options):
-    """The shared engine of this process for base_model (started on first use)."""
+    """The process's shared engine for (backend, base_model), started on first use and again
+    if it died. Options only take effect when an engine starts; later differing ones are logged."""
     backend = backend or default_backend()
     if backend == "vllm":
-        from rlpipe.sampling.vllm_backend import get_engine as get
+        from rlpipe.sampling.vllm_backend import VLLMEngine as engine_class
     elif backend == "local":
-        from rlpipe.sampling.local_backend import get_engine as get
+        from rlpipe.sampling.local_backend import LocalEngine as engine_class
     else:
         raise ValueError(f"unknown sampling backend {backend!r}; choose one of {BACKENDS}")
-    return get(str(base_model), **engine_options)
+    key = (backend, os.path.realpath(base_model))
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is not None and engine.alive:
+            differing = {k: v for k, v in engine_options.items() if engine.options.get(k, v) != v}
+            if differing:
+                log.warning("%s engine for %s already runs; ignoring differing options %s", backend, base_model, differing)
+            return engine
+        if engine is not None:
+            log.warning("%s engine for %s is dead; starting a new one", backend, base_model)
+            engine.shutdown()
+        if not _engines:
+            atexit.register(shutdown_engines)
+        engine = _engines[key] = engine_class(str(base_model), **engine_options)
+        return engine
 
 
 def create_sampling_client(
@@ -62,12 +86,14 @@ def create_sampling_client(
 
 def shutdown_engines() -> None:
     """Shut down every sampling engine this process started."""
-    import sys
-
-    for name in ("rlpipe.sampling.vllm_backend", "rlpipe.sampling.local_backend"):
-        module = sys.modules.get(name)
-        if module is not None:
-            module.shutdown_engines()
+    with _engines_lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        try:
+            engine.shutdown()
+        except Exception:  # shutting down at exit: report, keep going with the others
+            log.exception("shutting down the engine for %s failed", engine.base_model)
 
 
 __all__ = [

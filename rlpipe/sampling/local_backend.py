@@ -13,7 +13,6 @@ evictions, so the model is never touched by two threads.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -310,27 +309,3 @@ class LocalEngine:
         self._queue.put(("stop", None, None))
         self._worker.join(timeout=60)
         shutil.rmtree(self._adapter_dir, ignore_errors=True)
-
-
-_engines: dict[str, LocalEngine] = {}
-_engines_lock = threading.Lock()
-
-
-def get_engine(base_model: str, **options) -> LocalEngine:
-    """The process's local engine for base_model (options take effect when it starts)."""
-    key = os.path.realpath(base_model)
-    with _engines_lock:
-        engine = _engines.get(key)
-        if engine is None or not engine.alive:
-            if not _engines:
-                atexit.register(shutdown_engines)
-            engine = _engines[key] = LocalEngine(base_model, **options)
-        return engine
-
-
-def shutdown_engines() -> None:
-    with _engines_lock:
-        engines = list(_engines.values())
-        _engines.clear()
-    for engine in engines:
-        engine.shutdown()

@@ -26,7 +26,6 @@ read by token id. (Greedy, temperature 0: log_softmax of the raw logits.)
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
 import itertools
 import logging
@@ -361,41 +360,3 @@ class VLLMEngine:
         finally:
             self._loop.stop()
             shutil.rmtree(self._adapter_dir, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- one engine per base model
-
-_engines: dict[str, VLLMEngine] = {}
-_engines_lock = threading.Lock()
-
-
-def get_engine(base_model: str, **options) -> VLLMEngine:
-    """The process's engine for base_model, started on first use (and again if it died).
-    Options only take effect when the engine starts; later differing options are logged."""
-    key = os.path.realpath(base_model)
-    with _engines_lock:
-        engine = _engines.get(key)
-        if engine is not None and engine.alive:
-            differing = {k: v for k, v in options.items() if engine.options.get(k, v) != v}
-            if differing:
-                log.warning("vLLM engine for %s already runs; ignoring differing options %s", base_model, differing)
-            return engine
-        if engine is not None:
-            log.warning("vLLM engine for %s is dead; starting a new one", base_model)
-            engine.shutdown()
-        if not _engines:
-            atexit.register(shutdown_engines)
-        engine = _engines[key] = VLLMEngine(base_model, **options)
-        return engine
-
-
-def shutdown_engines() -> None:
-    """Shut down every vLLM engine this process started."""
-    with _engines_lock:
-        engines = list(_engines.values())
-        _engines.clear()
-    for engine in engines:
-        try:
-            engine.shutdown()
-        except Exception:  # shutting down at exit: report, keep going with the others
-            log.exception("shutting down the vLLM engine for %s failed", engine.base_model)

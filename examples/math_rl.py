@@ -1,0 +1,171 @@
+"""Math RL through the async pipeline: arithmetic (default) or a GSM8K-format JSONL.
+
+    python examples/math_rl.py                          # SFT warm-up, then 40 async RL steps
+    python examples/math_rl.py --sampler local --steps 10 --sft-steps 150
+    python examples/math_rl.py --gsm8k envs/data/gsm8k_sample.jsonl --steps 5
+
+1. Optional SFT warm-up in this process (teaches the answer format "a + b = c"); its
+   `save_state` checkpoint becomes `learner.init_from`.
+2. `rlpipe.launch.run` starts buffer, learner and explorer as processes (the same code path
+   as `rlpipe run CONFIG`); the config is written as JSON next to the run's metrics.
+3. Key figures: train reward and env/correct over the first vs the last steps (from
+   runs/<name>/metrics.jsonl) and held-out greedy accuracy before RL (computed here) and after
+   RL (the learner's own evaluator, `dataset.eval_factory = "envs.arithmetic:eval_items"`).
+
+`--gsm8k PATH` trains on GSM8K-format problems with `envs.gsm8k.GSM8KDataset` instead, with
+the warm-up on the file's worked solutions. It shows the plumbing only: the 0.48M-parameter
+embedded model cannot solve word problems, so rewards stay at (almost) 0 and nothing is
+learnt. Because groups whose rewards are all equal carry no signal and the buffer would drop
+every one of them (the learner would wait for a batch forever), this mode keeps them
+(`buffer.drop_constant_reward_groups = False`): the pipeline runs, with zero advantages.
+Point `--base-model` at a real local model directory to train for real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+from rlpipe import launch, transport
+from rlpipe.config import RunConfig, dump, load
+from rlpipe.datums import supervised_datum
+from rlpipe.metrics import read_metrics
+from rlpipe.types import AdamParams, SamplingParams
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=40, help="RL (learner) steps")
+    p.add_argument("--sft-steps", type=int, default=250, help="SFT warm-up steps before RL (0 = none)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--name", default="math_rl")
+    p.add_argument("--sampler", choices=("auto", "vllm", "local"), default="auto")
+    p.add_argument("--base-model", default="", help="local HF model dir (default: the embedded tiny model)")
+    p.add_argument("--gsm8k", default=None, metavar="PATH", help="train on a GSM8K-format JSONL instead")
+    p.add_argument("--difficulty", type=int, default=1, help="arithmetic difficulty (1-4)")
+    p.add_argument("--groups-per-batch", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--eval-n", type=int, default=200, help="held-out arithmetic problems")
+    p.add_argument("--lr", type=float, default=3e-4, help="RL learning rate")
+    return p.parse_args(argv)
+
+
+def make_config(args) -> RunConfig:
+    config = RunConfig(name=args.name, runs_dir=args.runs_dir, base_model=args.base_model,
+                       max_staleness=1, groups_per_batch=args.groups_per_batch)
+    config.explorer.sampler = args.sampler
+    config.explorer.concurrency = args.groups_per_batch * 2
+    config.learner.steps = args.steps
+    config.learner.learning_rate = args.lr
+    config.learner.checkpoint_every = max(args.steps, 1)
+    if args.gsm8k:
+        config.dataset.factory = "envs.gsm8k:GSM8KDataset"
+        config.dataset.args = {"path": os.path.abspath(args.gsm8k), "group_size": args.group_size}
+        config.explorer.max_tokens = 128
+        config.buffer.drop_constant_reward_groups = False  # see the docstring
+    else:
+        config.dataset.args = {"group_size": args.group_size, "difficulty": args.difficulty, "seed": 1}
+        config.explorer.max_tokens = 12
+        config.dataset.eval_factory = "envs.arithmetic:eval_items"
+        config.dataset.eval_args = {"n": args.eval_n, "difficulty": args.difficulty, "seed": 999}
+        config.learner.eval_every = args.steps  # greedy held-out accuracy once, after the last step
+    # Fresh ports, so that several runs (or a test session) can share a machine.
+    config.addresses.experience, config.addresses.batches, config.addresses.control = (
+        f"tcp://127.0.0.1:{transport.free_port()}" for _ in range(3))
+    return config
+
+
+def sft_data(tokenizer, args) -> list:
+    eos = [tokenizer.eos_token_id]
+    if args.gsm8k:
+        from envs.gsm8k import load_problems, prompt_tokens
+
+        return [supervised_datum(prompt_tokens(tokenizer, p.question),
+                                 tokenizer(p.solution.strip(), add_special_tokens=False)["input_ids"] + eos)
+                for p in load_problems(args.gsm8k)]
+    from envs.arithmetic import make_problems, prompt_tokens
+
+    return [supervised_datum(prompt_tokens(tokenizer, p.question),
+                             tokenizer(p.solution(), add_special_tokens=False)["input_ids"] + eos)
+            for p in make_problems(2000, args.difficulty, seed=123)]  # seed 123: not the RL or eval seed
+
+
+def warm_up(model: str, config: RunConfig, args) -> str:
+    """SFT on formatted answers; returns the save_state path RL starts from."""
+    from rlpipe.hyperparams import get_lr
+    from rlpipe.service import ServiceClient
+
+    client = ServiceClient(config.run_dir / "sft").create_lora_training_client(model, rank=config.learner.rank, seed=config.seed)
+    data = sft_data(client.get_tokenizer(), args)
+    rng = np.random.default_rng(0)
+    for _ in range(args.sft_steps):
+        batch = [data[i] for i in rng.choice(len(data), min(32, len(data)), replace=False)]
+        client.forward_backward(batch, "cross_entropy")
+        client.optim_step(AdamParams(learning_rate=get_lr(model), grad_clip_norm=1.0)).result()
+    return client.save_state("warmup").result().path
+
+
+def heldout_accuracy(model: str, adapter: str | None, config: RunConfig) -> float:
+    """Greedy accuracy on the same held-out items the learner's evaluator uses."""
+    from transformers import AutoTokenizer
+
+    from envs.arithmetic import eval_items
+    from rlpipe.evaluators import run_sampling_eval
+    from rlpipe.sampling import create_sampling_client
+
+    tok = AutoTokenizer.from_pretrained(model)
+    sampler = create_sampling_client(model, model_path=adapter, backend=config.learner.eval_sampler)
+    metrics = run_sampling_eval(sampler, eval_items(tok, **config.dataset.eval_args),
+                                SamplingParams(max_tokens=config.explorer.max_tokens, temperature=0.0),
+                                decode=lambda tokens: tok.decode(tokens, skip_special_tokens=True))
+    return metrics["eval/accuracy"]
+
+
+def window_mean(records: list[dict], key: str, first: bool) -> float:
+    k = max(1, len(records) // 4)
+    rows = records[:k] if first else records[-k:]
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the roles log to runs/<name>/logs
+    config = make_config(args)
+    model = config.model_path()
+    t0 = time.time()
+    out: dict = {"sft_steps": args.sft_steps}
+    if args.sft_steps:
+        config.learner.init_from = warm_up(model, config, args)
+        print(f"SFT warm-up: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
+    if not args.gsm8k:
+        adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None
+        out["eval_before"] = heldout_accuracy(model, adapter, config)
+        print(f"held-out greedy accuracy before RL: {out['eval_before']:.1%}")
+
+    path = config.run_dir / "math_rl_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(dump(config))
+    code = launch.run(load(path), str(path), [])
+    if code != 0:
+        raise SystemExit(f"the pipeline failed (exit code {code}); see {config.run_dir / 'logs'}")
+
+    records = read_metrics(config.run_dir / "metrics.jsonl")
+    out.update(steps=len(records), run_dir=str(config.run_dir), seconds=time.time() - t0,
+               reward_first=window_mean(records, "reward/mean", True), reward_last=window_mean(records, "reward/mean", False),
+               correct_first=window_mean(records, "env/correct", True), correct_last=window_mean(records, "env/correct", False))
+    if records and "eval/accuracy" in records[-1]:
+        out["eval_after"] = records[-1]["eval/accuracy"]
+    print(f"RL ({len(records)} async steps): train reward {out['reward_first']:.3f} -> {out['reward_last']:.3f}, "
+          f"correct {out['correct_first']:.1%} -> {out['correct_last']:.1%} (first vs last quarter of the steps)")
+    if "eval_after" in out:
+        print(f"held-out greedy accuracy: {out['eval_before']:.1%} -> {out['eval_after']:.1%}")
+    print(f"total {out['seconds']:.0f} s; everything the run wrote is in {config.run_dir}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
