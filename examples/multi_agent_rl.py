@@ -15,10 +15,15 @@ SFT warm-up on scripted random *legal* games (the env driven with scripted moves
 tokens match an episode exactly; loss on the moves only) teaches the move format. RL then
 pushes against illegal moves (they lose), which shows as the illegal-move rate falling and
 games lasting longer. Strategic play (winning more than chance) is not to be expected.
-Limit: the rules, five board reports and X's 5th move do not fit the tiny model's 512-token
-context, so players get 4 turns; a game that would need X's 5th move is abandoned (0 for both,
-no signal). With a larger base model raise explorer.max_turns to 5.
-Metrics to watch: env/illegal (share of players whose own move was illegal) and env/moves.
+Limit: the rules and four board reports can exceed the tiny model's 512-token context, so
+each player gets 3 turns; a game still running at X's 4th move (move 7) is abandoned (0 for
+both, no signal). With a larger base model raise explorer.max_turns to 5.
+Metrics to watch, and how to read them: metrics.jsonl describes the *trained* games only,
+and draws/abandoned games are dropped before training, so every trained game was decided by
+a win or by an illegal move. env/illegal (share of players whose own move was illegal) is
+then half the share of trained games ended by an illegal move (exactly 0.5 means none was
+won on the board), so env/illegal falling below 0.5, env/moves (game
+length) rising, and dropped/no_signal (draws, abandoned games) rising are what progress looks like.
 """
 
 from __future__ import annotations
@@ -92,13 +97,13 @@ def make_config(args):
 
     config = RunConfig(name=args.name, runs_dir=args.runs_dir, max_staleness=1, groups_per_batch=args.games_per_batch)
     config.dataset.factory = "envs.multi_agent:TicTacToeDataset"
-    # The tiny model's context is 512 tokens and X's 5th-move prompt is 516 (rules + five
-    # board reports), so each player gets at most 4 turns. A game that reaches X's 5th move
-    # ends when O stops waiting for it (move_timeout_s) and counts as abandoned (0 for both).
+    # The tiny model's context is 512 tokens and a 4th-move prompt can be 516 (the rules and
+    # four board reports), so each player gets at most 3 turns. A game that reaches X's 4th
+    # move ends when O stops waiting for it (move_timeout_s) and counts as abandoned (0 for both).
     config.dataset.args = {"move_timeout_s": 5.0}
     config.explorer.sampler = args.sampler
     config.explorer.concurrency = args.games_per_batch * 2
-    config.explorer.max_turns = 4
+    config.explorer.max_turns = 3
     config.explorer.max_tokens = 4  # a move is one digit and the end of the turn
     config.learner.steps = args.steps
     config.learner.learning_rate = args.lr
@@ -117,7 +122,7 @@ def warm_up(model: str, config, args) -> str:
     data = transcripts(client.get_tokenizer(), n_games=100)
     rng = np.random.default_rng(0)
     for _ in range(args.sft_steps):
-        batch = [data[i] for i in rng.choice(len(data), 16, replace=False)]
+        batch = [data[i] for i in rng.choice(len(data), 8, replace=False)]
         client.forward_backward(batch, "cross_entropy")
         client.optim_step(AdamParams(learning_rate=get_lr(model), grad_clip_norm=1.0)).result()
     return client.save_state("warmup").result().path
@@ -149,8 +154,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"the pipeline failed (exit code {code}); see {config.run_dir / 'logs'}")
     records = read_metrics(config.run_dir / "metrics.jsonl")
     out = {"steps": len(records), "run_dir": str(config.run_dir), "seconds": time.time() - t0}
-    for key in ("env/illegal", "env/moves", "env/draw", "env/abandoned"):
+    for key in ("env/illegal", "env/moves", "dropped/no_signal"):
         name = key.split("/")[1]
+        records = [{**r, key: r.get(key, 0.0)} for r in records]
         out[f"{name}_first"], out[f"{name}_last"] = window(records, key, True), window(records, key, False)
         print(f"{key:>12}: {out[f'{name}_first']:.3f} -> {out[f'{name}_last']:.3f}  (first vs last quarter of the steps)")
     print(f"total {out['seconds']:.0f} s; everything the run wrote is in {config.run_dir}")

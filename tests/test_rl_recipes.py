@@ -103,9 +103,11 @@ def test_tool_use_rl_recipe(tmp_path, tiny_model_path):
 
 
 def test_multi_agent_rl_recipe(tmp_path):
-    out = recipe("multi_agent_rl")(["--sampler", "local", "--steps", "6", "--sft-steps", "30",
+    out = recipe("multi_agent_rl")(["--sampler", "local", "--steps", "5", "--sft-steps", "12",
                                     "--runs-dir", str(tmp_path), "--games-per-batch", "8"])
-    records = check_run(out, 6)
+    records = check_run(out, 5)
+    # A few steps cannot be expected to make the tiny model play better; this checks the
+    # self-play plumbing: zero-sum group rewards and per-game env metrics in range.
     for r in records:
         assert r["reward/mean"] == pytest.approx(0.0, abs=1e-6)  # zero-sum: X's reward + O's reward = 0
         assert 0.0 <= r["env/illegal"] <= 1.0 and 1.0 <= r["env/moves"] <= 9.0
