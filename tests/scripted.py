@@ -1,9 +1,22 @@
-"""Test helpers for env tests that drive rollouts with scripted actions.
+"""Test helpers: scripted rollouts for env tests, and loading the example recipes.
 
 The sampler stand-ins in the env tests are fakes on purpose: the sampler is not under test
 there (the envs and the token accounting are)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_recipe(name: str):
+    """The main() of examples/<name>.py (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def fake_logprobs(n: int) -> list[float]:

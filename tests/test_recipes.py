@@ -1,24 +1,9 @@
 """Smoke tests: each recipe runs a few steps end to end on the tiny model and its key metric
 moves the right way. They run the recipes' own main() with small arguments."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-@pytest.fixture(autouse=True)
-def tiny_model(tiny_model_path):
-    """Build the tiny model once before any recipe needs it."""
+from tests.scripted import load_recipe as recipe
 
 
 def test_sft_chat_nll_falls(tmp_path):

@@ -3,7 +3,6 @@ learner and explorer as processes) on the tiny model with the local sampler and 
 batches, then checks that every step was trained and what can honestly be expected of a few
 steps on 2 CPU cores."""
 
-import importlib.util
 import json
 import math
 import shutil
@@ -15,20 +14,7 @@ from rlpipe.buffer import ExperienceBuffer
 from rlpipe.config import vocab_size
 from rlpipe.metrics import read_metrics
 from rlpipe.types import BatchRequest
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-@pytest.fixture(autouse=True)
-def tiny_model(tiny_model_path):
-    """Build the tiny model once before any recipe needs it."""
+from tests.scripted import load_recipe as recipe
 
 
 def check_run(out: dict, steps: int) -> list[dict]:
