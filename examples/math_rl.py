@@ -33,7 +33,8 @@ from rlpipe import launch, transport
 from rlpipe.config import RunConfig, dump, load
 from rlpipe.datums import supervised_datum
 from rlpipe.metrics import read_metrics
-from rlpipe.types import AdamParams, SamplingParams
+from rlpipe.types import SamplingParams
+from rlpipe.warmup import sft_warm_up
 
 
 def parse_args(argv):
@@ -93,21 +94,6 @@ def sft_data(tokenizer, args) -> list:
             for p in make_problems(2000, args.difficulty, seed=123)]  # seed 123: not the RL or eval seed
 
 
-def warm_up(model: str, config: RunConfig, args) -> str:
-    """SFT on formatted answers; returns the save_state path RL starts from."""
-    from rlpipe.hyperparams import get_lr
-    from rlpipe.service import ServiceClient
-
-    client = ServiceClient(config.run_dir / "sft").create_lora_training_client(model, rank=config.learner.rank, seed=config.seed)
-    data = sft_data(client.get_tokenizer(), args)
-    rng = np.random.default_rng(0)
-    for _ in range(args.sft_steps):
-        batch = [data[i] for i in rng.choice(len(data), min(32, len(data)), replace=False)]
-        client.forward_backward(batch, "cross_entropy")
-        client.optim_step(AdamParams(learning_rate=get_lr(model), grad_clip_norm=1.0)).result()
-    return client.save_state("warmup").result().path
-
-
 def heldout_accuracy(model: str, adapter: str | None, config: RunConfig) -> float:
     """Greedy accuracy on the same held-out items the learner's evaluator uses."""
     from transformers import AutoTokenizer
@@ -139,7 +125,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     out: dict = {"sft_steps": args.sft_steps}
     if args.sft_steps:
-        config.learner.init_from = warm_up(model, config, args)
+        config.learner.init_from = sft_warm_up(config, lambda tok: sft_data(tok, args), args.sft_steps)
         print(f"SFT warm-up: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
     if not args.gsm8k:
         adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None

@@ -113,21 +113,6 @@ def make_config(args):
     return config
 
 
-def warm_up(model: str, config, args) -> str:
-    from rlpipe.hyperparams import get_lr
-    from rlpipe.service import ServiceClient
-    from rlpipe.types import AdamParams
-
-    client = ServiceClient(config.run_dir / "sft").create_lora_training_client(model, rank=config.learner.rank, seed=0)
-    data = transcripts(client.get_tokenizer(), n_games=100)
-    rng = np.random.default_rng(0)
-    for _ in range(args.sft_steps):
-        batch = [data[i] for i in rng.choice(len(data), 8, replace=False)]
-        client.forward_backward(batch, "cross_entropy")
-        client.optim_step(AdamParams(learning_rate=get_lr(model), grad_clip_norm=1.0)).result()
-    return client.save_state("warmup").result().path
-
-
 def window(records, key: str, first: bool) -> float:
     k = max(1, len(records) // 4)
     return float(np.mean([r[key] for r in (records[:k] if first else records[-k:])]))
@@ -137,14 +122,14 @@ def main(argv=None) -> dict:
     from rlpipe import launch
     from rlpipe.config import dump, load
     from rlpipe.metrics import read_metrics
+    from rlpipe.warmup import sft_warm_up
 
     args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     config = make_config(args)
-    model = config.model_path()
     t0 = time.time()
     if args.sft_steps:
-        config.learner.init_from = warm_up(model, config, args)
+        config.learner.init_from = sft_warm_up(config, lambda tok: transcripts(tok, n_games=100), args.sft_steps, batch_size=8)
         print(f"SFT warm-up on scripted legal games: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
     path = Path(config.run_dir) / "multi_agent_rl_config.json"
     path.parent.mkdir(parents=True, exist_ok=True)

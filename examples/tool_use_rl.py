@@ -150,21 +150,6 @@ def make_config(args, tasks_path: Path):
     return config
 
 
-def warm_up(model: str, config, args) -> str:
-    from rlpipe.hyperparams import get_lr
-    from rlpipe.service import ServiceClient
-    from rlpipe.types import AdamParams
-
-    client = ServiceClient(config.run_dir / "sft").create_lora_training_client(model, rank=config.learner.rank, seed=0)
-    data = transcripts(client.get_tokenizer(), make_tasks(256, seed=7), args.max_turns)  # seed 7: not the RL tasks
-    rng = np.random.default_rng(0)
-    for _ in range(args.sft_steps):
-        batch = [data[i] for i in rng.choice(len(data), 8, replace=False)]
-        client.forward_backward(batch, "cross_entropy")
-        client.optim_step(AdamParams(learning_rate=get_lr(model), grad_clip_norm=1.0)).result()
-    return client.save_state("warmup").result().path
-
-
 def well_formed(record: dict) -> float:
     """Share of assistant turns that were a well-formed call or answer (batch means)."""
     return 1.0 - record["env/tool_errors"] / record["env/turns"]
@@ -179,6 +164,7 @@ def main(argv=None) -> dict:
     from rlpipe import launch
     from rlpipe.config import dump, load
     from rlpipe.metrics import read_metrics
+    from rlpipe.warmup import sft_warm_up
 
     args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -191,10 +177,11 @@ def main(argv=None) -> dict:
     tasks_path = run_dir / "tasks.jsonl"
     tasks_path.write_text("".join(json.dumps(t) + "\n" for t in make_tasks(500, seed=1)))
     config = make_config(args, tasks_path)
-    model = config.model_path()
     t0 = time.time()
     if args.sft_steps:
-        config.learner.init_from = warm_up(model, config, args)
+        # seed 7: tasks the RL run does not use
+        config.learner.init_from = sft_warm_up(
+            config, lambda tok: transcripts(tok, make_tasks(256, seed=7), args.max_turns), args.sft_steps, batch_size=8)
         print(f"SFT warm-up on scripted transcripts: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
     path = run_dir / "tool_use_rl_config.json"
     path.write_bytes(dump(config))

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
-
 from rlpipe import launch
 from rlpipe.config import RunConfig, dump, load
 from rlpipe.datums import supervised_datum
 from rlpipe.metrics import read_metrics
-from rlpipe.types import AdamParams, SamplingParams
+from rlpipe.types import SamplingParams
+from rlpipe.warmup import sft_warm_up
 
 DIFFICULTY = 1
 SFT_STEPS = 250  # about 25% greedy accuracy: the format is learnt, most sums are not yet
@@ -40,23 +39,13 @@ def demo_config(runs_dir: str, steps: int | None) -> RunConfig:
     return config
 
 
-def warm_up(model: str, config: RunConfig) -> str:
-    """SFT on a few hundred formatted answers; returns the save_state path RL starts from."""
+def sft_data(tokenizer) -> list:
+    """Formatted correct answers to problems the RL dataset and the evaluation never use."""
     from envs.arithmetic import make_problems, prompt_tokens
-    from rlpipe.hyperparams import get_lr
-    from rlpipe.service import ServiceClient
 
-    client = ServiceClient(config.run_dir / "sft").create_lora_training_client(model, rank=config.learner.rank, seed=config.seed)
-    tok = client.get_tokenizer()
-    problems = make_problems(2000, DIFFICULTY, seed=123)
-    data = [supervised_datum(prompt_tokens(tok, p.question), tok(p.solution(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-            for p in problems]
-    rng = np.random.default_rng(0)
-    for step in range(SFT_STEPS):
-        batch = [data[i] for i in rng.choice(len(data), 32, replace=False)]
-        client.forward_backward(batch, "cross_entropy")
-        client.optim_step(AdamParams(learning_rate=get_lr(model), grad_clip_norm=1.0)).result()
-    return client.save_state("warmup").result().path
+    eos = [tokenizer.eos_token_id]
+    return [supervised_datum(prompt_tokens(tokenizer, p.question), tokenizer(p.solution(), add_special_tokens=False)["input_ids"] + eos)
+            for p in make_problems(2000, DIFFICULTY, seed=123)]
 
 
 def accuracy(model: str, adapter: str | None) -> float:
@@ -80,7 +69,7 @@ def main(args) -> None:
     model = config.model_path()
     print(f"tiny model: {model}")
     t0 = time.time()
-    init = warm_up(model, config)
+    init = sft_warm_up(config, sft_data, SFT_STEPS)
     config.learner.init_from = init
     before = accuracy(model, f"{init}/adapter")
     print(f"SFT warm-up ({SFT_STEPS} steps): held-out greedy accuracy {before:.1%}  ({time.time() - t0:.0f} s)")

@@ -34,12 +34,7 @@ def role_command(role: str, config_path: str, sets: list[str], resume: bool) -> 
 def stop_all(procs: dict[str, subprocess.Popen], grace_s: float = GRACE_S) -> None:
     for proc in procs.values():
         _signal_group(proc, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
+    _wait_all(procs, grace_s)
     for proc in procs.values():
         _signal_group(proc, signal.SIGKILL)  # the group may hold children even after the leader exited
         try:
@@ -103,7 +98,7 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
                 return 130
             learner = procs["learner"].poll()
             if learner == 0:
-                _wait_others(procs)
+                _wait_all(procs, 60.0)  # the others stop on the learner's Shutdown; stop_all gets stragglers
                 return 0
             failed = {r: p.returncode for r, p in procs.items() if p.poll() not in (None, 0)}
             if failed:
@@ -120,8 +115,8 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
             signal.signal(s, handler)
 
 
-def _wait_others(procs: dict[str, subprocess.Popen], timeout_s: float = 60.0) -> None:
-    """After the learner's Shutdown the others exit by themselves; stop_all catches stragglers."""
+def _wait_all(procs: dict[str, subprocess.Popen], timeout_s: float) -> None:
+    """Wait for every process, timeout_s in all."""
     deadline = time.monotonic() + timeout_s
     for proc in procs.values():
         try:

@@ -1,0 +1,32 @@
+"""A short supervised warm-up before RL, shared by the demo and the RL recipes.
+
+RL from a model that never gets a reward learns nothing (every group is dropped as having
+no signal), so the recipes first teach the output format with cross-entropy."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from rlpipe.config import RunConfig
+from rlpipe.types import AdamParams, Datum
+
+
+def sft_warm_up(config: RunConfig, make_data: Callable[[object], list[Datum]], steps: int,
+                batch_size: int = 32) -> str:
+    """`steps` cross-entropy steps on make_data(tokenizer) at the LoRA rule-of-thumb LR, with
+    the run's LoRA rank; returns the save_state path to put in config.learner.init_from."""
+    from rlpipe.hyperparams import get_lr
+    from rlpipe.service import ServiceClient
+
+    model = config.model_path()
+    client = ServiceClient(config.run_dir / "sft").create_lora_training_client(model, rank=config.learner.rank, seed=config.seed)
+    data = make_data(client.get_tokenizer())
+    rng = np.random.default_rng(config.seed)
+    params = AdamParams(learning_rate=get_lr(model), grad_clip_norm=1.0)
+    for _ in range(steps):
+        batch = [data[i] for i in rng.choice(len(data), min(batch_size, len(data)), replace=False)]
+        client.forward_backward(batch, "cross_entropy")
+        client.optim_step(params).result()
+    return client.save_state("warmup").result().path
