@@ -37,10 +37,25 @@ def stop_all(procs: dict[str, subprocess.Popen], grace_s: float = GRACE_S) -> No
     _wait_all(procs, grace_s)
     for proc in procs.values():
         _signal_group(proc, signal.SIGKILL)  # the group may hold children even after the leader exited
+    _wait_all(procs, 5.0)
+    # A killed process can take a moment to go (a vLLM engine core unmapping its memory):
+    # return only when no role's process group has a live member left.
+    deadline = time.monotonic() + 15.0
+    while any(group_members(p.pid) for p in procs.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, read from /proc (Linux)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone while we looked
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

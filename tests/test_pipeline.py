@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from rlpipe import transport
+from rlpipe.launch import group_members
 from rlpipe.config import vocab_size
 from rlpipe.metrics import read_metrics
 from rlpipe.types import Trajectory, TrajectoryGroup
@@ -63,23 +64,10 @@ def run_to_end(config: Path, timeout_s: float = 600) -> subprocess.CompletedProc
     return out.decode()
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Processes still alive in a process group (vLLM's engine core joins its parent's)."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
-
-
 def assert_no_orphans(run_dir: Path) -> None:
     pids = json.loads((run_dir / "pids.json").read_text())
     for role, pid in pids.items():
-        assert group_pids(pid) == [], f"{role} left processes behind"
+        assert group_members(pid) == [], f"{role} left processes behind"
 
 
 def accounting(run_dir: Path) -> tuple[dict, dict]:
@@ -227,7 +215,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
         pids = json.loads((run_dir / "pids.json").read_text())
-        assert len(group_pids(pids["explorer"])) >= 1
+        assert len(group_members(pids["explorer"])) >= 1
         os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process
         assert proc.wait(timeout=90) == 130
     finally:
