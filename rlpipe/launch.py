@@ -32,8 +32,11 @@ def role_command(role: str, config_path: str, sets: list[str], resume: bool) -> 
 
 
 def stop_all(procs: dict[str, subprocess.Popen], grace_s: float = GRACE_S) -> None:
+    # SIGTERM to each role alone: it shuts down what it started (the vLLM engine core and
+    # its shared memory); a group-wide SIGTERM would kill those first and leak /dev/shm.
     for proc in procs.values():
-        _signal_group(proc, signal.SIGTERM)
+        if proc.poll() is None:
+            proc.terminate()
     _wait_all(procs, grace_s)
     for proc in procs.values():
         _signal_group(proc, signal.SIGKILL)  # the group may hold children even after the leader exited
