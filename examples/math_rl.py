@@ -33,7 +33,6 @@ from rlpipe import launch, transport
 from rlpipe.config import RunConfig, dump, load
 from rlpipe.datums import supervised_datum
 from rlpipe.metrics import read_metrics
-from rlpipe.types import SamplingParams
 from rlpipe.warmup import sft_warm_up
 
 
@@ -99,15 +98,11 @@ def heldout_accuracy(model: str, adapter: str | None, config: RunConfig) -> floa
     from transformers import AutoTokenizer
 
     from envs.arithmetic import eval_items
-    from rlpipe.evaluators import run_sampling_eval
-    from rlpipe.sampling import create_sampling_client
+    from rlpipe.evaluators import greedy_eval
 
     tok = AutoTokenizer.from_pretrained(model)
-    sampler = create_sampling_client(model, model_path=adapter, backend=config.learner.eval_sampler)
-    metrics = run_sampling_eval(sampler, eval_items(tok, **config.dataset.eval_args),
-                                SamplingParams(max_tokens=config.explorer.max_tokens, temperature=0.0),
-                                decode=lambda tokens: tok.decode(tokens, skip_special_tokens=True))
-    return metrics["eval/accuracy"]
+    return greedy_eval(model, adapter, eval_items(tok, **config.dataset.eval_args), tok,
+                       max_tokens=config.explorer.max_tokens, backend=config.learner.eval_sampler)["eval/accuracy"]
 
 
 def window_mean(records: list[dict], key: str, first: bool) -> float:

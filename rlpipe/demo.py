@@ -15,7 +15,6 @@ from rlpipe import launch
 from rlpipe.config import RunConfig, dump, load
 from rlpipe.datums import supervised_datum
 from rlpipe.metrics import read_metrics
-from rlpipe.types import SamplingParams
 from rlpipe.warmup import sft_warm_up
 
 DIFFICULTY = 1
@@ -53,14 +52,10 @@ def accuracy(model: str, adapter: str | None) -> float:
     from transformers import AutoTokenizer
 
     from envs.arithmetic import eval_items
-    from rlpipe.evaluators import run_sampling_eval
-    from rlpipe.sampling import create_sampling_client
+    from rlpipe.evaluators import greedy_eval
 
     tok = AutoTokenizer.from_pretrained(model)
-    metrics = run_sampling_eval(create_sampling_client(model, model_path=adapter), eval_items(tok, **EVAL),
-                                SamplingParams(max_tokens=12, temperature=0.0),
-                                decode=lambda tokens: tok.decode(tokens, skip_special_tokens=True))
-    return metrics["eval/accuracy"]
+    return greedy_eval(model, adapter, eval_items(tok, **EVAL), tok, max_tokens=12)["eval/accuracy"]
 
 
 def main(args) -> None:

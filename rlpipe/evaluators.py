@@ -70,3 +70,16 @@ async def nll_eval_async(training_client, data: Sequence[Datum], *, prefix: str 
     out = await training_client.forward(list(data), "cross_entropy")
     return _nll_metrics(data, out.metrics["loss:sum"], prefix)
 
+
+
+def greedy_eval(base_model: str, adapter: str | None, items: Sequence[EvalItem], tokenizer, *,
+                max_tokens: int, backend: str = "auto", policy_version: int = 0) -> dict[str, float]:
+    """Greedy accuracy of base_model + the PEFT adapter at `adapter` on (prompt, grader) items,
+    graded on the decoded text: what the learner runs every eval_every steps, and what the
+    demo and recipes report before and after RL."""
+    from rlpipe.sampling import create_sampling_client
+
+    sampler = create_sampling_client(base_model, model_path=adapter, backend=None if backend == "auto" else backend,
+                                     policy_version=policy_version)
+    return run_sampling_eval(sampler, items, SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                             decode=lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True))

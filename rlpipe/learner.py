@@ -30,7 +30,7 @@ from rlpipe.config import RunConfig, import_callable
 from rlpipe.hyperparams import get_lr
 from rlpipe.metrics import MetricsWriter, mean_of
 from rlpipe.training import TrainingClient
-from rlpipe.types import (AdamParams, Batch, BatchRequest, Datum, LoraConfig, ModelInput, SamplingParams,
+from rlpipe.types import (AdamParams, Batch, BatchRequest, Datum, LoraConfig, ModelInput,
                           TrajectoryGroup, WeightUpdate)
 
 log = logging.getLogger(__name__)
@@ -213,14 +213,10 @@ class Learner:
         os.replace(tmp, latest)  # atomic: a crash leaves the previous checkpoint in force
 
     def _eval(self) -> dict[str, float]:
-        from rlpipe.evaluators import run_sampling_eval
-        from rlpipe.sampling import create_sampling_client
+        from rlpipe.evaluators import greedy_eval
 
         cfg = self.config
         path = self.client.save_weights_for_sampler(f"eval-{self.client.step:06d}").result().path
-        backend = None if cfg.learner.eval_sampler == "auto" else cfg.learner.eval_sampler
-        sampler = create_sampling_client(cfg.model_path(), model_path=path, backend=backend, policy_version=self.client.step)
-        tokenizer = self.client.get_tokenizer()
-        params = SamplingParams(max_tokens=cfg.explorer.max_tokens, temperature=0.0)
-        return run_sampling_eval(sampler, self.eval_items, params,
-                                 decode=lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True))
+        return greedy_eval(cfg.model_path(), path, self.eval_items, self.client.get_tokenizer(),
+                           max_tokens=cfg.explorer.max_tokens, backend=cfg.learner.eval_sampler,
+                           policy_version=self.client.step)
