@@ -122,8 +122,11 @@ def bad_group(vocab: int, version: int, token: int = 5) -> TrajectoryGroup:
 
 
 def test_faults_are_counted_and_the_run_continues(tmp_path):
-    config = write_config(tmp_path, "faults", steps=6, factory="tests.pipeline_envs:FlakyDataset",
-                          episode_timeout_s=4)
+    # Enough steps that the run outlasts the episode timeout several times over, so hanging
+    # episodes time out (and are counted) before the learner finishes.
+    steps = 30
+    config = write_config(tmp_path, "faults", steps=steps, factory="tests.pipeline_envs:FlakyDataset",
+                          episode_timeout_s=2)
     address = [line.split('"')[1] for line in config.read_text().splitlines() if line.startswith("experience")][0]
     run_dir = tmp_path / "faults"
     proc = rlpipe("run", config, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -152,7 +155,7 @@ def test_faults_are_counted_and_the_run_continues(tmp_path):
     assert dropped.get("env_error", 0) >= 2  # raised and hung (timed out) episodes
     assert explorer["groups_pushed"] + 5 == buffer["received"]  # + the 5 frames injected here
     assert explorer.get("groups_env_error", 0) == dropped["env_error"]
-    assert len(read_metrics(run_dir / "metrics.jsonl")) == 6
+    assert len(read_metrics(run_dir / "metrics.jsonl")) == steps
     log = (run_dir / "logs" / "explorer.log").read_text()
     assert "crashed on purpose" in log and "timeout" in log
 
