@@ -112,3 +112,15 @@ def eval_items(tokenizer, n: int = 200, difficulty: int = 2, seed: int = 999):
         grader = lambda text, answer=p.answer: grade(text, answer)[1]["correct"] == 1.0  # noqa: E731
         items.append((ModelInput.from_ints(prompt_tokens(tokenizer, p.question)), grader))
     return items
+
+
+def answer_datums(tokenizer, n: int = 200, difficulty: int = 2, seed: int = 999):
+    """Right answers in the expected form as cross-entropy Datums (loss on the answer and its
+    end of turn only): SFT warm-up data, or with a held-out seed the data of
+    rlpipe.evaluators.nll_eval (dataset.nll_eval_factory = "envs.arithmetic:answer_datums")."""
+    from rlpipe.datums import supervised_datum
+
+    eos = [tokenizer.eos_token_id]
+    return [supervised_datum(prompt_tokens(tokenizer, p.question),
+                             tokenizer(p.solution(), add_special_tokens=False)["input_ids"] + eos)
+            for p in make_problems(n, difficulty, seed)]

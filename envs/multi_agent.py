@@ -119,6 +119,7 @@ class TicTacToePlayerEnv:
         return {"win": float(g.winner == self.mark), "loss": float(g.winner == other(self.mark)),
                 "draw": float(g.end_reason == "draw"),
                 "illegal": float(g.end_reason == "illegal" and g.winner != self.mark),  # this side's move
+                "unreadable": float(g.end_reason == "illegal" and g.winner != self.mark and g.moves[-1][1] is None),
                 "abandoned": float(g.end_reason == "abandoned"), "moves": float(len(g.moves))}
 
     async def initial_observation(self):

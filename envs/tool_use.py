@@ -14,7 +14,7 @@ model sees what went wrong; it costs the format term. The episode ends at the an
 after max_turns turns (then with reward 0).
 
 Reward = 1 for a correct answer (numbers compared by value, text after normalisation)
-+ FORMAT_BONUS (0.1) if the episode answered in <answer> tags without a malformed turn.
++ format_bonus (default 0.1) if the episode answered in <answer> tags without a malformed turn.
 Tools: calculator (an ast-walking evaluator, no eval), python (envs.sandbox), search
 (BM25 over envs/data/search_docs.jsonl, envs.search).
 """
@@ -283,9 +283,9 @@ def load_tasks(path: str | Path = TASKS_PATH) -> list[ToolTask]:
 
 class ToolUseEnv:
     def __init__(self, task: ToolTask, tokenizer, tools: dict[str, Tool], max_turns: int = 6,
-                 max_tool_output_chars: int = 2000):
+                 max_tool_output_chars: int = 2000, format_bonus: float = FORMAT_BONUS):
         self.task, self.tokenizer, self.tools = task, tokenizer, tools
-        self.max_turns, self.max_tool_output_chars = max_turns, max_tool_output_chars
+        self.max_turns, self.max_tool_output_chars, self.format_bonus = max_turns, max_tool_output_chars, format_bonus
         self.turns = self.tool_calls = self.errors = 0
 
     async def initial_observation(self):
@@ -303,7 +303,7 @@ class ToolUseEnv:
         if isinstance(parsed, Answer):
             correct = float(answers_match(parsed.text, self.task.answer))
             metrics = self.metrics(correct, 1.0)
-            return StepResult(reward=correct + FORMAT_BONUS * metrics["format"], episode_done=True, metrics=metrics)
+            return StepResult(reward=correct + self.format_bonus * metrics["format"], episode_done=True, metrics=metrics)
         if self.turns >= self.max_turns:
             return StepResult(reward=0.0, episode_done=True, metrics=self.metrics(0.0, 0.0))
         if isinstance(parsed, ToolCall):
@@ -337,9 +337,11 @@ class ToolUseGroupBuilder:
     tools: dict[str, Tool]
     group_size: int
     max_turns: int = 6
+    format_bonus: float = FORMAT_BONUS
 
     async def make_envs(self):
-        return [ToolUseEnv(self.task, self.tokenizer, self.tools, self.max_turns) for _ in range(self.group_size)]
+        return [ToolUseEnv(self.task, self.tokenizer, self.tools, self.max_turns, format_bonus=self.format_bonus)
+                for _ in range(self.group_size)]
 
 
 class ToolUseDataset:
@@ -348,9 +350,10 @@ class ToolUseDataset:
 
     def __init__(self, tokenizer, path: str | Path = TASKS_PATH, groups_per_batch: int = 4, group_size: int = 4,
                  max_turns: int = 6, tools: dict[str, Tool] | None = None, docs_path: str | Path = DOCS_PATH,
-                 sandbox_limits: SandboxLimits = SandboxLimits(), seed: int | None = 0):
+                 sandbox_limits: SandboxLimits = SandboxLimits(), seed: int | None = 0,
+                 format_bonus: float = FORMAT_BONUS):
         self.tokenizer, self.groups_per_batch, self.group_size = tokenizer, groups_per_batch, group_size
-        self.max_turns = max_turns
+        self.max_turns, self.format_bonus = max_turns, format_bonus
         self.tools = tools if tools is not None else default_tools(docs_path, sandbox_limits)
         self.tasks = load_tasks(path)
         if seed is not None:
@@ -363,5 +366,5 @@ class ToolUseDataset:
 
     def get_batch(self, index: int) -> list[ToolUseGroupBuilder]:
         start = (index % len(self)) * self.groups_per_batch
-        return [ToolUseGroupBuilder(t, self.tokenizer, self.tools, self.group_size, self.max_turns)
+        return [ToolUseGroupBuilder(t, self.tokenizer, self.tools, self.group_size, self.max_turns, self.format_bonus)
                 for t in self.tasks[start : start + self.groups_per_batch]]

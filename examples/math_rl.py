@@ -10,7 +10,8 @@
    as `rlpipe run CONFIG`); the config is written as JSON next to the run's metrics.
 3. Key figures: train reward and env/correct over the first vs the last steps (from
    runs/<name>/metrics.jsonl) and held-out greedy accuracy before RL (computed here) and after
-   RL (the learner's own evaluator, `dataset.eval_factory = "envs.arithmetic:eval_items"`).
+   RL (the learner's own evaluator, `dataset.eval_factory = "envs.arithmetic:eval_items"`),
+   with the NLL of the right answers to the same problems (`dataset.nll_eval_factory`).
 
 `--gsm8k PATH` trains on GSM8K-format problems with `envs.gsm8k.GSM8KDataset` instead, with
 the warm-up on the file's worked solutions. It shows the plumbing only: the 0.48M-parameter
@@ -24,8 +25,11 @@ Point `--base-model` at a real local model directory to train for real.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+
+from pathlib import Path
 
 import numpy as np
 
@@ -71,6 +75,8 @@ def make_config(args) -> RunConfig:
         config.explorer.max_tokens = 12
         config.dataset.eval_factory = "envs.arithmetic:eval_items"
         config.dataset.eval_args = {"n": args.eval_n, "difficulty": args.difficulty, "seed": 999}
+        config.dataset.nll_eval_factory = "envs.arithmetic:answer_datums"  # NLL of the right answers
+        config.dataset.nll_eval_args = dict(config.dataset.eval_args)
         config.learner.eval_every = args.steps  # greedy held-out accuracy once, after the last step
     # Fresh ports, so that several runs (or a test session) can share a machine.
     config.addresses.experience, config.addresses.batches, config.addresses.control = (
@@ -86,11 +92,9 @@ def sft_data(tokenizer, args) -> list:
         return [supervised_datum(prompt_tokens(tokenizer, p.question),
                                  tokenizer(p.solution.strip(), add_special_tokens=False)["input_ids"] + eos)
                 for p in load_problems(args.gsm8k)]
-    from envs.arithmetic import make_problems, prompt_tokens
+    from envs.arithmetic import answer_datums
 
-    return [supervised_datum(prompt_tokens(tokenizer, p.question),
-                             tokenizer(p.solution(), add_special_tokens=False)["input_ids"] + eos)
-            for p in make_problems(2000, args.difficulty, seed=123)]  # seed 123: not the RL or eval seed
+    return answer_datums(tokenizer, 2000, args.difficulty, seed=123)  # seed 123: not the RL or eval seed
 
 
 def heldout_accuracy(model: str, adapter: str | None, config: RunConfig) -> float:
@@ -137,14 +141,19 @@ def main(argv=None) -> dict:
     records = read_metrics(config.run_dir / "metrics.jsonl")
     out.update(steps=len(records), run_dir=str(config.run_dir), seconds=time.time() - t0,
                reward_first=window_mean(records, "reward/mean", True), reward_last=window_mean(records, "reward/mean", False),
-               correct_first=window_mean(records, "env/correct", True), correct_last=window_mean(records, "env/correct", False))
+               correct_first=window_mean(records, "env/correct", True), correct_last=window_mean(records, "env/correct", False),
+               format_first=window_mean(records, "env/format", True), format_last=window_mean(records, "env/format", False))
     if records and "eval/accuracy" in records[-1]:
         out["eval_after"] = records[-1]["eval/accuracy"]
+        out["eval_nll_after"] = records[-1]["eval/nll"]
     print(f"RL ({len(records)} async steps): train reward {out['reward_first']:.3f} -> {out['reward_last']:.3f}, "
-          f"correct {out['correct_first']:.1%} -> {out['correct_last']:.1%} (first vs last quarter of the steps)")
+          f"correct {out['correct_first']:.1%} -> {out['correct_last']:.1%}, format {out['format_first']:.1%} -> "
+          f"{out['format_last']:.1%} (first vs last quarter of the steps)")
     if "eval_after" in out:
-        print(f"held-out greedy accuracy: {out['eval_before']:.1%} -> {out['eval_after']:.1%}")
-    print(f"total {out['seconds']:.0f} s; everything the run wrote is in {config.run_dir}")
+        print(f"held-out greedy accuracy: {out['eval_before']:.1%} -> {out['eval_after']:.1%}; "
+              f"NLL per token of the right answers after RL: {out['eval_nll_after']:.3f}")
+    (Path(out["run_dir"]) / "summary.json").write_text(json.dumps(out, indent=1))
+    print(f"total {out['seconds']:.0f} s; everything the run wrote (summary.json: these figures) is in {config.run_dir}")
     return out
 
 

@@ -1,7 +1,7 @@
 """Multi-turn tool use through the async pipeline: call the calculator, read its result, answer.
 
-    python examples/tool_use_rl.py                      # SFT warm-up, then 30 async RL steps
-    python examples/tool_use_rl.py --sampler local --steps 6 --sft-steps 40
+    python examples/tool_use_rl.py                      # SFT warm-up, then 15 async RL steps
+    python examples/tool_use_rl.py --sampler local --steps 15 --max-operand 99
 
 Each episode is up to --max-turns assistant turns of `envs.tool_use.ToolUseEnv`:
 
@@ -11,24 +11,32 @@ Each episode is up to --max-turns assistant turns of `envs.tool_use.ToolUseEnv`:
     assistant: <answer>1924</answer>
 
 What the embedded 0.48M-parameter model can do, honestly: untrained, it writes no
-well-formed tool call at all, and RL has nothing to reinforce. So a short SFT warm-up first
-trains on correct transcripts made by driving the env itself with scripted actions (the
-tokens are exactly those an episode produces, tool results and chat headers included, with
-loss only on the assistant's turns). That teaches the *format*: after the warm-up a good share
-of turns are well-formed calls and answers, and RL (reward = correct + 0.1 format bonus)
-works on that. The model cannot multiply, and it copies numbers from the question and the
-tool result unreliably, so correctness stays low; the figure to watch is the well-formed
-share (1 - tool_errors / turns) and the answered share, first vs last steps.
+well-formed tool call at all, and RL has nothing to reinforce. So an SFT warm-up first trains
+on correct transcripts made by driving the env itself with scripted actions (the tokens are
+exactly those an episode produces, tool results and chat headers included, with loss only on
+the assistant's turns). After 150 steps about a third of the episodes are well-formed (a
+valid call, then an answer in <answer> tags); RL raises that. The model does not learn to
+copy the tool's result into its answer, so correctness stays near 0: it is the *format* that
+RL can improve here, and the reward is shaped for it. Reward = correct + format_bonus x
+well-formed; this recipe sets format_bonus 1.0 (the env's default is 0.1). Measured on 128
+tasks x 2 episodes before vs after 15 RL steps (4 x 8 episodes each, local sampler):
+  format bonus 1.0: well-formed 0.40 -> 0.84, tool errors per episode 0.59 -> 0.14
+    (with the default vLLM sampler: 0.33 -> 0.69 and 0.64 -> 0.25)
+  format bonus 0.1: 0.36 -> 0.77 in one run, 0.34 -> 0.35 in another (with the vLLM
+    sampler): the rare right-by-chance answer is worth ten well-formed ones, and those
+    random, large updates swamp the format signal
+  format bonus 0.1, --max-operand 99 (longer calls): 0.36 -> 0.35.
 
-Cost: a group has a learning signal only if its rewards differ (one rollout answered in form
-and another did not); the rest are dropped by the buffer (counted as dropped/no_signal) and
-replaced. After a 40-step warm-up about 1 group in 100 has signal, so RL steps are slow; the
-default 150 warm-up steps make that much less rare. `--keep-no-signal` trains on every group
-(zero advantages where rewards are equal): fast, and only good for checking the plumbing.
+The before/after figures come from `rlpipe.evaluators.rollout_eval` on tasks drawn with
+another seed (with operands up to 9 there are only 128 distinct questions, so they overlap
+the training ones; what is measured is the format, which does not depend on the numbers).
+Groups whose rewards are all equal carry no signal; the buffer drops them (counted as
+dropped/no_signal) and the explorer rolls out others. `--keep-no-signal` trains on every
+group (zero advantages where rewards are equal): only good for checking the plumbing.
 
-The tasks are generated arithmetic questions (written as a JSONL next to the run) and the tool
-set is the calculator alone with a one-line description: the default three tools' system
-prompt is 606 tokens, longer than the tiny model's 512-token context. The dataset factory
+The tool set is the calculator alone with a one-line description, to keep episodes short on
+CPU: the default three tools' system prompt is 606 tokens, which fits the tiny model's
+1024-token context but makes every turn several times longer. The dataset factory
 (`tool_use_rl:calculator_dataset`, below) is found by the explorer process through PYTHONPATH.
 """
 
@@ -65,11 +73,11 @@ def calculator_dataset(tokenizer, **kwargs):
     return ToolUseDataset(tokenizer, tools=calculator_tools(), **kwargs)
 
 
-def make_tasks(n: int, seed: int) -> list[dict]:
+def make_tasks(n: int, seed: int, max_operand: int = 99) -> list[dict]:
     rng = random.Random(seed)
     tasks = []
     for _ in range(n):
-        a, b, op = rng.randint(2, 99), rng.randint(2, 99), rng.choice("+*")
+        a, b, op = rng.randint(2, max_operand), rng.randint(2, max_operand), rng.choice("+*")
         tasks.append({"question": f"What is {a} {op} {b}?", "answer": str(a + b if op == "+" else a * b),
                       "expression": f"{a} {op} {b}"})
     return tasks
@@ -114,7 +122,7 @@ def transcripts(tokenizer, tasks: list[dict], max_turns: int) -> list:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30, help="RL (learner) steps")
+    p.add_argument("--steps", type=int, default=15, help="RL (learner) steps")
     p.add_argument("--sft-steps", type=int, default=150, help="SFT warm-up steps (0 = none)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--name", default="tool_use_rl")
@@ -124,6 +132,12 @@ def parse_args(argv):
     p.add_argument("--max-turns", type=int, default=2, help="assistant turns per episode (call, then answer)")
     p.add_argument("--max-tokens", type=int, default=80, help="per turn; the call is ~60 tokens")
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--format-bonus", type=float, default=1.0,
+                   help="reward for a well-formed episode, plus 1 if right (the env's default is 0.1; see above)")
+    p.add_argument("--max-operand", type=int, default=9,
+                   help="questions are a + b or a * b with 2 <= a, b <= this; the tiny model learns the call "
+                        "format with 9 (short calls), not with 99")
+    p.add_argument("--eval-tasks", type=int, default=128, help="tasks (another seed) measured before and after RL, 2 episodes each")
     p.add_argument("--keep-no-signal", action="store_true",
                    help="train on groups whose rewards are all equal too (zero advantages): for smoke tests; "
                         "by default the buffer drops them and the explorer rolls out others")
@@ -136,7 +150,8 @@ def make_config(args, tasks_path: Path):
 
     config = RunConfig(name=args.name, runs_dir=args.runs_dir, max_staleness=1, groups_per_batch=args.groups_per_batch)
     config.dataset.factory = "tool_use_rl:calculator_dataset"
-    config.dataset.args = {"path": str(tasks_path), "group_size": args.group_size, "max_turns": args.max_turns}
+    config.dataset.args = {"path": str(tasks_path), "group_size": args.group_size, "max_turns": args.max_turns,
+                           "format_bonus": args.format_bonus}
     config.explorer.sampler = args.sampler
     config.explorer.concurrency = args.groups_per_batch * 2
     config.explorer.max_turns = args.max_turns
@@ -148,6 +163,24 @@ def make_config(args, tasks_path: Path):
     config.addresses.experience, config.addresses.batches, config.addresses.control = (
         f"tcp://127.0.0.1:{transport.free_port()}" for _ in range(3))
     return config
+
+
+def tool_eval(config, adapter: str | None, n_tasks: int, max_turns: int, max_operand: int,
+              format_bonus: float) -> dict[str, float]:
+    """Held-out tasks (seed 2: neither the RL nor the SFT tasks), two episodes each at the
+    explorer's temperature, nothing trained: mean reward and env metrics."""
+    from transformers import AutoTokenizer
+
+    from envs.tool_use import ToolTask, ToolUseGroupBuilder
+    from rlpipe.evaluators import run_rollout_eval
+    from rlpipe.types import SamplingParams
+
+    model = str(config.model_path())
+    tokenizer, tools = AutoTokenizer.from_pretrained(model), calculator_tools()
+    builders = [ToolUseGroupBuilder(ToolTask(t["question"], t["answer"]), tokenizer, tools, 2, max_turns, format_bonus)
+                for t in make_tasks(n_tasks, seed=2, max_operand=max_operand)]
+    params = SamplingParams(max_tokens=config.explorer.max_tokens, temperature=config.explorer.temperature)
+    return run_rollout_eval(model, adapter, builders, params, backend=config.learner.eval_sampler, max_turns=max_turns)
 
 
 def well_formed(record: dict) -> float:
@@ -163,6 +196,7 @@ def window(records, fn, first: bool) -> float:
 def main(argv=None) -> dict:
     from rlpipe import launch
     from rlpipe.config import dump, load
+    from rlpipe.learner import latest_checkpoint
     from rlpipe.metrics import read_metrics
     from rlpipe.warmup import sft_warm_up
 
@@ -175,28 +209,41 @@ def main(argv=None) -> dict:
     run_dir = Path(args.runs_dir) / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
     tasks_path = run_dir / "tasks.jsonl"
-    tasks_path.write_text("".join(json.dumps(t) + "\n" for t in make_tasks(500, seed=1)))
+    tasks_path.write_text("".join(json.dumps(t) + "\n" for t in make_tasks(500, seed=1, max_operand=args.max_operand)))
     config = make_config(args, tasks_path)
     t0 = time.time()
     if args.sft_steps:
         # seed 7: tasks the RL run does not use
+        sft_tasks = make_tasks(256, seed=7, max_operand=args.max_operand)
         config.learner.init_from = sft_warm_up(
-            config, lambda tok: transcripts(tok, make_tasks(256, seed=7), args.max_turns), args.sft_steps, batch_size=8)
+            config, lambda tok: transcripts(tok, sft_tasks, args.max_turns), args.sft_steps, batch_size=8)
         print(f"SFT warm-up on scripted transcripts: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
+    adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None
+    before = tool_eval(config, adapter, args.eval_tasks, args.max_turns, args.max_operand, args.format_bonus) if args.eval_tasks else {}
     path = run_dir / "tool_use_rl_config.json"
     path.write_bytes(dump(config))
     code = launch.run(load(path), str(path), [])
     if code != 0:
         raise SystemExit(f"the pipeline failed (exit code {code}); see {run_dir / 'logs'}")
     records = read_metrics(run_dir / "metrics.jsonl")
-    out = {"steps": len(records), "run_dir": str(run_dir), "seconds": time.time() - t0,
+    out = {"steps": len(records), "run_dir": str(run_dir),
            "no_signal_dropped": records[-1].get("dropped/no_signal", 0.0) if records else 0.0}
+    if args.eval_tasks:
+        after = tool_eval(config, latest_checkpoint(run_dir)["path"] + "/adapter", args.eval_tasks, args.max_turns,
+                          args.max_operand, args.format_bonus)
+        for key in ("eval/reward", "eval/format", "eval/answered", "eval/tool_errors", "eval/correct"):
+            name = key.split("/")[1]
+            out[f"eval_{name}_before"], out[f"eval_{name}_after"] = before[key], after[key]
+            print(f"{key:>16}: {before[key]:.3f} -> {after[key]:.3f}  ({args.eval_tasks} held-out tasks x 2, "
+                  "before vs after RL)")
+    out["seconds"] = time.time() - t0
     for name, fn in (("reward", lambda r: r["reward/mean"]), ("well_formed", well_formed),
                      ("answered", lambda r: r["env/answered"]), ("correct", lambda r: r["env/correct"]),
                      ("turns", lambda r: r["env/turns"])):
         out[f"{name}_first"], out[f"{name}_last"] = window(records, fn, True), window(records, fn, False)
         print(f"{name:>12}: {out[f'{name}_first']:.3f} -> {out[f'{name}_last']:.3f}  (first vs last quarter of the steps)")
-    print(f"total {out['seconds']:.0f} s; everything the run wrote is in {run_dir}")
+    (Path(out["run_dir"]) / "summary.json").write_text(json.dumps(out, indent=1))
+    print(f"total {out['seconds']:.0f} s; everything the run wrote (summary.json: these figures) is in {run_dir}")
     return out
 
 

@@ -33,6 +33,11 @@ class DatasetConfig(Config):
     """Optional "module:callable"(tokenizer, **eval_args) -> list of (prompt ModelInput, grade fn(text) -> bool),
     e.g. "envs.arithmetic:eval_items"; the learner reports greedy accuracy every eval_every steps."""
     eval_args: dict[str, Any] = {}
+    nll_eval_factory: str = ""
+    """Optional "module:callable"(tokenizer, **nll_eval_args) -> list of cross-entropy Datums
+    (held-out text with loss weights), e.g. "envs.arithmetic:answer_datums"; the learner reports
+    the per-token NLL (eval/nll) every eval_every steps."""
+    nll_eval_args: dict[str, Any] = {}
 
 
 class ExplorerConfig(Config):
@@ -69,7 +74,8 @@ class LearnerConfig(Config):
     """Publish the adapter to the explorers every this many optimizer steps."""
     checkpoint_every: int = 10
     eval_every: int = 0
-    """Run the sampling evaluator every this many steps (0 = never; needs dataset.eval_factory)."""
+    """Run the evaluators every this many steps (0 = never): the sampling evaluator if
+    dataset.eval_factory is set, the NLL evaluator if dataset.nll_eval_factory is set."""
     eval_sampler: Literal["auto", "vllm", "local"] = "local"
     """The learner's own sampler for evaluations (greedy); local avoids a second vLLM engine."""
     batch_timeout_s: float = 600.0

@@ -13,7 +13,6 @@ import time
 
 from rlpipe import launch
 from rlpipe.config import RunConfig, dump, load
-from rlpipe.datums import supervised_datum
 from rlpipe.metrics import read_metrics
 from rlpipe.warmup import sft_warm_up
 
@@ -40,11 +39,9 @@ def demo_config(runs_dir: str, steps: int | None) -> RunConfig:
 
 def sft_data(tokenizer) -> list:
     """Formatted correct answers to problems the RL dataset and the evaluation never use."""
-    from envs.arithmetic import make_problems, prompt_tokens
+    from envs.arithmetic import answer_datums
 
-    eos = [tokenizer.eos_token_id]
-    return [supervised_datum(prompt_tokens(tokenizer, p.question), tokenizer(p.solution(), add_special_tokens=False)["input_ids"] + eos)
-            for p in make_problems(2000, DIFFICULTY, seed=123)]
+    return answer_datums(tokenizer, 2000, DIFFICULTY, seed=123)
 
 
 def accuracy(model: str, adapter: str | None) -> float:

@@ -83,3 +83,41 @@ def greedy_eval(base_model: str, adapter: str | None, items: Sequence[EvalItem],
                                      policy_version=policy_version)
     return run_sampling_eval(sampler, items, SamplingParams(max_tokens=max_tokens, temperature=0.0),
                              decode=lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+async def rollout_eval(sampling_client, builders: Sequence, sampling_params: SamplingParams, *,
+                       max_turns: int = 16, max_context: int | None = None, episode_timeout_s: float = 300.0,
+                       prefix: str = "eval/") -> dict[str, float]:
+    """Mean reward and mean env metrics over full episodes: every builder's group is run with
+    the sampler, as the explorer would (multi-turn envs, games, compute_group_rewards), but
+    nothing is trained. For tasks whose score is not one graded answer: tool use, self-play.
+
+    Returns {prefix+"reward": mean episode reward, prefix+<metric>: mean of each env metric,
+    prefix+"episodes": episodes measured, prefix+"failed_groups": groups that failed}."""
+    from rlpipe.rollouts import do_group
+
+    if not builders:
+        raise ValueError("rollout_eval needs at least one group builder")
+    groups = await asyncio.gather(*(
+        do_group(b, lambda: sampling_client, sampling_params, max_turns=max_turns, max_context=max_context,
+                 episode_timeout_s=episode_timeout_s) for b in builders))
+    trajectories = [t for g in groups if not g.failed for t in g.trajectories]
+    out = {f"{prefix}episodes": float(len(trajectories)), f"{prefix}failed_groups": float(sum(g.failed for g in groups))}
+    if not trajectories:
+        errors = "; ".join(g.error for g in groups if g.failed)[:500]
+        raise RuntimeError(f"rollout_eval: every group failed ({errors})")
+    out[f"{prefix}reward"] = sum(t.reward for t in trajectories) / len(trajectories)
+    for key in sorted({k for t in trajectories for k in t.metrics}):
+        values = [t.metrics[key] for t in trajectories if key in t.metrics]
+        out[f"{prefix}{key}"] = sum(values) / len(values)
+    return out
+
+
+def run_rollout_eval(base_model: str, adapter: str | None, builders: Sequence, sampling_params: SamplingParams, *,
+                     backend: str = "auto", **kwargs) -> dict[str, float]:
+    """rollout_eval of base_model + the PEFT adapter at `adapter` (None: the base), from
+    synchronous code: what the tool-use and self-play recipes report before and after RL."""
+    from rlpipe.sampling import create_sampling_client
+
+    sampler = create_sampling_client(base_model, model_path=adapter, backend=None if backend == "auto" else backend)
+    return asyncio.run(rollout_eval(sampler, builders, sampling_params, **kwargs))

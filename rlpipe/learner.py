@@ -87,6 +87,13 @@ def batch_metrics(groups: list[TrajectoryGroup], step: int) -> dict[str, float]:
     return out
 
 
+def latest_checkpoint(run_dir: Path) -> dict | None:
+    """The learner's newest checkpoint, {"path", "step", "after_seq"} (its PEFT adapter is
+    path/adapter), or None before the first one."""
+    latest = Path(run_dir) / "learner" / LATEST
+    return json.loads(latest.read_text()) if latest.exists() else None
+
+
 class Learner:
     def __init__(self, config: RunConfig, resume: bool = False):
         self.config = config
@@ -100,8 +107,8 @@ class Learner:
         lora = LoraConfig(rank=config.learner.rank, seed=config.seed)
         self.client = TrainingClient(model, lora, self.dir)
         self.after_seq = 0
-        if resume and (self.dir / LATEST).exists():
-            latest = json.loads((self.dir / LATEST).read_text())
+        latest = latest_checkpoint(config.run_dir) if resume else None
+        if latest is not None:
             self.client.load_state_with_optimizer(latest["path"]).result()
             self.after_seq = latest["after_seq"]
             log.info("resumed at step %d, buffer position %d", self.client.step, self.after_seq)
@@ -110,13 +117,19 @@ class Learner:
         self.lr = config.learner.learning_rate or get_lr(model)
         self.loss_config = {**config.learner.loss_fn_config, "temperature": config.explorer.temperature}
         self.metrics = MetricsWriter(config.run_dir / "metrics.jsonl")
-        self.eval_items = self._make_evaluator()
+        self.eval_items = self._make_eval_data(cfg_key="eval")
+        self.nll_data = self._make_eval_data(cfg_key="nll_eval")
 
-    def _make_evaluator(self):
+    def _make_eval_data(self, cfg_key: str):
+        """What dataset.<cfg_key>_factory makes (eval items or NLL datums), or None."""
         cfg = self.config
-        if not cfg.learner.eval_every or not cfg.dataset.eval_factory:
+        factory = getattr(cfg.dataset, f"{cfg_key}_factory")
+        if not cfg.learner.eval_every or not factory:
             return None
-        return import_callable(cfg.dataset.eval_factory)(self.client.get_tokenizer(), **cfg.dataset.eval_args)
+        data = import_callable(factory)(self.client.get_tokenizer(), **getattr(cfg.dataset, f"{cfg_key}_args"))
+        if not data:
+            raise ValueError(f"dataset.{cfg_key}_factory {factory!r} returned no evaluation data")
+        return data
 
     def run(self) -> None:
         cfg = self.config
@@ -135,7 +148,7 @@ class Learner:
                     record["sync/publish_s"] = self._publish(control)
                 if self.client.step % cfg.learner.checkpoint_every == 0 or self.client.step == cfg.learner.steps:
                     self._checkpoint()
-                if self.eval_items and self.client.step % cfg.learner.eval_every == 0:
+                if (self.eval_items or self.nll_data) and self.client.step % cfg.learner.eval_every == 0:
                     record.update(self._eval())
                 t3 = time.monotonic()
                 record.update({
@@ -213,10 +226,13 @@ class Learner:
         os.replace(tmp, latest)  # atomic: a crash leaves the previous checkpoint in force
 
     def _eval(self) -> dict[str, float]:
-        from rlpipe.evaluators import greedy_eval
+        from rlpipe.evaluators import greedy_eval, nll_eval
 
         cfg = self.config
-        path = self.client.save_weights_for_sampler(f"eval-{self.client.step:06d}").result().path
-        return greedy_eval(cfg.model_path(), path, self.eval_items, self.client.get_tokenizer(),
-                           max_tokens=cfg.explorer.max_tokens, backend=cfg.learner.eval_sampler,
-                           policy_version=self.client.step)
+        out = nll_eval(self.client, self.nll_data) if self.nll_data else {}
+        if self.eval_items:
+            path = self.client.save_weights_for_sampler(f"eval-{self.client.step:06d}").result().path
+            out |= greedy_eval(cfg.model_path(), path, self.eval_items, self.client.get_tokenizer(),
+                               max_tokens=cfg.explorer.max_tokens, backend=cfg.learner.eval_sampler,
+                               policy_version=self.client.step)
+        return out

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 from envs.multi_agent import (GuessNumberDataset, GuessNumberEnv, TicTacToeDataset, TicTacToeGame,
                               TicTacToeGroupBuilder, answerer, parse_move)
 from tests.scripted import Recorder, fake_logprobs
+from rlpipe.evaluators import rollout_eval
 from rlpipe.rollouts import do_episode, do_group
 from rlpipe.types import SampledSequence, SampleResponse, SamplingParams
 
@@ -115,6 +116,7 @@ async def test_illegal_or_unreadable_move_loses(tokenizer, o_move):
     x, o = group.trajectories
     assert (x.reward, o.reward) == (1.0, -1.0)
     assert o.metrics["illegal"] == 1 and x.metrics["illegal"] == 0
+    assert o.metrics["unreadable"] == float(o_move != "5") and x.metrics["unreadable"] == 0
 
 
 async def test_illegal_first_move(tokenizer):
@@ -192,3 +194,26 @@ async def test_guess_the_number_group(tokenizer):
     assert len({t.reward for t in group.trajectories}) == 1  # same play, same reward
     with pytest.raises(ValueError, match="outside"):
         GuessNumberEnv(0, tokenizer)
+
+
+class BrokenBuilder:
+    async def make_envs(self):
+        raise RuntimeError("no board today")
+
+
+async def test_rollout_eval_means_over_games(tokenizer):
+    # Every player answers "5": X takes the centre, O's reply is illegal (X wins in 2 moves).
+    sampler = ScriptedSampler(tokenizer, lambda prompt: "5")
+    builders = [TicTacToeGroupBuilder(tokenizer, move_timeout_s=30) for _ in range(3)] + [BrokenBuilder()]
+    metrics = await rollout_eval(sampler, builders, PARAMS, max_turns=5, prefix="ttt/")
+    assert metrics["ttt/episodes"] == 6 and metrics["ttt/failed_groups"] == 1  # the broken game is counted
+    assert metrics["ttt/reward"] == 0.0 and metrics["ttt/win"] == 0.5 and metrics["ttt/illegal"] == 0.5
+    assert metrics["ttt/unreadable"] == 0.0 and metrics["ttt/moves"] == 2.0
+    # a readable but different reply: "banana" is unreadable, so X loses at once
+    metrics = await rollout_eval(ScriptedSampler(tokenizer, lambda prompt: "banana"),
+                                 [TicTacToeGroupBuilder(tokenizer, move_timeout_s=30)], PARAMS, max_turns=5)
+    assert metrics["eval/unreadable"] == 0.5 and metrics["eval/moves"] == 1.0
+    with pytest.raises(RuntimeError, match="no board today"):
+        await rollout_eval(sampler, [BrokenBuilder()], PARAMS)
+    with pytest.raises(ValueError, match="at least one"):
+        await rollout_eval(sampler, [], PARAMS)

@@ -1,6 +1,7 @@
 """Tool-use env: calculator, call parsing, BM25 search, rewards, and multi-turn token
 accounting through rlpipe.rollouts.do_episode."""
 
+import asyncio
 import json
 
 import pytest
@@ -155,6 +156,10 @@ async def test_search_then_answer_episode(tokenizer, tools):
 async def test_wrong_answer_gets_only_the_format_term(tokenizer, tools):
     trajectory, _ = await run(tokenizer, ToolUseEnv(BRIDGE, tokenizer, tools), ["<answer>1912</answer>"])
     assert trajectory.reward == pytest.approx(FORMAT_BONUS) and trajectory.metrics["correct"] == 0
+    trajectory, _ = await run(tokenizer, ToolUseEnv(BRIDGE, tokenizer, tools, format_bonus=0.5), ["<answer>1912</answer>"])
+    assert trajectory.reward == pytest.approx(0.5)
+    trajectory, _ = await run(tokenizer, ToolUseEnv(BRIDGE, tokenizer, tools, format_bonus=0.5), ["<answer>1911</answer>"])
+    assert trajectory.reward == pytest.approx(1.5)
 
 
 async def test_malformed_turns_get_error_observations(tokenizer, tools):
@@ -211,6 +216,8 @@ def test_dataset(tokenizer, tools):
     assert len(ds) == 4
     batch = ds.get_batch(1)
     assert len(batch) == 4 and all(b.group_size == 2 and b.tools is tools for b in batch)
+    shaped = ToolUseDataset(tokenizer, groups_per_batch=4, group_size=2, tools=tools, format_bonus=0.5).get_batch(0)
+    assert all(env.format_bonus == 0.5 for b in shaped for env in asyncio.run(b.make_envs()))
     with pytest.raises(FileNotFoundError):
         ToolUseDataset(tokenizer, path="/nonexistent/tasks.jsonl", tools=tools)
 
