@@ -170,7 +170,8 @@ def test_local_stops_seeds_and_num_samples(local, tiny_model_path):
 def test_local_bad_input_then_good_request(local, tmp_path):
     prompt = ModelInput.from_ints(PROMPT)
     params = SamplingParams(max_tokens=4)
-    for bad in [ModelInput.empty(), ModelInput.from_ints([1] * 600), ModelInput.from_ints([1, -3]), ModelInput.from_ints([1, 10_000])]:
+    too_long = ModelInput.from_ints([1] * (local.engine.max_model_len + 1))
+    for bad in [ModelInput.empty(), too_long, ModelInput.from_ints([1, -3]), ModelInput.from_ints([1, 10_000])]:
         with pytest.raises(ValueError):
             local.sample(bad, 1, params)
     with pytest.raises(FileNotFoundError):
