@@ -36,6 +36,7 @@ import numpy as np
 from rlpipe import launch, transport
 from rlpipe.config import RunConfig, dump, load
 from rlpipe.datums import supervised_datum
+from rlpipe.learner import latest_checkpoint
 from rlpipe.metrics import read_metrics
 from rlpipe.warmup import sft_warm_up
 
@@ -109,6 +110,22 @@ def heldout_accuracy(model: str, adapter: str | None, config: RunConfig) -> floa
                        max_tokens=config.explorer.max_tokens, backend=config.learner.eval_sampler)["eval/accuracy"]
 
 
+def sampled_eval(model: str, adapter: str | None, config: RunConfig, samples: int = 4) -> dict[str, float]:
+    """The same held-out problems, each sampled `samples` times at the explorer's temperature:
+    mean reward, correct and format share of the policy as RL sees it (greedy accuracy hides
+    a policy that is right only some of the time)."""
+    from transformers import AutoTokenizer
+
+    from envs.arithmetic import ArithmeticGroupBuilder, make_problems
+    from rlpipe.evaluators import run_rollout_eval
+    from rlpipe.types import SamplingParams
+
+    tok, a = AutoTokenizer.from_pretrained(model), config.dataset.eval_args
+    builders = [ArithmeticGroupBuilder(p, tok, samples) for p in make_problems(a["n"], a["difficulty"], a["seed"])]
+    params = SamplingParams(max_tokens=config.explorer.max_tokens, temperature=config.explorer.temperature)
+    return run_rollout_eval(model, adapter, builders, params, backend=config.learner.eval_sampler, max_turns=1)
+
+
 def window_mean(records: list[dict], key: str, first: bool) -> float:
     k = max(1, len(records) // 4)
     rows = records[:k] if first else records[-k:]
@@ -129,6 +146,7 @@ def main(argv=None) -> dict:
     if not args.gsm8k:
         adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None
         out["eval_before"] = heldout_accuracy(model, adapter, config)
+        sampled_before = sampled_eval(model, adapter, config)
         print(f"held-out greedy accuracy before RL: {out['eval_before']:.1%}")
 
     path = config.run_dir / "math_rl_config.json"
@@ -146,12 +164,19 @@ def main(argv=None) -> dict:
     if records and "eval/accuracy" in records[-1]:
         out["eval_after"] = records[-1]["eval/accuracy"]
         out["eval_nll_after"] = records[-1]["eval/nll"]
+        sampled_after = sampled_eval(model, latest_checkpoint(config.run_dir)["path"] + "/adapter", config)
+        for key in ("reward", "correct", "format"):
+            out[f"sampled_{key}_before"] = sampled_before[f"eval/{key}"]
+            out[f"sampled_{key}_after"] = sampled_after[f"eval/{key}"]
     print(f"RL ({len(records)} async steps): train reward {out['reward_first']:.3f} -> {out['reward_last']:.3f}, "
           f"correct {out['correct_first']:.1%} -> {out['correct_last']:.1%}, format {out['format_first']:.1%} -> "
           f"{out['format_last']:.1%} (first vs last quarter of the steps)")
     if "eval_after" in out:
         print(f"held-out greedy accuracy: {out['eval_before']:.1%} -> {out['eval_after']:.1%}; "
               f"NLL per token of the right answers after RL: {out['eval_nll_after']:.3f}")
+        print("held-out, 4 samples each at temperature {:g}: reward {:.3f} -> {:.3f}, correct {:.1%} -> {:.1%}, "
+              "format {:.1%} -> {:.1%}".format(config.explorer.temperature, *(
+                  out[f"sampled_{k}_{w}"] for k in ("reward", "correct", "format") for w in ("before", "after"))))
     (Path(out["run_dir"]) / "summary.json").write_text(json.dumps(out, indent=1))
     print(f"total {out['seconds']:.0f} s; everything the run wrote (summary.json: these figures) is in {config.run_dir}")
     return out

@@ -46,6 +46,7 @@ import numpy as np
 
 MAX_TURNS = 5  # X moves at most 5 times, O 4; a full game is under 600 tokens
 
+
 class RandomLegalPlayer:
     """A sampler stand-in for SFT data: plays a random empty cell of its game."""
 
@@ -68,7 +69,7 @@ async def scripted_game(tokenizer, rng: random.Random) -> list:
     builder = TicTacToeGroupBuilder(tokenizer)
     envs = await builder.make_envs()
     player = RandomLegalPlayer(tokenizer, builder.game, rng)
-    return await asyncio.gather(*(do_episode(env, lambda: player, SamplingParams(), max_turns=5) for env in envs))
+    return await asyncio.gather(*(do_episode(env, lambda: player, SamplingParams(), max_turns=MAX_TURNS) for env in envs))
 
 
 def transcripts(tokenizer, n_games: int, seed: int = 0) -> list:
@@ -126,7 +127,8 @@ def play_eval(config, adapter: str | None, n_games: int) -> dict[str, float]:
     from rlpipe.types import SamplingParams
 
     model = str(config.model_path())
-    builders = [TicTacToeGroupBuilder(AutoTokenizer.from_pretrained(model)) for _ in range(n_games)]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    builders = [TicTacToeGroupBuilder(tokenizer) for _ in range(n_games)]
     params = SamplingParams(max_tokens=config.explorer.max_tokens, temperature=config.explorer.temperature)
     return run_rollout_eval(model, adapter, builders, params, backend=config.learner.eval_sampler, max_turns=MAX_TURNS)
 
@@ -162,17 +164,20 @@ def main(argv=None) -> dict:
     out = {"steps": len(records), "run_dir": str(config.run_dir)}
     if args.eval_games:
         after = play_eval(config, latest_checkpoint(config.run_dir)["path"] + "/adapter", args.eval_games)
-        for key in ("eval/illegal", "eval/unreadable", "eval/moves", "eval/draw"):
+        for metrics in (before, after):
+            # an unreadable move ends its game, so this is unreadable moves / all moves
+            metrics["eval/unreadable_per_move"] = 2 * metrics["eval/unreadable"] / metrics["eval/moves"]
+        for key in ("eval/illegal", "eval/unreadable", "eval/unreadable_per_move", "eval/moves", "eval/draw"):
             name = key.split("/")[1]
             out[f"eval_{name}_before"], out[f"eval_{name}_after"] = before[key], after[key]
-            print(f"{key:>17}: {before[key]:.3f} -> {after[key]:.3f}  ({args.eval_games} self-play games, "
+            print(f"{key:>24}: {before[key]:.3f} -> {after[key]:.3f}  ({args.eval_games} self-play games, "
                   "before vs after RL)")
     out["seconds"] = time.time() - t0
     for key in ("env/illegal", "env/moves", "dropped/no_signal"):
         name = key.split("/")[1]
         records = [{**r, key: r.get(key, 0.0)} for r in records]
         out[f"{name}_first"], out[f"{name}_last"] = window(records, key, True), window(records, key, False)
-        print(f"{key:>17}: {out[f'{name}_first']:.3f} -> {out[f'{name}_last']:.3f}  (first vs last quarter of the steps)")
+        print(f"{key:>24}: {out[f'{name}_first']:.3f} -> {out[f'{name}_last']:.3f}  (first vs last quarter of the steps)")
     (Path(out["run_dir"]) / "summary.json").write_text(json.dumps(out, indent=1))
     print(f"total {out['seconds']:.0f} s; everything the run wrote (summary.json: these figures) is in {config.run_dir}")
     return out

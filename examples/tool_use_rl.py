@@ -165,10 +165,10 @@ def make_config(args, tasks_path: Path):
     return config
 
 
-def tool_eval(config, adapter: str | None, n_tasks: int, max_turns: int, max_operand: int,
-              format_bonus: float) -> dict[str, float]:
-    """Held-out tasks (seed 2: neither the RL nor the SFT tasks), two episodes each at the
-    explorer's temperature, nothing trained: mean reward and env metrics."""
+def tool_eval(config, adapter: str | None, args) -> dict[str, float]:
+    """args.eval_tasks tasks drawn with seed 2 (the RL and SFT tasks use 1 and 7; with small
+    operands the questions still overlap, see above), two episodes each at the explorer's
+    temperature, nothing trained: mean reward and env metrics."""
     from transformers import AutoTokenizer
 
     from envs.tool_use import ToolTask, ToolUseGroupBuilder
@@ -177,10 +177,12 @@ def tool_eval(config, adapter: str | None, n_tasks: int, max_turns: int, max_ope
 
     model = str(config.model_path())
     tokenizer, tools = AutoTokenizer.from_pretrained(model), calculator_tools()
-    builders = [ToolUseGroupBuilder(ToolTask(t["question"], t["answer"]), tokenizer, tools, 2, max_turns, format_bonus)
-                for t in make_tasks(n_tasks, seed=2, max_operand=max_operand)]
+    builders = [ToolUseGroupBuilder(ToolTask(t["question"], t["answer"]), tokenizer, tools, 2, args.max_turns,
+                                    args.format_bonus)
+                for t in make_tasks(args.eval_tasks, seed=2, max_operand=args.max_operand)]
     params = SamplingParams(max_tokens=config.explorer.max_tokens, temperature=config.explorer.temperature)
-    return run_rollout_eval(model, adapter, builders, params, backend=config.learner.eval_sampler, max_turns=max_turns)
+    return run_rollout_eval(model, adapter, builders, params, backend=config.learner.eval_sampler,
+                            max_turns=args.max_turns)
 
 
 def well_formed(record: dict) -> float:
@@ -219,7 +221,7 @@ def main(argv=None) -> dict:
             config, lambda tok: transcripts(tok, sft_tasks, args.max_turns), args.sft_steps, batch_size=8)
         print(f"SFT warm-up on scripted transcripts: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
     adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None
-    before = tool_eval(config, adapter, args.eval_tasks, args.max_turns, args.max_operand, args.format_bonus) if args.eval_tasks else {}
+    before = tool_eval(config, adapter, args) if args.eval_tasks else {}
     path = run_dir / "tool_use_rl_config.json"
     path.write_bytes(dump(config))
     code = launch.run(load(path), str(path), [])
@@ -229,8 +231,7 @@ def main(argv=None) -> dict:
     out = {"steps": len(records), "run_dir": str(run_dir),
            "no_signal_dropped": records[-1].get("dropped/no_signal", 0.0) if records else 0.0}
     if args.eval_tasks:
-        after = tool_eval(config, latest_checkpoint(run_dir)["path"] + "/adapter", args.eval_tasks, args.max_turns,
-                          args.max_operand, args.format_bonus)
+        after = tool_eval(config, latest_checkpoint(run_dir)["path"] + "/adapter", args)
         for key in ("eval/reward", "eval/format", "eval/answered", "eval/tool_errors", "eval/correct"):
             name = key.split("/")[1]
             out[f"eval_{name}_before"], out[f"eval_{name}_after"] = before[key], after[key]
