@@ -11,7 +11,9 @@
 3. Key figures: train reward and env/correct over the first vs the last steps (from
    runs/<name>/metrics.jsonl) and held-out greedy accuracy before RL (computed here) and after
    RL (the learner's own evaluator, `dataset.eval_factory = "envs.arithmetic:eval_items"`),
-   with the NLL of the right answers to the same problems (`dataset.nll_eval_factory`).
+   with the NLL of the right answers to the same problems (`dataset.nll_eval_factory`), and
+   the same problems sampled 4 times each at the explorer's temperature before and after RL
+   (reward, correct and format share: `rlpipe.evaluators.rollout_eval`).
 
 `--gsm8k PATH` trains on GSM8K-format problems with `envs.gsm8k.GSM8KDataset` instead, with
 the warm-up on the file's worked solutions. It shows the plumbing only: the 0.48M-parameter
