@@ -30,16 +30,13 @@ import argparse
 import json
 import os
 import time
-
 from pathlib import Path
 
-import numpy as np
-
 from rlpipe import launch, transport
-from rlpipe.config import RunConfig, dump, load
+from rlpipe.config import RunConfig
 from rlpipe.datums import supervised_datum
 from rlpipe.learner import latest_checkpoint
-from rlpipe.metrics import read_metrics
+from rlpipe.metrics import window_mean
 from rlpipe.warmup import sft_warm_up
 
 
@@ -128,13 +125,6 @@ def sampled_eval(model: str, adapter: str | None, config: RunConfig, samples: in
     return run_rollout_eval(model, adapter, builders, params, backend=config.learner.eval_sampler, max_turns=1)
 
 
-def window_mean(records: list[dict], key: str, first: bool) -> float:
-    k = max(1, len(records) // 4)
-    rows = records[:k] if first else records[-k:]
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return float(np.mean(values)) if values else float("nan")
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the roles log to runs/<name>/logs
@@ -151,18 +141,11 @@ def main(argv=None) -> dict:
         sampled_before = sampled_eval(model, adapter, config)
         print(f"held-out greedy accuracy before RL: {out['eval_before']:.1%}")
 
-    path = config.run_dir / "math_rl_config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(dump(config))
-    code = launch.run(load(path), str(path), [])
-    if code != 0:
-        raise SystemExit(f"the pipeline failed (exit code {code}); see {config.run_dir / 'logs'}")
-
-    records = read_metrics(config.run_dir / "metrics.jsonl")
+    records = launch.run_to_end(config, "math_rl_config.json")
     out.update(steps=len(records), run_dir=str(config.run_dir), seconds=time.time() - t0,
-               reward_first=window_mean(records, "reward/mean", True), reward_last=window_mean(records, "reward/mean", False),
-               correct_first=window_mean(records, "env/correct", True), correct_last=window_mean(records, "env/correct", False),
-               format_first=window_mean(records, "env/format", True), format_last=window_mean(records, "env/format", False))
+               **{f"{name}_{w}": window_mean(records, lambda r, k=key: r.get(k), w == "first")
+                  for name, key in (("reward", "reward/mean"), ("correct", "env/correct"), ("format", "env/format"))
+                  for w in ("first", "last")})
     if records and "eval/accuracy" in records[-1]:
         out["eval_after"] = records[-1]["eval/accuracy"]
         out["eval_nll_after"] = records[-1]["eval/nll"]

@@ -42,8 +42,6 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
-
 MAX_TURNS = 5  # X moves at most 5 times, O 4; a full game is under 600 tokens
 
 
@@ -133,16 +131,10 @@ def play_eval(config, adapter: str | None, n_games: int) -> dict[str, float]:
     return run_rollout_eval(model, adapter, builders, params, backend=config.learner.eval_sampler, max_turns=MAX_TURNS)
 
 
-def window(records, key: str, first: bool) -> float:
-    k = max(1, len(records) // 4)
-    return float(np.mean([r[key] for r in (records[:k] if first else records[-k:])]))
-
-
 def main(argv=None) -> dict:
     from rlpipe import launch
-    from rlpipe.config import dump, load
     from rlpipe.learner import latest_checkpoint
-    from rlpipe.metrics import read_metrics
+    from rlpipe.metrics import window_mean
     from rlpipe.warmup import sft_warm_up
 
     args = parse_args(argv)
@@ -154,13 +146,7 @@ def main(argv=None) -> dict:
         print(f"SFT warm-up on scripted legal games: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
     adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None
     before = play_eval(config, adapter, args.eval_games) if args.eval_games else {}
-    path = Path(config.run_dir) / "multi_agent_rl_config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(dump(config))
-    code = launch.run(load(path), str(path), [])
-    if code != 0:
-        raise SystemExit(f"the pipeline failed (exit code {code}); see {config.run_dir / 'logs'}")
-    records = read_metrics(config.run_dir / "metrics.jsonl")
+    records = launch.run_to_end(config, "multi_agent_rl_config.json")
     out = {"steps": len(records), "run_dir": str(config.run_dir)}
     if args.eval_games:
         after = play_eval(config, latest_checkpoint(config.run_dir)["path"] + "/adapter", args.eval_games)
@@ -175,8 +161,8 @@ def main(argv=None) -> dict:
     out["seconds"] = time.time() - t0
     for key in ("env/illegal", "env/moves", "dropped/no_signal"):
         name = key.split("/")[1]
-        records = [{**r, key: r.get(key, 0.0)} for r in records]
-        out[f"{name}_first"], out[f"{name}_last"] = window(records, key, True), window(records, key, False)
+        value = lambda r, k=key: r.get(k, 0.0)  # noqa: E731  (dropped/no_signal is absent until a drop)
+        out[f"{name}_first"], out[f"{name}_last"] = window_mean(records, value, True), window_mean(records, value, False)
         print(f"{key:>24}: {out[f'{name}_first']:.3f} -> {out[f'{name}_last']:.3f}  (first vs last quarter of the steps)")
     (Path(out["run_dir"]) / "summary.json").write_text(json.dumps(out, indent=1))
     print(f"total {out['seconds']:.0f} s; everything the run wrote (summary.json: these figures) is in {config.run_dir}")

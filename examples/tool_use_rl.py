@@ -51,8 +51,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 
 
@@ -190,16 +188,10 @@ def well_formed(record: dict) -> float:
     return 1.0 - record["env/tool_errors"] / record["env/turns"]
 
 
-def window(records, fn, first: bool) -> float:
-    k = max(1, len(records) // 4)
-    return float(np.mean([fn(r) for r in (records[:k] if first else records[-k:])]))
-
-
 def main(argv=None) -> dict:
     from rlpipe import launch
-    from rlpipe.config import dump, load
     from rlpipe.learner import latest_checkpoint
-    from rlpipe.metrics import read_metrics
+    from rlpipe.metrics import window_mean
     from rlpipe.warmup import sft_warm_up
 
     args = parse_args(argv)
@@ -222,12 +214,7 @@ def main(argv=None) -> dict:
         print(f"SFT warm-up on scripted transcripts: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
     adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None
     before = tool_eval(config, adapter, args) if args.eval_tasks else {}
-    path = run_dir / "tool_use_rl_config.json"
-    path.write_bytes(dump(config))
-    code = launch.run(load(path), str(path), [])
-    if code != 0:
-        raise SystemExit(f"the pipeline failed (exit code {code}); see {run_dir / 'logs'}")
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = launch.run_to_end(config, "tool_use_rl_config.json")
     out = {"steps": len(records), "run_dir": str(run_dir),
            "no_signal_dropped": records[-1].get("dropped/no_signal", 0.0) if records else 0.0}
     if args.eval_tasks:
@@ -241,7 +228,7 @@ def main(argv=None) -> dict:
     for name, fn in (("reward", lambda r: r["reward/mean"]), ("well_formed", well_formed),
                      ("answered", lambda r: r["env/answered"]), ("correct", lambda r: r["env/correct"]),
                      ("turns", lambda r: r["env/turns"])):
-        out[f"{name}_first"], out[f"{name}_last"] = window(records, fn, True), window(records, fn, False)
+        out[f"{name}_first"], out[f"{name}_last"] = window_mean(records, fn, True), window_mean(records, fn, False)
         print(f"{name:>12}: {out[f'{name}_first']:.3f} -> {out[f'{name}_last']:.3f}  (first vs last quarter of the steps)")
     (Path(out["run_dir"]) / "summary.json").write_text(json.dumps(out, indent=1))
     print(f"total {out['seconds']:.0f} s; everything the run wrote (summary.json: these figures) is in {run_dir}")

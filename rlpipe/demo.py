@@ -12,8 +12,7 @@ import os
 import time
 
 from rlpipe import launch
-from rlpipe.config import RunConfig, dump, load
-from rlpipe.metrics import read_metrics
+from rlpipe.config import RunConfig
 from rlpipe.warmup import sft_warm_up
 
 DIFFICULTY = 1
@@ -65,12 +64,7 @@ def main(args) -> None:
     config.learner.init_from = init
     before = accuracy(model, f"{init}/adapter")
     print(f"SFT warm-up ({SFT_STEPS} steps): held-out greedy accuracy {before:.1%}  ({time.time() - t0:.0f} s)")
-    path = config.run_dir / "demo_config.json"
-    path.write_bytes(dump(config))
-    code = launch.run(load(path), str(path), [])
-    if code != 0:
-        raise SystemExit(code)
-    records = read_metrics(config.run_dir / "metrics.jsonl")
+    records = launch.run_to_end(config, "demo_config.json")
     final = config.run_dir / "learner" / "sampler_weights" / f"v{config.learner.steps:06d}"
     after = accuracy(model, str(final))
     print(f"RL ({len(records)} steps, async, max_staleness {config.max_staleness}): "

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlpipe.config import RunConfig, dump
+from rlpipe.config import RunConfig, dump, load
 from rlpipe.metrics import read_metrics
 
 ROLES = ("buffer", "learner", "explorer")
@@ -131,6 +131,19 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
         stop_all(procs)
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def run_to_end(config: RunConfig, filename: str) -> list[dict]:
+    """What the demo and the recipes do with a config built in Python: write it as JSON to
+    run_dir/filename, run it as `rlpipe run` would, and return the learner's metric records.
+    Raises SystemExit if a role failed."""
+    path = config.run_dir / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(dump(config))
+    code = run(load(path), str(path), [])
+    if code != 0:
+        raise SystemExit(f"the pipeline failed (exit code {code}); see {config.run_dir / 'logs'}")
+    return read_metrics(config.run_dir / "metrics.jsonl")
 
 
 def _wait_all(procs: dict[str, subprocess.Popen], timeout_s: float) -> None:

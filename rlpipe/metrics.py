@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 
 def mean_of(values: Iterable[float | None]) -> float:
     present = [float(v) for v in values if v is not None]
     return sum(present) / len(present) if present else math.nan
+
+
+def window_mean(records: list[dict], value: Callable[[dict], float | None], first: bool) -> float:
+    """mean_of value(record) over the first or the last quarter of the records: how the
+    recipes compare the start of a run with its end."""
+    k = max(1, len(records) // 4)
+    return mean_of(value(r) for r in (records[:k] if first else records[-k:]))
 
 
 class MetricsWriter:
