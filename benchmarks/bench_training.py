@@ -1,10 +1,16 @@
-"""forward_backward throughput on variable-length data: packed rows vs padding.
+"""Learner throughput by layout: trained tokens/s of forward_backward + optim_step.
 
-    python benchmarks/bench_training.py [--model DIR] [--datums 64] [--repeats 3]
+    python benchmarks/bench_training.py [--model DIR] [--threads 1,2] [--repeats 7] [--shapes rl,sft]
 
-Prints trained (non-pad) tokens per second for both modes and their ratio. Lengths are drawn
-uniformly from [min_len, max_len], as RL episodes are, so padding to the longest wastes about
-half of the compute.
+Two batch shapes:
+- rl:  the demo's RL batch, 8 prompts x 16 samples = 128 datums of 14-23 tokens;
+- sft: 16 datums of 64-512 tokens.
+Layouts (rlpipe.packing): "rows@W" packs datums into rows of width W (block-diagonal mask),
+"padded" puts each datum in its own row padded to the longest, "varlen" runs attention per
+datum (on CPU a reference loop; on CUDA torch's flash varlen kernel), "per-datum" calls
+forward_backward once per datum (no padding, no packing, batch size 1). rows@4096 was the
+default before the layout became per device. All figures in one run, so ratios compare
+like with like on a shared machine.
 """
 
 import argparse
@@ -15,6 +21,10 @@ import torch
 
 from rlpipe import ServiceClient, types
 from rlpipe.tiny import default_model_path
+
+SHAPES = {"rl": (128, 14, 23), "sft": (16, 64, 512)}
+LAYOUTS = {"rows@64": ("rows", 64), "rows@128": ("rows", 128), "rows@256": ("rows", 256), "rows@512": ("rows", 512),
+           "rows@4096": ("rows", 4096), "padded": ("padded", 0), "varlen": ("varlen", 0), "per-datum": ("padded", 0)}
 
 
 def make_data(n: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[types.Datum]:
@@ -28,46 +38,60 @@ def make_data(n: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> 
             loss_fn_inputs={
                 "target_tokens": tokens[1:],
                 "logprobs": -rng.uniform(0.1, 5, length).astype(np.float32),
-                "advantages": rng.normal(size=length).astype(np.float32),
+                "advantages": (rng.normal(size=length) / 1000).astype(np.float32),
             },
         ))
     return data
 
 
-def tokens_per_second(client, data, repeats: int) -> float:
-    client.forward_backward(data, "importance_sampling").result()  # warm-up
-    n_tokens = sum(d.model_input.length for d in data)
+def step_seconds(client, data, repeats: int, per_datum: bool) -> float:
+    adam = types.AdamParams(learning_rate=1e-5)
+
+    def step():
+        for part in ([[d] for d in data] if per_datum else [data]):
+            client.forward_backward(part, "importance_sampling")
+        client.optim_step(adam).result()
+
+    step()  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        client.forward_backward(data, "importance_sampling").result()
+        step()
         times.append(time.perf_counter() - start)
-    return n_tokens / float(np.median(times))
+    return float(np.median(times))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None)
-    parser.add_argument("--datums", type=int, default=64)
-    parser.add_argument("--min-len", type=int, default=16)
-    parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--row-tokens", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", default="1,2", help="torch thread counts to measure, comma-separated")
+    parser.add_argument("--shapes", default="rl,sft")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
     model = args.model or str(default_model_path())
     service = ServiceClient("/tmp/rlpipe-bench")
-    packed = service.create_lora_training_client(model, rank=16, seed=0, pack=True, max_row_tokens=args.row_tokens)
-    padded = service.create_lora_training_client(model, rank=16, seed=0, pack=False)
-    data = make_data(args.datums, args.min_len, args.max_len, packed.vocab_size)
-    real = sum(d.model_input.length for d in data)
-    print(f"model {model}  device {packed.device}  torch threads {torch.get_num_threads()}")
-    print(f"{args.datums} datums, lengths {args.min_len}..{args.max_len}, {real} real tokens, "
-          f"{args.datums * max(d.model_input.length for d in data)} with padding")
-    tps_packed = tokens_per_second(packed, data, args.repeats)
-    tps_padded = tokens_per_second(padded, data, args.repeats)
-    print(f"packed  {tps_packed:10.0f} tokens/s (rows of <= {args.row_tokens} tokens)")
-    print(f"padded  {tps_padded:10.0f} tokens/s")
-    print(f"ratio packed/padded {tps_packed / tps_padded:.2f}")
+    layouts = args.layouts.split(",")
+    clients = {name: service.create_lora_training_client(model, rank=args.rank, seed=0, layout=LAYOUTS[name][0],
+                                                         row_tokens=LAYOUTS[name][1]) for name in layouts}
+    first = next(iter(clients.values()))
+    print(f"model {model}  device {first.device}  LoRA rank {args.rank}  vocab {first.vocab_size}")
+    for threads in map(int, args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for shape in args.shapes.split(","):
+            n, lo, hi = SHAPES[shape]
+            data = make_data(n, lo, hi, first.vocab_size)
+            real = sum(d.model_input.length for d in data)
+            print(f"\n{shape}: {n} datums of {lo}-{hi} tokens ({real} tokens), {threads} torch thread(s)")
+            print(f"{'layout':>10} {'ms/step':>9} {'tokens/s':>10} {'vs rows@4096':>13}")
+            results = {name: real / step_seconds(c, data, args.repeats, name == "per-datum") for name, c in clients.items()}
+            old = results.get("rows@4096")
+            for name, tps in results.items():
+                ratio = f"{tps / old:12.2f}x" if old else ""
+                print(f"{name:>10} {1000 * real / tps:9.1f} {tps:10.0f} {ratio:>13}")
+            best = max(results, key=results.get)
+            print(f"fastest: {best}")
 
 
 if __name__ == "__main__":

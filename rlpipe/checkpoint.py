@@ -21,6 +21,8 @@ import torch
 from rlpipe.types import LoraConfig
 
 STATE_FILE = "rlpipe_state.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class StateMeta(msgspec.Struct):
@@ -78,3 +80,10 @@ def check_name(name: str) -> str:
 def adapter_rank(adapter_dir: Path) -> int:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     return int(config["r"])
+
+
+def write_adapter(path: Path, files: dict[str, bytes]) -> None:
+    """Write a PEFT adapter directory from {file name: bytes} (TrainingClient._adapter_files)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        (path / name).write_bytes(files[name])

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import faulthandler
 import json
 import logging
 import signal
 import sys
 import threading
+
+log = logging.getLogger("rlpipe")
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -34,12 +37,18 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def _config(args):
-    from rlpipe.config import load
+    from rlpipe.config import load, resolve_train_unembed
 
     overrides = _parse_sets(args.set)
     if getattr(args, "connect", None):
         overrides.update(_connect_overrides(args.connect))
-    return load(args.config, overrides)
+    try:
+        config = load(args.config, overrides)
+        if args.command in ("run", "explorer"):  # the learner resolves it itself when it starts
+            resolve_train_unembed(config)  # what the sampler cannot serve is refused now, not after a step
+        return config
+    except (ValueError, FileNotFoundError) as err:  # a bad config: its message, not a traceback
+        raise SystemExit(f"rlpipe: bad config {args.config}: {err}") from None
 
 
 def _connect_overrides(host: str) -> dict:
@@ -62,6 +71,20 @@ def _stop_on_sigterm() -> threading.Event:
     return stop
 
 
+@contextlib.contextmanager
+def _role(role: str, config):
+    """A role's error is logged with its traceback, recorded for `rlpipe run` to print
+    (launch.record_failure), and ends the process at once with exit code 1."""
+    try:
+        yield
+    except Exception as err:
+        from rlpipe.launch import record_failure
+
+        log.error("%s failed: %s: %s", role, type(err).__name__, err, exc_info=True)
+        record_failure(config.run_dir, role, err)
+        sys.exit(1)
+
+
 def cmd_buffer(args) -> None:
     from rlpipe.buffer import serve
     from rlpipe.config import vocab_size
@@ -70,9 +93,10 @@ def cmd_buffer(args) -> None:
     stop = _stop_on_sigterm()
     stats = {}
     try:
-        stats = serve(config.run_dir / "buffer", config.addresses.experience, config.addresses.batches,
-                      vocab_size=vocab_size(config.model_path()), max_staleness=config.max_staleness,
-                      drop_no_signal=config.buffer.drop_constant_reward_groups, stop=stop)
+        with _role("buffer", config):
+            stats = serve(config.run_dir / "buffer", config.addresses.experience, config.addresses.batches,
+                          vocab_size=vocab_size(config.model_path()), max_staleness=config.max_staleness,
+                          drop_no_signal=config.buffer.drop_constant_reward_groups, stop=stop)
     except KeyboardInterrupt:
         pass
     finally:
@@ -86,7 +110,8 @@ def cmd_learner(args) -> None:
 
     config = _config(args)
     _stop_on_sigterm()
-    Learner(config, resume=args.resume).run()
+    with _role("learner", config):
+        Learner(config, resume=args.resume).run()
     # Tell the buffer we are done so it writes its final stats and exits.
     client = transport.RequestClient(config.addresses.batches)
     try:
@@ -101,7 +126,8 @@ def cmd_explorer(args) -> None:
     config = _config(args)
     _stop_on_sigterm()
     try:
-        asyncio.run(Explorer(config, args.id).run())
+        with _role("explorer", config):  # logged and recorded before the engine shuts down
+            asyncio.run(Explorer(config, args.id).run())
     except KeyboardInterrupt:
         pass
     finally:

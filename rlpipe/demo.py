@@ -13,6 +13,7 @@ import time
 
 from rlpipe import launch
 from rlpipe.config import RunConfig
+from rlpipe.learner import latest_checkpoint
 from rlpipe.warmup import sft_warm_up
 
 DIFFICULTY = 1
@@ -65,8 +66,7 @@ def main(args) -> None:
     before = accuracy(model, f"{init}/adapter")
     print(f"SFT warm-up ({SFT_STEPS} steps): held-out greedy accuracy {before:.1%}  ({time.time() - t0:.0f} s)")
     records = launch.run_to_end(config, "demo_config.json")
-    final = config.run_dir / "learner" / "sampler_weights" / f"v{config.learner.steps:06d}"
-    after = accuracy(model, str(final))
+    after = accuracy(model, latest_checkpoint(config.run_dir)["path"] + "/adapter")
     print(f"RL ({len(records)} steps, async, max_staleness {config.max_staleness}): "
           f"train reward {records[0]['reward/mean']:.3f} -> {records[-1]['reward/mean']:.3f}")
     print(f"held-out greedy accuracy: {before:.1%} -> {after:.1%}   total {time.time() - t0:.0f} s")

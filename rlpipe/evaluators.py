@@ -73,14 +73,15 @@ async def nll_eval_async(training_client, data: Sequence[Datum], *, prefix: str 
 
 
 def greedy_eval(base_model: str, adapter: str | None, items: Sequence[EvalItem], tokenizer, *,
-                max_tokens: int, backend: str = "auto", policy_version: int = 0) -> dict[str, float]:
+                max_tokens: int, backend: str = "auto", policy_version: int = 0, **engine_options) -> dict[str, float]:
     """Greedy accuracy of base_model + the PEFT adapter at `adapter` on (prompt, grader) items,
     graded on the decoded text: what the learner runs every eval_every steps, and what the
-    demo and recipes report before and after RL."""
+    demo and recipes report before and after RL. engine_options go to the sampling engine
+    when it starts (e.g. device="cpu" for the local backend)."""
     from rlpipe.sampling import create_sampling_client
 
     sampler = create_sampling_client(base_model, model_path=adapter, backend=None if backend == "auto" else backend,
-                                     policy_version=policy_version)
+                                     policy_version=policy_version, **engine_options)
     return run_sampling_eval(sampler, items, SamplingParams(max_tokens=max_tokens, temperature=0.0),
                              decode=lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True))
 

@@ -3,6 +3,10 @@
 Each role runs in its own session (process group), so stopping it also stops what it
 started (the vLLM engine core). Any role failing, or Ctrl-C, stops all of them: SIGTERM,
 then SIGKILL after a grace period. No orphans are left behind.
+
+A role that fails records its error (record_failure, written by the `rlpipe <role>` command)
+before it exits; the launcher notices the exit within POLL_S and prints the role and that
+error line on the console, then the end of the role's log.
 """
 
 from __future__ import annotations
@@ -20,6 +24,18 @@ from rlpipe.metrics import read_metrics
 
 ROLES = ("buffer", "learner", "explorer")
 GRACE_S = 15.0
+POLL_S = 0.5
+
+
+def failure_file(run_dir: Path, role: str) -> Path:
+    return Path(run_dir) / "logs" / f"{role}.failed"
+
+
+def record_failure(run_dir: Path, role: str, error: BaseException) -> None:
+    """What a failing role leaves for the launcher to print: its exception line."""
+    path = failure_file(run_dir, role)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{type(error).__name__}: {error}\n")
 
 
 def role_command(role: str, config_path: str, sets: list[str], resume: bool) -> list[str]:
@@ -97,6 +113,8 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.monotonic()
+    for role in ROLES:
+        failure_file(run_dir, role).unlink(missing_ok=True)  # from an earlier run in this directory
     try:
         for role in ROLES:
             log_file = open(run_dir / "logs" / f"{role}.log", "ab")
@@ -105,7 +123,7 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
             log_file.close()
         (run_dir / "pids.json").write_text(json.dumps({r: p.pid for r, p in procs.items()}))
         while True:
-            time.sleep(0.5)
+            time.sleep(POLL_S)
             records = read_metrics(metrics_path)
             for record in records[seen:]:
                 if not quiet:
@@ -121,8 +139,10 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
             failed = {r: p.returncode for r, p in procs.items() if p.poll() not in (None, 0)}
             if failed:
                 for role, code in failed.items():
-                    print(f"role {role} failed with exit code {code}; last lines of its log:", file=sys.stderr)
-                    print(_tail(run_dir / "logs" / f"{role}.log"), file=sys.stderr)
+                    log_path = run_dir / "logs" / f"{role}.log"
+                    print(f"role {role} failed: {_failure(run_dir, role, code)}", file=sys.stderr)
+                    print(f"--- last lines of {log_path} ---\n{_tail(log_path)}\n---", file=sys.stderr)
+                    print(f"role {role} failed: {_failure(run_dir, role, code)}; stopping all roles", file=sys.stderr)
                 return 1
             if timeout_s is not None and time.monotonic() - start > timeout_s:
                 print(f"run did not finish within {timeout_s:.0f} s", file=sys.stderr)
@@ -154,6 +174,13 @@ def _wait_all(procs: dict[str, subprocess.Popen], timeout_s: float) -> None:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
+
+
+def _failure(run_dir: Path, role: str, code: int) -> str:
+    try:
+        return failure_file(run_dir, role).read_text().strip()
+    except FileNotFoundError:  # killed, or failed before it could say why
+        return f"exit code {code}" + (f" (signal {-code})" if code < 0 else "")
 
 
 def _tail(path: Path, lines: int = 30) -> str:

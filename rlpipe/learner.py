@@ -12,12 +12,11 @@ in optimizer steps.
 
 from __future__ import annotations
 
-import io
+import concurrent.futures
 import json
 import logging
 import os
-import shutil
-import tarfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlpipe import transport
-from rlpipe.config import RunConfig, import_callable
+from rlpipe import checkpoint, transport
+from rlpipe.config import RunConfig, import_callable, resolve_train_unembed
 from rlpipe.hyperparams import get_lr
 from rlpipe.metrics import MetricsWriter, mean_of
 from rlpipe.training import TrainingClient
@@ -36,7 +35,6 @@ from rlpipe.types import (AdamParams, Batch, BatchRequest, Datum, LoraConfig, Mo
 log = logging.getLogger(__name__)
 LATEST = "latest.json"
 SHUTDOWN_GRACE_S = 3.0
-KEEP_SAMPLER_WEIGHTS = 2
 
 
 def group_datums(groups: list[TrajectoryGroup]) -> list[Datum]:
@@ -58,13 +56,6 @@ def group_datums(groups: list[TrajectoryGroup]) -> list[Datum]:
             },
         ))
     return data
-
-
-def pack_adapter(path: str) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add(path, arcname=".")
-    return buf.getvalue()
 
 
 def batch_metrics(groups: list[TrajectoryGroup], step: int) -> dict[str, float]:
@@ -104,9 +95,14 @@ class Learner:
         if threads:
             torch.set_num_threads(threads)
         model = config.model_path()
-        lora = LoraConfig(rank=config.learner.rank, seed=config.seed)
-        self.client = TrainingClient(model, lora, self.dir)
+        lc = config.learner
+        lora = LoraConfig(rank=lc.rank, seed=config.seed, train_attn=lc.train_attn, train_mlp=lc.train_mlp,
+                          train_unembed=resolve_train_unembed(config))
+        self.client = TrainingClient(model, lora, self.dir, device=lc.device or None, dtype=lc.dtype or None,
+                                     layout=lc.layout or None, max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
+                                     gradient_checkpointing=lc.gradient_checkpointing)
         self.after_seq = 0
+        self._stop_fetching = threading.Event()
         latest = latest_checkpoint(config.run_dir) if resume else None
         if latest is not None:
             self.client.load_state_with_optimizer(latest["path"]).result()
@@ -133,56 +129,82 @@ class Learner:
 
     def run(self) -> None:
         cfg = self.config
-        a = cfg.addresses
-        requests = transport.RequestClient(a.batches)
-        control = transport.ControlServer(a.control)
+        control = transport.ControlServer(cfg.addresses.control)
+        # The next batch is fetched on its own thread (which owns the request socket) while
+        # the current one trains, so a step does not wait for the buffer's round trips.
+        fetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlpipe-fetch")
+        requests = fetcher.submit(transport.RequestClient, cfg.addresses.batches).result()
         try:
             self._publish(control)
+            # A batch is asked for with the version it will be trained at, so the buffer's
+            # staleness check is exact even though the batch is fetched a step early.
+            next_batch = fetcher.submit(self._next_batch, requests, self.after_seq, self.client.step)
             while self.client.step < cfg.learner.steps:
                 t0 = time.monotonic()
-                batch = self._next_batch(requests, control)
+                batch, data = self._wait_batch(next_batch, control)
                 t1 = time.monotonic()
-                record = self._train(batch)
+                if self.client.step + 1 < cfg.learner.steps:
+                    next_batch = fetcher.submit(self._next_batch, requests, batch.seqs[-1], self.client.step + 1)
+                record = self._train(batch, data)
                 t2 = time.monotonic()
                 if self.client.step % cfg.learner.sync_interval == 0:
                     record["sync/publish_s"] = self._publish(control)
+                t3 = time.monotonic()
                 if self.client.step % cfg.learner.checkpoint_every == 0 or self.client.step == cfg.learner.steps:
                     self._checkpoint()
+                t4 = time.monotonic()
                 if (self.eval_items or self.nll_data) and self.client.step % cfg.learner.eval_every == 0:
                     record.update(self._eval())
-                t3 = time.monotonic()
+                t5 = time.monotonic()
                 record.update({
-                    "time/wait_batch_s": t1 - t0, "time/train_s": t2 - t1, "time/step_s": t3 - t0,
-                    "learner/idle_frac": (t1 - t0) / max(t3 - t0, 1e-9),
+                    "time/wait_batch_s": t1 - t0, "time/train_s": t2 - t1, "time/checkpoint_s": t4 - t3,
+                    "time/eval_s": t5 - t4, "time/step_s": t5 - t0,
+                    "learner/idle_frac": (t1 - t0) / max(t5 - t0, 1e-9),
                     "tokens/trained_per_s": record["tokens/trained"] / max(t2 - t1, 1e-9),
-                    "tokens/sampled_per_s": record["tokens/sampled"] / max(t3 - t0, 1e-9),
+                    "tokens/sampled_per_s": record["tokens/sampled"] / max(t5 - t0, 1e-9),
+                    "time_end": time.time(),  # wall clock at the end of the step ("time": at its start)
                 })
                 self.metrics.write(record)
                 control.poll(0)
             control.shutdown("learner finished")
             # Explorers stop at once on Shutdown; give their last pushes time to reach the
-            # buffer before the buffer is told to stop (so every pushed group is counted).
-            time.sleep(SHUTDOWN_GRACE_S)
+            # buffer before the buffer is told to stop (so every pushed group is counted),
+            # and meanwhile tell any explorer that registers late to stop too.
+            deadline = time.monotonic() + SHUTDOWN_GRACE_S
+            while time.monotonic() < deadline:
+                control.poll(0.1)
         finally:
-            requests.close()
+            self._stop_fetching.set()
+            fetcher.submit(requests.close)  # runs once a fetch in progress has seen the stop
+            fetcher.shutdown(wait=True)
             control.close()
             self.metrics.close()
 
-    def _next_batch(self, requests, control) -> Batch:
-        """Collect groups_per_batch groups; asking with after_seq = the last seq received so
-        far is safe, because the buffer can re-serve anything after our checkpoint position."""
+    def _wait_batch(self, future: concurrent.futures.Future, control) -> tuple[Batch, list[Datum]]:
+        """The prefetched batch; meanwhile the control socket keeps answering explorers."""
+        while True:
+            try:
+                return future.result(timeout=0.05)
+            except concurrent.futures.TimeoutError:
+                control.poll(0)
+
+    def _next_batch(self, requests, after_seq: int, version: int) -> tuple[Batch, list[Datum]]:
+        """Collect groups_per_batch groups after after_seq, for training at `version`. Asking
+        with after_seq = the last seq received so far is safe: the buffer can re-serve
+        anything after our checkpoint position."""
         cfg = self.config
         groups, seqs, dropped = [], [], {}
         deadline = time.monotonic() + cfg.learner.batch_timeout_s
         while len(groups) < cfg.groups_per_batch:
+            if self._stop_fetching.is_set():
+                raise RuntimeError("learner stopping")
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"no full batch within {cfg.learner.batch_timeout_s:.0f} s "
                     f"({len(groups)}/{cfg.groups_per_batch} groups): are the explorer and buffer running?"
                 )
-            control.poll(0)
-            request = BatchRequest(sender="learner", learner_version=self.client.step,
-                                   after_seq=seqs[-1] if seqs else self.after_seq,
+            request = BatchRequest(sender="learner", learner_version=version,
+                                   after_seq=seqs[-1] if seqs else after_seq,
                                    max_groups=cfg.groups_per_batch - len(groups))
             reply = requests.request(request, timeout_s=5.0)
             if isinstance(reply, Batch):
@@ -190,18 +212,20 @@ class Learner:
                 seqs += reply.seqs
                 dropped = reply.dropped
             if not isinstance(reply, Batch) or not reply.groups:
-                control.poll(0.2)  # nothing yet: wait a little, answering explorers meanwhile
-        return Batch(groups=groups, seqs=seqs, dropped=dropped)
+                time.sleep(0.02)  # nothing yet: ask again shortly
+        batch = Batch(groups=groups, seqs=seqs, dropped=dropped)
+        return batch, group_datums(groups)  # the datums too, off the training thread
 
-    def _train(self, batch: Batch) -> dict:
+    def _train(self, batch: Batch, data: list[Datum]) -> dict:
         step = self.client.step
-        record = {"step": step + 1, "time": time.time(), **batch_metrics(batch.groups, step)}
-        record.update({f"dropped/{k}": float(v) for k, v in batch.dropped.items()})
-        record.update({"buffer/first_seq": batch.seqs[0], "buffer/last_seq": batch.seqs[-1]})
-        data = group_datums(batch.groups)
+        started = time.time()
         fb = self.client.forward_backward(data, self.config.learner.loss_fn, self.loss_config)
         opt = self.client.optim_step(AdamParams(learning_rate=self.lr, grad_clip_norm=self.config.learner.grad_clip_norm,
                                                 weight_decay=self.config.learner.weight_decay))
+        # The step runs on the client's worker thread; the batch's figures are summed up meanwhile.
+        record = {"step": step + 1, "time": started, **batch_metrics(batch.groups, step)}
+        record.update({f"dropped/{k}": float(v) for k, v in batch.dropped.items()})
+        record.update({"buffer/first_seq": batch.seqs[0], "buffer/last_seq": batch.seqs[-1]})
         record.update(fb.result().metrics)
         record.update(opt.result().metrics)
         self.after_seq = batch.seqs[-1]
@@ -211,11 +235,9 @@ class Learner:
         start = time.monotonic()
         created = time.time()
         version = self.client.step
-        path = self.client.save_weights_for_sampler(f"v{version:06d}").result().path
-        control.publish(WeightUpdate(version=version, adapter_tar=pack_adapter(path), step=version, created_at=created))
-        # The bytes went out with the message; on disk only the newest few are kept.
-        for old in sorted(Path(path).parent.glob("v[0-9]*"))[:-KEEP_SAMPLER_WEIGHTS]:
-            shutil.rmtree(old, ignore_errors=True)
+        files = self.client.get_sampler_weights().result()
+        control.publish(WeightUpdate(version=version, adapter_config=files[checkpoint.ADAPTER_CONFIG],
+                                     adapter_weights=files[checkpoint.ADAPTER_WEIGHTS], step=version, created_at=created))
         return time.monotonic() - start
 
     def _checkpoint(self) -> None:
@@ -232,7 +254,10 @@ class Learner:
         out = nll_eval(self.client, self.nll_data) if self.nll_data else {}
         if self.eval_items:
             path = self.client.save_weights_for_sampler(f"eval-{self.client.step:06d}").result().path
+            options = {}
+            if cfg.learner.eval_sampler == "local" and self.client.device.type != "cpu":
+                options["device"] = "cpu"  # no second copy of the model on the learner's GPU
             out |= greedy_eval(cfg.model_path(), path, self.eval_items, self.client.get_tokenizer(),
                                max_tokens=cfg.explorer.max_tokens, backend=cfg.learner.eval_sampler,
-                               policy_version=self.client.step)
+                               policy_version=self.client.step, **options)
         return out

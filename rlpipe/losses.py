@@ -146,6 +146,17 @@ def _validated_config(name: str, spec: LossSpec, config: dict | None) -> Config:
     return cfg
 
 
+def check_inputs(loss_fn: str, inputs: dict[str, Tensor], config: dict | None = None) -> None:
+    """Raise the ValueError compute_loss would, without computing anything (so a caller that
+    splits a batch can refuse bad input before any micro-batch has moved a gradient)."""
+    spec = LOSSES.get(loss_fn)
+    if spec is None:
+        raise ValueError(f"unknown loss_fn {loss_fn!r}; known losses are {sorted(LOSSES)}")
+    n = next(iter(inputs.values())).shape[0] if inputs else 0
+    _validated_inputs(loss_fn, spec, torch.zeros(n), inputs)
+    _validated_config(loss_fn, spec, config)
+
+
 def compute_loss(
     loss_fn: str, logprobs_T: Tensor, inputs: dict[str, Tensor], config: dict | None = None
 ) -> tuple[Tensor, dict[str, float]]:

@@ -1,9 +1,21 @@
-"""Checking Datums and packing variable-length ones into few rows.
+"""Checking Datums and laying them out for the learner's forward pass.
 
-Padding every datum to the longest one wastes compute on pad tokens; instead datums are
-packed end to end into rows (first-fit decreasing) and a block-diagonal causal mask keeps
-them from attending to each other, with positions restarting at 0 for each datum. The
-result is the same as running datum by datum (tested).
+A batch is cut into micro-batches of at most `max_tokens` tensor tokens (pads included):
+gradients accumulate across them, so peak memory follows the budget, not the batch. Each
+micro-batch is laid out in one of three ways:
+
+- "rows": datums packed end to end (first-fit decreasing) into rows of one width, the larger
+  of `row_tokens` and the longest datum. Attention over a row costs width², so a bounded
+  width keeps it near the datums' own sum of length² while packing keeps pads few.
+- "padded": one datum per row, padded to the longest in the micro-batch. Datums are taken
+  longest first, so each micro-batch holds similar lengths.
+- "varlen": the micro-batch's datums end to end in a single row, no pads; attention runs per
+  datum through cumulative sequence lengths (rlpipe.attention).
+
+Positions restart at 0 for each datum and pads sit at position 0, so transformers' own mask
+code sees packed sequences (it builds the block-diagonal causal mask, sliding windows
+included, per layer type) and no token attends across datums. The result equals running
+datum by datum (tests/test_packing.py, in float64).
 """
 
 from __future__ import annotations
@@ -15,11 +27,27 @@ import torch
 
 from rlpipe.types import Datum
 
+LAYOUTS = ("rows", "padded", "varlen")
+
 
 class Row(NamedTuple):
     datums: list[int]
     """Indices into the data list, in the order they sit in the row."""
     offsets: list[int]
+
+
+class MicroBatch(NamedTuple):
+    rows: list[Row]
+    width: int
+
+    @property
+    def datums(self) -> list[int]:
+        """Datum indices in the order their tokens come out of flat_positions()."""
+        return [i for row in self.rows for i in row.datums]
+
+    @property
+    def tensor_tokens(self) -> int:
+        return len(self.rows) * self.width
 
 
 def check_data(data: list[Datum], vocab_size: int, required: tuple[str, ...]) -> None:
@@ -63,55 +91,74 @@ def check_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
         )
 
 
-def plan_rows(lengths: list[int], max_row_tokens: int, pack: bool) -> list[Row]:
-    """First-fit decreasing bin packing; a datum longer than max_row_tokens gets its own row."""
+def plan(lengths: list[int], layout: str, *, row_tokens: int = 256, max_tokens: int = 0) -> list[MicroBatch]:
+    """Micro-batches of at most max_tokens tensor tokens (0: no limit); a datum longer than
+    the budget gets a micro-batch of its own. Datums are placed longest first."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    if not pack:
-        return [Row([i], [0]) for i in order]
+    budget = max_tokens if max_tokens > 0 else float("inf")
+    batches: list[MicroBatch] = []
     rows: list[Row] = []
-    used: list[int] = []
+    fill: list[int] = []
+    width = 0
     for i in order:
-        for r, fill in enumerate(used):
-            if fill + lengths[i] <= max_row_tokens:
-                rows[r].datums.append(i)
-                rows[r].offsets.append(fill)
-                used[r] += lengths[i]
-                break
+        n = lengths[i]
+        if not rows:
+            width = max(row_tokens, n) if layout == "rows" else n
+        if layout == "varlen":
+            r, cost = 0, (fill[0] if fill else 0) + n
         else:
-            rows.append(Row([i], [0]))
-            used.append(lengths[i])
-    return rows
+            r = next((r for r, used in enumerate(fill) if layout == "rows" and used + n <= width), len(rows))
+            cost = (len(rows) + (r == len(rows))) * width
+        if rows and cost > budget:
+            batches.append(MicroBatch(rows, max(fill)))  # only as wide as the fullest row
+            rows, fill, width = [], [], (max(row_tokens, n) if layout == "rows" else n)
+            r = 0
+        if r == len(rows):
+            rows.append(Row([], []))
+            fill.append(0)
+        rows[r].datums.append(i)
+        rows[r].offsets.append(fill[r])
+        fill[r] += n
+    if rows:
+        batches.append(MicroBatch(rows, max(fill)))  # only as wide as the fullest row
+    return batches
 
 
-class Batch(NamedTuple):
+class Inputs(NamedTuple):
     input_ids: torch.Tensor
+    """(rows, width) token ids; pads hold pad_id."""
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    """(rows, 1, width, width) boolean: causal within each datum, pads see only themselves."""
+    """(rows, width): 0, 1, ... within each datum; 0 on pads."""
+    targets: torch.Tensor
+    """(N,) the target token of every real position, datum after datum (MicroBatch.datums order)."""
+    index: torch.Tensor
+    """(N,) where those positions sit in the flattened (rows * width) tensor."""
+    cu_seqlens: torch.Tensor | None
+    """(datums + 1,) int32 cumulative lengths, for the varlen layout."""
+    max_len: int
 
 
-def build_batch(token_lists: list[list[int]], rows: list[Row], pad_id: int, device) -> Batch:
-    width = max(row.offsets[-1] + len(token_lists[row.datums[-1]]) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    # Pad positions get their own segment id (-1 - position), so each attends only to itself
-    # and no attention row is fully masked (which would give NaN in sdpa).
-    segment = -1 - torch.arange(width).repeat(len(rows), 1)
-    for r, row in enumerate(rows):
-        for seg, (i, off) in enumerate(zip(row.datums, row.offsets)):
-            n = len(token_lists[i])
-            input_ids[r, off : off + n] = torch.tensor(token_lists[i])
-            position_ids[r, off : off + n] = torch.arange(n)
-            segment[r, off : off + n] = seg
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-    mask = causal & (segment[:, :, None] == segment[:, None, :])
-    return Batch(input_ids.to(device), position_ids.to(device), mask[:, None].to(device))
-
-
-def unpack(values_RW: torch.Tensor, rows: list[Row], lengths: list[int]) -> list[torch.Tensor]:
-    """Per-datum slices of a (rows, width) tensor, in the original datum order."""
-    out: list[torch.Tensor | None] = [None] * len(lengths)
-    for r, row in enumerate(rows):
+def build(batch: MicroBatch, tokens: list[np.ndarray], targets: list[np.ndarray], pad_id: int, device,
+          varlen: bool) -> Inputs:
+    """The model inputs of one micro-batch. tokens/targets: int64 arrays per datum (all datums)."""
+    input_ids = np.full((len(batch.rows), batch.width), pad_id, dtype=np.int64)
+    position_ids = np.zeros((len(batch.rows), batch.width), dtype=np.int64)
+    index, flat_targets, lengths = [], [], []
+    for r, row in enumerate(batch.rows):
         for i, off in zip(row.datums, row.offsets):
-            out[i] = values_RW[r, off : off + lengths[i]]
-    return out  # type: ignore[return-value]
+            n = len(tokens[i])
+            input_ids[r, off : off + n] = tokens[i]
+            position_ids[r, off : off + n] = np.arange(n)
+            index.append(np.arange(n) + r * batch.width + off)
+            flat_targets.append(targets[i])
+            lengths.append(n)
+    cu = None
+    if varlen:
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
+    return Inputs(
+        torch.from_numpy(input_ids).to(device), torch.from_numpy(position_ids).to(device),
+        torch.from_numpy(np.concatenate(flat_targets)).to(device), torch.from_numpy(np.concatenate(index)).to(device),
+        cu, max(lengths),
+    )

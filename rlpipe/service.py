@@ -31,7 +31,8 @@ class ServiceClient:
         train_unembed: bool = True,
         **options,
     ) -> TrainingClient:
-        """options: device, dtype, pack, max_row_tokens, call_timeout_s (see TrainingClient)."""
+        """options: device, dtype, layout, row_tokens, max_tokens_per_micro_batch, gradient_checkpointing,
+        call_timeout_s (see TrainingClient)."""
         lora = LoraConfig(rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn, train_unembed=train_unembed)
         return TrainingClient(str(base_model), lora, self._run_dir(), **options)
 

@@ -67,7 +67,23 @@ def corpus(n: int, seed: int) -> list[str]:
     return out
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+def train_tokenizer(
+    texts: list[str],
+    vocab_size: int,
+    special_tokens: list[str] = SPECIAL_TOKENS,
+    *,
+    eos_token: str | None = EOS_TOKEN,
+    pad_token: str | None = PAD_TOKEN,
+    bos_token: str | None = None,
+    unk_token: str | None = None,
+    add_bos_token: bool = False,
+    chat_template: str = CHAT_TEMPLATE,
+):
+    """A byte-level BPE tokenizer trained on texts, with special_tokens first (ids 0, 1, ...).
+
+    The defaults make the embedded model's tokenizer; rlpipe.families passes a model family's
+    special tokens, roles (eos/pad/bos/unk) and chat template. add_bos_token: prepend bos_token
+    on every encode, as Llama-3, Mistral and Gemma tokenizers do."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -80,13 +96,18 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
-    fast.chat_template = CHAT_TEMPLATE
+    # Only the roles that are set are passed, so the embedded model's files stay byte-identical.
+    roles = dict(eos_token=eos_token, pad_token=pad_token, bos_token=bos_token, unk_token=unk_token)
+    roles = {k: v for k, v in roles.items() if v is not None}
+    if add_bos_token:
+        roles["add_bos_token"] = True
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
+    fast.chat_template = chat_template
     return fast
 
 
@@ -127,16 +148,22 @@ def build_tiny_model(out_dir: str | os.PathLike, **overrides) -> Path:
 
 
 def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int) -> None:
+    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    pretrain_on_ids(model, ids, tokenizer.pad_token_id, steps, seed)
+
+
+def pretrain_on_ids(model, ids: list[list[int]], pad_id: int, steps: int, seed: int) -> None:
+    """A few AdamW steps of next-token prediction on random batches of 32 token sequences
+    (pad_id only fills the right of a row; it is never a target)."""
     import torch
 
     rng = random.Random(seed)
-    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
         batch = rng.sample(ids, 32)
         width = max(map(len, batch))
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        input_ids = torch.full((len(batch), width), pad_id)
         labels = torch.full((len(batch), width), -100)
         for i, seq in enumerate(batch):
             input_ids[i, : len(seq)] = torch.tensor(seq)
@@ -153,15 +180,20 @@ def cache_dir() -> Path:
 
 
 def default_model_path(**overrides) -> Path:
-    """The embedded default model, built once per machine and settings, then reused.
+    """The embedded default model, built once per machine and settings, then reused."""
+    cfg = {**DEFAULTS, **overrides, "version": VERSION}
+    return cached_build("tiny-llama", cfg, lambda out: build_tiny_model(out, **overrides))
+
+
+def cached_build(prefix: str, key: dict, build) -> Path:
+    """cache_dir()/prefix-<digest of key>, made by build(directory) on first use.
 
     A file lock makes concurrent callers (pytest workers, roles of one run) wait for one
     build instead of racing; the directory appears atomically by rename."""
-    cfg = {**DEFAULTS, **overrides, "version": VERSION}
-    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    path = root / f"tiny-llama-{digest}"
+    path = root / f"{prefix}-{digest}"
     if (path / "config.json").exists():
         return path
     with open(root / f".{path.name}.lock", "w") as lock:
@@ -169,7 +201,7 @@ def default_model_path(**overrides) -> Path:
         if not (path / "config.json").exists():
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
             try:
-                build_tiny_model(tmp, **overrides)
+                build(tmp)
                 os.rename(tmp, path)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

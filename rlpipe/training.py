@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import json
+import logging
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import msgspec
+import numpy as np
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors.torch import save as save_safetensors
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rlpipe import checkpoint, packing
+from rlpipe import attention, checkpoint, packing
+from rlpipe.forward import ForwardPass, default_layout, enable_gradient_checkpointing
 from rlpipe.futures import APIFuture
-from rlpipe.losses import LOSSES, compute_loss
+from rlpipe.losses import LOSSES, check_inputs, compute_loss
 from rlpipe.types import (
     AdamParams,
     Datum,
@@ -37,6 +43,7 @@ from rlpipe.types import (
 # Fixed alpha, as in Tinker and "LoRA Without Regret": the effective scale is alpha/rank, so
 # the optimal learning rate does not move much with rank.
 LORA_ALPHA = 32
+log = logging.getLogger(__name__)
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -59,6 +66,44 @@ def lora_target_modules(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
     return sorted(names)
 
 
+def tied_embeddings(model: torch.nn.Module) -> bool:
+    """Whether lm_head shares its weight with the input embedding (Qwen3-0.6B..4B, Llama-3.2-1B/3B,
+    Gemma). LoRA on a tied lm_head is still sound: the delta B·A applies to the output projection
+    only, the shared base weight stays frozen, and peft and vLLM both load such an adapter."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def _split(lp: torch.Tensor, data: list[Datum], indices: list[int]) -> list[torch.Tensor]:
+    return list(lp.split([data[i].model_input.length for i in indices]))
+
+
+def _cat(inputs: list[dict[str, torch.Tensor]], indices) -> dict[str, torch.Tensor]:
+    indices = list(indices)
+    return {name: torch.cat([inputs[i][name] for i in indices]) for name in inputs[indices[0]]}
+
+
+def _call_custom(fn: CustomLossFn, data: list[Datum], logprobs: list[torch.Tensor]):
+    loss, metrics = fn(data, logprobs)
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        raise TypeError("a custom loss function must return (scalar tensor, metrics dict)")
+    return loss, metrics
+
+
+class _RestoreGrads:
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+
+    def __enter__(self):
+        self.saved = [None if p.grad is None else p.grad.clone() for p in self.params]
+
+    def __exit__(self, kind, value, tb):
+        if kind is not None:
+            for p, g in zip(self.params, self.saved):
+                p.grad = g
+        return False
+
+
 class TrainingClient:
     def __init__(
         self,
@@ -68,19 +113,28 @@ class TrainingClient:
         *,
         device: str | None = None,
         dtype: str | None = None,
-        pack: bool = True,
-        max_row_tokens: int = 4096,
+        layout: str | None = None,
+        row_tokens: int | None = None,
+        max_tokens_per_micro_batch: int = 0,
+        gradient_checkpointing: bool = False,
         call_timeout_s: float = 3600.0,
     ):
+        """device: default cuda where available, else cpu. dtype: of the base weights, default
+        bfloat16 on CUDA and float32 elsewhere; LoRA weights and optimizer state stay float32.
+        layout: "rows", "padded" or "varlen" (rlpipe.packing), default per device
+        (rlpipe.forward.default_layout), with row_tokens the row width of "rows".
+        max_tokens_per_micro_batch: split each forward_backward into micro-batches of at most
+        this many tokens (pads included) and accumulate their gradients; 0 = one piece.
+        gradient_checkpointing: recompute each decoder layer in backward (less memory, ~30% more compute)."""
         if lora.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {lora.rank}")
+        if max_tokens_per_micro_batch < 0:
+            raise ValueError(f"max_tokens_per_micro_batch must be >= 0, got {max_tokens_per_micro_batch}")
         self.base_model = str(base_model)
         self.lora = lora
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
-        self.pack = pack
-        self.max_row_tokens = max_row_tokens
         self.call_timeout_s = call_timeout_s
         self.step = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlpipe-train")
@@ -89,19 +143,35 @@ class TrainingClient:
         if not (Path(self.base_model) / "config.json").exists():
             raise FileNotFoundError(f"base_model {self.base_model!r} is not a local Hugging Face model directory")
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        base = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype)
+        config = AutoConfig.from_pretrained(self.base_model)
+        softcap = attention.attention_softcap(config)
+        if softcap and layout == "varlen":
+            raise ValueError(f"{self.base_model} soft-caps attention logits; the varlen layout cannot: use layout='rows'")
+        base = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype, **attention.load_options(config))
         self.vocab_size = base.get_output_embeddings().weight.shape[0]
-        peft_config = PeftLoraConfig(
-            r=lora.rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-            target_modules=lora_target_modules(base, lora), bias="none",
-        )
+        targets = lora_target_modules(base, lora)
+        if lora.train_unembed and tied_embeddings(base):
+            log.info("%s ties its embeddings: LoRA on lm_head trains the output projection only", self.base_model)
+        peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                     target_modules=targets, bias="none")
         if lora.seed is not None:
             torch.manual_seed(lora.seed)
-        self.model = get_peft_model(base, peft_config).to(self.device)
+        with warnings.catch_warnings():
+            # peft warns about LoRA on a tied lm_head; see tied_embeddings() for why it is sound here.
+            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+            # autocast_adapter_dtype: LoRA weights (and so Adam's state) in float32 over a bf16 base.
+            self.model = get_peft_model(base, peft_config, autocast_adapter_dtype=True).to(self.device)
         self.model.eval()  # no dropout anywhere: logprobs must match the sampler's
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._new_optimizer()
-        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        auto_layout, auto_row = default_layout(self.device, softcap=bool(softcap))
+        self.forward_pass = ForwardPass(
+            self.model, pad_id=pad_id, layout=layout or auto_layout,
+            row_tokens=auto_row if row_tokens is None else row_tokens, max_tokens=max_tokens_per_micro_batch,
+        )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -111,27 +181,22 @@ class TrainingClient:
     def _new_optimizer(self) -> torch.optim.AdamW:
         return torch.optim.AdamW(self._params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
 
+    def _micro_batches(self, data: list[Datum], temperature: float):
+        """Yield (datum indices, their target logprobs end to end) per micro-batch; the logprobs
+        carry gradients when grad is enabled, so the caller can backward each one in turn."""
+        tokens = [np.asarray(d.model_input.to_ints(), dtype=np.int64) for d in data]
+        targets = [d.loss_fn_inputs["target_tokens"].to_numpy().astype(np.int64) for d in data]
+        for batch in self.forward_pass.plan([len(t) for t in tokens]):
+            yield batch.datums, self.forward_pass.logprobs(batch, tokens, targets, temperature)
+
     def _logprobs(self, data: list[Datum], temperature: float) -> list[torch.Tensor]:
-        """Learner logprobs of each datum's target tokens, computed on packed rows."""
-        tokens = [d.model_input.to_ints() for d in data]
-        lengths = [len(t) for t in tokens]
-        rows = packing.plan_rows(lengths, self.max_row_tokens, self.pack)
-        batch = packing.build_batch(tokens, rows, self._pad_id, self.device)
-        targets = torch.zeros_like(batch.input_ids)
-        for r, row in enumerate(rows):
-            for i, off in zip(row.datums, row.offsets):
-                targets[r, off : off + lengths[i]] = data[i].loss_fn_inputs["target_tokens"].to_torch()
-        logits = self.model(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            attention_mask=batch.attention_mask,
-            use_cache=False,
-        ).logits
-        # bf16 logits would round logprobs far beyond the sampler mismatch we want to see.
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        logprobs = torch.log_softmax(logits / temperature, dim=-1)
-        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return packing.unpack(token_logprobs, rows, lengths)
+        """Per-datum target logprobs without gradients."""
+        out: list[torch.Tensor] = [None] * len(data)  # type: ignore[list-item]
+        with torch.no_grad():
+            for indices, lp in self._micro_batches(data, temperature):
+                for i, part in zip(indices, _split(lp, data, indices)):
+                    out[i] = part
+        return out
 
     def _loss(self, data, loss_fn, config, with_grad: bool) -> ForwardBackwardOutput:
         if loss_fn not in LOSSES:
@@ -141,16 +206,22 @@ class TrainingClient:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         packing.check_data(data, self.vocab_size, LOSSES[loss_fn].required_inputs)
-        with torch.set_grad_enabled(with_grad):
+        inputs = [{name: t.to_torch().to(self.device) for name, t in d.loss_fn_inputs.items()} for d in data]
+        check_inputs(loss_fn, _cat(inputs, range(len(data))), config)  # before any gradient moves
+        if not with_grad:
             per_datum = self._logprobs(data, temperature)
-            names = data[0].loss_fn_inputs.keys()
-            inputs = {
-                name: torch.cat([d.loss_fn_inputs[name].to_torch() for d in data]).to(self.device)
-                for name in names
-            }
-            loss, metrics = compute_loss(loss_fn, torch.cat(per_datum), inputs, config)
-            if with_grad:
-                loss.backward()
+        else:
+            per_datum = [None] * len(data)
+            with self._grads_kept_on_error():
+                for indices, lp in self._micro_batches(data, temperature):
+                    # Losses are token sums, so the micro-batch losses add up to the batch loss
+                    # and their gradients accumulate to the batch gradient exactly.
+                    loss, _ = compute_loss(loss_fn, lp, _cat(inputs, indices), config)
+                    loss.backward()
+                    for i, part in zip(indices, _split(lp.detach(), data, indices)):
+                        per_datum[i] = part
+        # Metrics (ratio statistics, ...) are over the whole batch, from the detached logprobs.
+        _, metrics = compute_loss(loss_fn, torch.cat(per_datum), _cat(inputs, range(len(data))), config)
         return self._output(loss_fn, per_datum, metrics)
 
     @staticmethod
@@ -160,12 +231,30 @@ class TrainingClient:
 
     def _custom(self, data: list[Datum], fn: CustomLossFn) -> ForwardBackwardOutput:
         packing.check_data(data, self.vocab_size, ("target_tokens",))
-        per_datum = self._logprobs(data, 1.0)
-        loss, metrics = fn(data, per_datum)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            raise TypeError("a custom loss function must return (scalar tensor, metrics dict)")
-        loss.backward()
-        return self._output("custom", per_datum, {"loss:sum": float(loss.detach()), **metrics})
+        if len(self.forward_pass.plan([d.model_input.length for d in data])) == 1:
+            per_datum = [None] * len(data)
+            for indices, lp in self._micro_batches(data, 1.0):
+                for i, part in zip(indices, _split(lp, data, indices)):
+                    per_datum[i] = part
+            loss, metrics = _call_custom(fn, data, per_datum)
+            loss.backward()
+            return self._output("custom", per_datum, {"loss:sum": float(loss.detach()), **metrics})
+        # Several micro-batches: fn sees all logprobs at once, so take its gradient with respect
+        # to the logprobs first, then push that gradient through each micro-batch in turn (one
+        # extra forward pass, as Tinker does for custom losses).
+        leaves = [lp.requires_grad_() for lp in self._logprobs(data, 1.0)]
+        loss, metrics = _call_custom(fn, data, leaves)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        with self._grads_kept_on_error():
+            for indices, lp in self._micro_batches(data, 1.0):
+                grad = torch.cat([grads[i] if grads[i] is not None else torch.zeros_like(leaves[i]) for i in indices])
+                lp.backward(grad)
+        return self._output("custom", [lp.detach() for lp in leaves], {"loss:sum": float(loss.detach()), **metrics})
+
+    def _grads_kept_on_error(self):
+        """Gradients as they were before the call if a micro-batch fails halfway (a failed
+        forward_backward must not leave part of its gradient behind)."""
+        return _RestoreGrads(self._params)
 
     def _optim_step(self, params: AdamParams) -> OptimStepResponse:
         for group in self.optimizer.param_groups:
@@ -183,9 +272,20 @@ class TrainingClient:
         self.step += 1
         return OptimStepResponse(step=self.step, metrics={"grad_norm:mean": grad_norm})
 
+    def _adapter_files(self) -> dict[str, bytes]:
+        """The adapter as the two files of a PEFT adapter directory, in memory: what
+        save_weights_for_sampler writes and what the learner sends to the explorers."""
+        # save_embedding_layers=False: LoRA on lm_head must not drag the base lm_head along.
+        state = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        weights = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, metadata={"format": "pt"})
+        config = self.model.peft_config["default"].to_dict()
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()} | {"inference_mode": True}
+        return {checkpoint.ADAPTER_CONFIG: json.dumps(config, indent=2, default=str).encode(),
+                checkpoint.ADAPTER_WEIGHTS: weights}
+
     def _save_state(self, name: str) -> SaveResponse:
         path = self.checkpoint_dir / "state" / checkpoint.check_name(name)
-        self.model.save_pretrained(path / "adapter", save_embedding_layers=False)
+        checkpoint.write_adapter(path / "adapter", self._adapter_files())
         torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
         torch.save(checkpoint.rng_state(), path / "rng.pt")
         checkpoint.write_meta(path, checkpoint.StateMeta(self.base_model, self.lora, self.step))
@@ -196,7 +296,7 @@ class TrainingClient:
         path = Path(path)
         if msgspec.structs.replace(meta.lora, seed=self.lora.seed) != self.lora:  # seed only sets the init
             raise ValueError(f"checkpoint {path} has LoRA config {meta.lora}, this client has {self.lora}")
-        weights = load_file(path / "adapter" / "adapter_model.safetensors", device=str(self.device))
+        weights = load_file(path / "adapter" / checkpoint.ADAPTER_WEIGHTS, device=str(self.device))
         result = set_peft_model_state_dict(self.model, weights)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"checkpoint {path} has weights this model lacks: {result.unexpected_keys[:3]}")
@@ -209,8 +309,7 @@ class TrainingClient:
 
     def _save_for_sampler(self, name: str) -> SaveResponse:
         path = self.checkpoint_dir / "sampler_weights" / checkpoint.check_name(name)
-        # LoRA on lm_head must not drag the full base lm_head into the adapter.
-        self.model.save_pretrained(path, save_embedding_layers=False)
+        checkpoint.write_adapter(path, self._adapter_files())
         return SaveResponse(path=str(path))
 
     # ------------------------------------------------------------------ public API
@@ -242,6 +341,11 @@ class TrainingClient:
 
     def save_weights_for_sampler(self, name: str) -> APIFuture[SaveResponse]:
         return self._submit("save_weights_for_sampler", self._save_for_sampler, name)
+
+    def get_sampler_weights(self) -> APIFuture[dict[str, bytes]]:
+        """What save_weights_for_sampler would write, as {file name: bytes}, without the disk:
+        how the learner sends adapters to the explorers."""
+        return self._submit("get_sampler_weights", self._adapter_files)
 
     def save_weights_and_get_sampling_client(self, name: str | None = None, **sampler_options):
         from rlpipe.sampling import create_sampling_client

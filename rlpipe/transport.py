@@ -320,6 +320,7 @@ class ControlServer(_Closing):
         self.latest: WeightUpdate | None = None
         self.peers: dict[bytes, Peer] = {}
         self._latest_frame = b""
+        self._shutdown_frame: bytes | None = None
         # HANDOVER: an explorer restarted under the same name takes over its old identity.
         self.socket = _make_socket(ctx, zmq.ROUTER, address, bind, max_message_bytes=max_message_bytes,
                                    SNDHWM=sndhwm, ROUTER_MANDATORY=1, ROUTER_HANDOVER=1)
@@ -341,6 +342,8 @@ class ControlServer(_Closing):
                 case Ready(sender=name) | Heartbeat(sender=name) as msg:
                     handled += 1
                     self._seen(frames[0].bytes, name, msg)
+                    if self._shutdown_frame is not None:
+                        self._try_send(frames[0].bytes, self._shutdown_frame)
                 case None:
                     pass  # already counted as rejected
                 case _:
@@ -350,10 +353,11 @@ class ControlServer(_Closing):
         return handled
 
     def shutdown(self, reason: str = "") -> None:
-        """Best effort: tell every registered peer to stop."""
-        data = self.codec.encode(Shutdown(reason=reason))
+        """Tell every registered peer to stop, and from now on any peer that shows up (a
+        Ready or heartbeat seen by a later poll()): one that registers late is not left running."""
+        self._shutdown_frame = self.codec.encode(Shutdown(reason=reason))
         for ident in list(self.peers):
-            self._try_send(ident, data)
+            self._try_send(ident, self._shutdown_frame)
 
     def _seen(self, ident: bytes, name: str, msg: Ready | Heartbeat) -> None:
         now = time.monotonic()
@@ -373,7 +377,7 @@ class ControlServer(_Closing):
                 del self.peers[ident]
 
     def _sync(self) -> None:
-        if self.latest is None:
+        if self.latest is None or self._shutdown_frame is not None:
             return
         for ident, peer in list(self.peers.items()):
             if peer.sent_version < self.latest.version and self._try_send(ident, self._latest_frame):

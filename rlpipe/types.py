@@ -238,10 +238,14 @@ class TrajectoryGroup(msgspec.Struct, tag="group", omit_defaults=True):
 
 
 class WeightUpdate(msgspec.Struct, tag="weights", omit_defaults=True):
-    """A new sampler adapter: the PEFT adapter directory packed as a tar archive."""
+    """A new sampler adapter: the two files of its PEFT adapter directory, as bytes (the
+    learner never writes them to disk for this; the explorer writes them once, for vLLM)."""
 
     version: int
-    adapter_tar: bytes
+    adapter_config: bytes
+    """adapter_config.json"""
+    adapter_weights: bytes
+    """adapter_model.safetensors"""
     step: int = 0
     created_at: float = 0.0
     """time.time() when the learner started saving it, for the weight-sync latency."""

@@ -31,6 +31,7 @@ def write_config(tmp_path, name, **fields) -> Path:
     lines = [
         f'name = "{name}"', f'runs_dir = "{tmp_path}"', f"max_staleness = {fields.pop('max_staleness', 1)}",
         f"groups_per_batch = {fields.pop('groups_per_batch', 4)}",
+        f'base_model = "{fields.pop("base_model", "")}"',
         "[dataset]", f'factory = "{fields.pop("factory", "envs.toy:DigitsDataset")}"', "args = { group_size = 8 }",
         *fields.pop("dataset_lines", []),
         "[explorer]", f'sampler = "{fields.pop("sampler", SAMPLER)}"', "concurrency = 8", "max_tokens = 8",

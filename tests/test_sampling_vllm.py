@@ -169,6 +169,27 @@ def test_mixed_batch_of_base_and_adapters(vllm_engine, tiny_model_path, make_lor
     assert worst <= TOL
 
 
+def test_prompt_logprobs_alongside_other_requests(vllm_engine, tiny_model_path, make_lora_adapter, reference_logprobs):
+    """vLLM 0.32 kills its engine when a prompt-logprob request shares an engine step with
+    other requests (rlpipe/sampling/gate.py); rlpipe runs those alone, so concurrent
+    compute_logprobs calls and samples all succeed, each with the right logprobs."""
+    adapter = make_lora_adapter(seed=70)
+    client = create_sampling_client(tiny_model_path, adapter, policy_version=70)
+    prompts = [PROMPT + [10 + i, 20 + i] for i in range(4)]
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=3)
+    samples = [client.sample(ModelInput.from_ints(PROMPT), 4, params) for _ in range(3)]
+    scores = [client.compute_logprobs(ModelInput.from_ints(p)) for p in prompts]
+    samples += [client.sample(ModelInput.from_ints(PROMPT), 2, params)]
+    for p, future in zip(prompts, scores):
+        got = future.result()[1:]
+        want = reference_logprobs(p[:1], p[1:], adapter)
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= TOL
+    for future in samples:
+        seqs = future.result().sequences
+        assert deltas(seqs, [reference_logprobs(PROMPT, s.tokens, adapter) for s in seqs])[1] <= TOL
+    assert vllm_engine.alive
+
+
 def test_vllm_and_local_backends_agree(vllm_engine, tiny_model_path, make_lora_adapter, reference_logprobs):
     adapter = make_lora_adapter(seed=41)
     for path in (None, adapter):

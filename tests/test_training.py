@@ -105,8 +105,8 @@ def test_packed_equals_sum_of_single_datum_calls(service, tiny_model_path, loss_
 
 def test_packing_and_padding_agree(service, tiny_model_path):
     data = [rl_datum(n, seed, 300) for seed, n in enumerate([30, 4, 12, 7])]
-    packed = service.create_lora_training_client(tiny_model_path, rank=4, seed=1, max_row_tokens=40)
-    padded = service.create_lora_training_client(tiny_model_path, rank=4, seed=1, pack=False)
+    packed = service.create_lora_training_client(tiny_model_path, rank=4, seed=1, layout="rows", row_tokens=40)
+    padded = service.create_lora_training_client(tiny_model_path, rank=4, seed=1, layout="padded")
     a = packed.forward(data, "importance_sampling").result()
     b = padded.forward(data, "importance_sampling").result()
     for x, y in zip(a.loss_fn_outputs, b.loss_fn_outputs):

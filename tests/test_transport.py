@@ -41,7 +41,7 @@ def group(gid="g0", n=4):
 ALL_MESSAGES = [
     group(),
     TrajectoryGroup(group_id="bad", trajectories=[], failed=True, error="env timed out"),
-    WeightUpdate(version=7, adapter_tar=b"\x00tar\xff" * 100, step=70),
+    WeightUpdate(version=7, adapter_config=b"{}", adapter_weights=b"\x00st\xff" * 100, step=70),
     Heartbeat(sender="e1", time=123.25, version=6),
     Ready(sender="e1"),
     Shutdown(reason="done"),
@@ -156,16 +156,26 @@ async def test_asend_waits_without_blocking_the_event_loop():
 
 def test_ready_handshake_gives_late_joiner_the_latest_update(address):
     with ControlServer(address) as server:
-        server.publish(WeightUpdate(version=1, adapter_tar=b"v1"))
-        server.publish(WeightUpdate(version=2, adapter_tar=b"v2"))  # nobody registered yet
+        server.publish(WeightUpdate(version=1, adapter_config=b"{}", adapter_weights=b"v1"))
+        server.publish(WeightUpdate(version=2, adapter_config=b"{}", adapter_weights=b"v2"))  # nobody registered yet
         with ControlClient(address, "explorer-0") as client:
             got = _pump(server, client)
-            assert got == WeightUpdate(version=2, adapter_tar=b"v2")  # the latest, not v1
-            server.publish(WeightUpdate(version=3, adapter_tar=b"v3"))
-            assert client.recv(timeout_s=2) == WeightUpdate(version=3, adapter_tar=b"v3")
+            assert got == WeightUpdate(version=2, adapter_config=b"{}", adapter_weights=b"v2")  # the latest, not v1
+            server.publish(WeightUpdate(version=3, adapter_config=b"{}", adapter_weights=b"v3"))
+            assert client.recv(timeout_s=2) == WeightUpdate(version=3, adapter_config=b"{}", adapter_weights=b"v3")
             assert [p.name for p in server.peers.values()] == ["explorer-0"]
             server.shutdown("bye")
             assert client.recv(timeout_s=2) == Shutdown(reason="bye")
+
+
+def test_explorer_that_registers_after_shutdown_is_told_to_stop(address):
+    with ControlServer(address) as server:
+        server.publish(WeightUpdate(version=4, adapter_config=b"{}", adapter_weights=b"v4"))
+        server.shutdown("finished")  # nobody registered yet
+        with ControlClient(address, "late") as client:
+            # A learner that finished before this explorer's first Ready still stops it, and
+            # does not hand it an adapter to start sampling with.
+            assert _pump(server, client) == Shutdown(reason="finished")
 
 
 def test_explorer_that_connects_before_the_learner_binds_is_registered():
@@ -173,13 +183,13 @@ def test_explorer_that_connects_before_the_learner_binds_is_registered():
     with ControlClient(address, "early") as client:  # Ready waits in the DEALER's queue
         time.sleep(0.2)
         with ControlServer(address) as server:
-            server.publish(WeightUpdate(version=5, adapter_tar=b"v5"))
-            assert _pump(server, client) == WeightUpdate(version=5, adapter_tar=b"v5")
+            server.publish(WeightUpdate(version=5, adapter_config=b"{}", adapter_weights=b"v5"))
+            assert _pump(server, client) == WeightUpdate(version=5, adapter_config=b"{}", adapter_weights=b"v5")
 
 
 def test_silent_peer_is_forgotten_and_heartbeat_reregisters(address):
     with ControlServer(address, peer_timeout_s=0.5) as server:
-        server.publish(WeightUpdate(version=1, adapter_tar=b"v1"))
+        server.publish(WeightUpdate(version=1, adapter_config=b"{}", adapter_weights=b"v1"))
         with ControlClient(address, "e", heartbeat_s=0.1) as client:
             assert _pump(server, client).version == 1
             client.version = 1
@@ -191,7 +201,7 @@ def test_silent_peer_is_forgotten_and_heartbeat_reregisters(address):
             server.poll()
             assert server.peers == {}
             # Its next heartbeat registers it again and it is owed the latest update again.
-            assert _pump(server, client) == WeightUpdate(version=1, adapter_tar=b"v1")
+            assert _pump(server, client) == WeightUpdate(version=1, adapter_config=b"{}", adapter_weights=b"v1")
 
 
 def _pump(server, client, timeout_s=3.0):

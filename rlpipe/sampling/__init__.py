@@ -18,7 +18,7 @@ import threading
 
 from rlpipe.sampling.adapters import base_weight_shapes, check_adapter
 from rlpipe.sampling.client import DEFAULT_TIMEOUT_S, SamplingClient
-from rlpipe.sampling.errors import AdapterEvictedError, EngineDeadError, SamplingError, SamplingTimeout
+from rlpipe.sampling.errors import AdapterEvictedError, EngineDeadError, EngineStartError, SamplingError, SamplingTimeout
 
 log = logging.getLogger(__name__)
 BACKENDS = ("vllm", "local")
@@ -75,7 +75,8 @@ def create_sampling_client(
     timeout_s: default per-request timeout; past it a request is aborted and raises SamplingTimeout.
     backend: "vllm", "local", or None for vLLM where installed.
     engine_options: passed to the engine when it starts (VLLMEngine / LocalEngine keyword
-    arguments, e.g. max_loaded_adapters, max_lora_rank, max_model_len)."""
+    arguments, e.g. max_loaded_adapters, max_lora_rank, max_model_len; for vLLM also any
+    vllm.AsyncEngineArgs field). An engine that cannot start raises EngineStartError."""
     if model_path is not None:
         # fail fast, before an engine starts
         check_adapter(str(model_path), engine_options.get("max_lora_rank"), base_weight_shapes(str(base_model)))
@@ -84,11 +85,11 @@ def create_sampling_client(
     return SamplingClient(engine, adapter, policy_version, timeout_s)
 
 
-def shutdown_engines() -> None:
-    """Shut down every sampling engine this process started."""
+def shutdown_engines(base_model: str | None = None) -> None:
+    """Shut down every sampling engine this process started, or only those for base_model."""
     with _engines_lock:
-        engines = list(_engines.values())
-        _engines.clear()
+        keys = [k for k in _engines if base_model is None or k[1] == os.path.realpath(base_model)]
+        engines = [_engines.pop(k) for k in keys]
     for engine in engines:
         try:
             engine.shutdown()
@@ -99,6 +100,7 @@ def shutdown_engines() -> None:
 __all__ = [
     "AdapterEvictedError",
     "EngineDeadError",
+    "EngineStartError",
     "SamplingClient",
     "SamplingError",
     "SamplingTimeout",

@@ -109,6 +109,12 @@ def base_weight_shapes(base_model: str) -> dict[str, list[int]] | None:
     for file in files:
         with safe_open(str(file), "pt") as f:
             shapes.update({n: f.get_slice(n).get_shape() for n in f.keys()})
+    if "lm_head.weight" not in shapes:
+        # Tied embeddings: the checkpoint stores only the input embedding, but lm_head is still
+        # a linear layer (sharing that weight) that LoRA may target; peft and vLLM both load it.
+        embed = next((shape for n, shape in shapes.items() if n.endswith("embed_tokens.weight")), None)
+        if embed is not None:
+            shapes["lm_head.weight"] = embed
     return shapes
 
 
@@ -188,9 +194,15 @@ def write_zero_adapter(dest: Path, base_model: str, base_shapes: dict[str, list[
         cfg = json.loads((Path(base_model) / "config.json").read_text())
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         base_shapes = {"model.layers.0.self_attn.q_proj.weight": [cfg["num_attention_heads"] * head_dim, cfg["hidden_size"]]}
-    name, (out_features, in_features) = next(
-        (n, shape) for n, shape in base_shapes.items()
-        if len(shape) == 2 and n.endswith(".weight") and n.rsplit(".", 2)[-2] in linear
+    def leaf(name: str) -> str:
+        return name.rsplit(".", 2)[-2]
+
+    # Preference order, lm_head last: vLLM serves LoRA on lm_head only for some model classes
+    # (Llama, Qwen3; not Qwen2, Mistral or Gemma), and an untied checkpoint lists lm_head first.
+    name, (out_features, in_features) = min(
+        ((n, shape) for n, shape in base_shapes.items()
+         if len(shape) == 2 and n.endswith(".weight") and leaf(n) in linear),
+        key=lambda item: linear.index(leaf(item[0])),
     )
     module = name.removesuffix(".weight")
     dest.mkdir(parents=True)

@@ -18,3 +18,7 @@ class EngineDeadError(SamplingError):
 class AdapterEvictedError(SamplingError):
     """The client's adapter version was evicted to make room for newer ones
     (max_loaded_adapters); make a client for a newer version."""
+
+
+class EngineStartError(SamplingError):
+    """An engine could not start for this model and these settings; the message names both."""

@@ -48,7 +48,9 @@ class LocalEngine:
         device: str | None = None,
     ):
         """max_batch_rows: sequences decoded together (a request of n samples is n rows)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from rlpipe.attention import load_options
 
         if not (Path(base_model) / "config.json").is_file():
             raise FileNotFoundError(f"base_model {base_model!r} is not a local Hugging Face model directory (no config.json)")
@@ -56,7 +58,9 @@ class LocalEngine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, dtype or "float32")
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        self.model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype).to(self.device).eval()
+        config = AutoConfig.from_pretrained(self.base_model)
+        self.model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype, **load_options(config))
+        self.model = self.model.to(self.device).eval()
         config = self.model.config
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.max_model_len = max_model_len or config.max_position_embeddings

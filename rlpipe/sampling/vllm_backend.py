@@ -21,15 +21,20 @@ Logprobs: the engine runs with logprobs_mode="processed_logprobs", so a sampled 
 logprob is log_softmax of the logits after temperature, top_k and top_p — the distribution
 it was actually drawn from. logprobs=0 returns exactly the sampled token's entry, which we
 read by token id. (Greedy, temperature 0: log_softmax of the raw logits.)
+
+Start: the engine's settings and their checks are in vllm_args.py. An engine counts as
+started once it has served one request, so a model it cannot run fails here, as an
+EngineStartError naming the model, never in the first rollout. Work nobody awaits (adapter
+removals, requests still ending after an abort) logs its error when it fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -39,30 +44,15 @@ from pathlib import Path
 
 from rlpipe.sampling.adapters import Adapter, AdapterTable, base_weight_shapes, snapshot_adapter, write_zero_adapter
 from rlpipe.sampling.client import Request
-from rlpipe.sampling.errors import EngineDeadError, SamplingError, SamplingTimeout
+from rlpipe.sampling.gate import Gate
+from rlpipe.sampling.loop import LoopThread, environ, log_failure
+from rlpipe.sampling.errors import EngineDeadError, EngineStartError, SamplingError, SamplingTimeout
+from rlpipe.sampling.vllm_args import engine_config, engine_process_env
 from rlpipe.types import SampledSequence, SampleResponse
 
 log = logging.getLogger(__name__)
 
 HEALTH_POLL_S = 0.5  # how often a waiting request checks that the engine core is alive
-GiB = 1 << 30
-
-
-class LoopThread:
-    """An asyncio event loop running forever on a daemon thread."""
-
-    def __init__(self, name: str):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, coro):
-        """Schedule coro on the loop (from any thread); returns a concurrent.futures.Future."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
 
 
 class VLLMEngine:
@@ -72,67 +62,65 @@ class VLLMEngine:
         *,
         max_loaded_adapters: int = 4,
         max_lora_rank: int = 32,
-        max_model_len: int | None = None,
-        dtype: str | None = None,
-        enforce_eager: bool = True,
-        enable_prefix_caching: bool = True,
-        kv_cache_memory_bytes: int | None = None,
         startup_timeout_s: float = 900.0,
-        **engine_args,
+        **options,
     ):
         """max_loaded_adapters: adapter versions kept loaded (>= max_staleness + 1), also
-        the number vLLM may batch together. dtype: default float32 on CPU (exact logprobs),
-        "auto" elsewhere. enforce_eager: skip torch.compile (fast start; on CPU compiled
-        graphs also recompile per LoRA set). kv_cache_memory_bytes: default 1 GiB on CPU
-        unless VLLM_CPU_KVCACHE_SPACE is set. engine_args: passed to vllm.AsyncEngineArgs."""
-        from vllm import AsyncEngineArgs
-        from vllm.platforms import current_platform
+        the number vLLM may batch together. max_lora_rank: rounded up to a rank vLLM
+        supports. options: vllm_args.engine_config's (max_model_len, dtype: default float32
+        on CPU for exact logprobs, "auto" elsewhere; enforce_eager: default True, no
+        torch.compile (fast start; on CPU compiled graphs also recompile per LoRA set);
+        enable_prefix_caching, kv_cache_memory_bytes, gpu_memory_utilization,
+        tensor_parallel_size, device), and further vllm.AsyncEngineArgs fields.
+        Raises EngineStartError naming the model and the reason if the engine cannot start
+        or cannot serve its first request."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        started = time.monotonic()
         if not (Path(base_model) / "config.json").is_file():
             raise FileNotFoundError(f"base_model {base_model!r} is not a local Hugging Face model directory (no config.json)")
         self.base_model = str(base_model)
-        self.max_lora_rank = max_lora_rank
         self.table = AdapterTable(max_loaded_adapters)
         self.base_shapes = base_weight_shapes(self.base_model)
-        self.options = dict(max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank,
-                            max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager,
-                            enable_prefix_caching=enable_prefix_caching, **engine_args)
-        on_cpu = current_platform.is_cpu()
-        if kv_cache_memory_bytes is None and on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            kv_cache_memory_bytes = GiB
-        args = AsyncEngineArgs(
-            model=self.base_model,
-            dtype=dtype or ("float32" if on_cpu else "auto"),
-            max_model_len=max_model_len,
-            enable_lora=True,
-            max_lora_rank=max_lora_rank,
-            max_loras=max_loaded_adapters + on_cpu,  # + the zero adapter on CPU, see _zero_adapter
-            max_cpu_loras=2 * max_loaded_adapters + on_cpu,  # room for versions lingering with requests in flight
-            logprobs_mode="processed_logprobs",
-            enforce_eager=enforce_eager,
-            enable_prefix_caching=enable_prefix_caching,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            disable_log_stats=True,
-            **engine_args,
-        )
+        self.options = dict(max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank, **options)
+        config = engine_config(self.base_model, max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank, **options)
+        self.max_lora_rank = config.lora_config.max_lora_rank
+        on_cpu = config.device_config.device_type == "cpu"
         self._ids = itertools.count(1)
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="rlpipe-vllm-adapters-"))
         self._loop = LoopThread(f"rlpipe-vllm-{Path(base_model).name}")
         self._closed = False
+        self.llm = None
         self.stats: collections.Counter = collections.Counter()  # requests, prompt / cached / generated tokens
 
         async def start():  # AsyncLLM binds its output handler to the loop it is created on
-            return AsyncLLM.from_engine_args(args)
+            with environ(engine_process_env(config)):  # the engine process inherits it
+                return AsyncLLM.from_vllm_config(config, disable_log_stats=True)
 
         try:
             self.llm = self._loop.submit(start()).result(startup_timeout_s)
-        except BaseException:
-            self._loop.stop()
-            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+            # The first request is where a model the engine cannot run shows (on CPU the
+            # engine starts without running the model): find out now, not in the first rollout.
+            self._loop.submit(self._first_request()).result(startup_timeout_s)
+        except BaseException as e:
+            self.shutdown()
+            if isinstance(e, concurrent.futures.TimeoutError):
+                raise EngineStartError(f"the vLLM engine for {base_model} did not start within {startup_timeout_s:g} s") from e
+            if isinstance(e, Exception) and not isinstance(e, EngineStartError):
+                raise EngineStartError(
+                    f"vLLM could not start an engine for {base_model}: {type(e).__name__}: {e} "
+                    "(the engine process logs its own traceback above)"
+                ) from e
             raise
         self.vocab_size = self.llm.model_config.get_vocab_size()
         self.max_model_len = self.llm.model_config.max_model_len
+        kv = config.cache_config.kv_cache_memory_bytes
+        log.info("vLLM engine for %s started in %.1f s: max_model_len %d, max_lora_rank %d, dtype %s, "
+                 "tensor_parallel_size %d, KV cache %s, %s executor", base_model, time.monotonic() - started,
+                 self.max_model_len, self.max_lora_rank, str(config.model_config.dtype).removeprefix("torch."),
+                 config.parallel_config.tensor_parallel_size,
+                 f"{kv / (1 << 20):.0f} MiB" if kv else f"{config.cache_config.gpu_memory_utilization:g} of the device",
+                 config.parallel_config.distributed_executor_backend)
         # vLLM CPU LoRA index bug workaround, see _zero_adapter
         self._lora_index_bug = on_cpu
         self._max_loras = max_loaded_adapters + on_cpu
@@ -140,6 +128,17 @@ class VLLMEngine:
         self._plain_base = 0  # base requests in flight without any LoRA
         self._route_lock = threading.Lock()  # _base_lora / _plain_base (never held while waiting on the loop)
         self._load_lock = threading.Lock()  # one adapter load at a time
+        self._gate = Gate()  # prompt-logprob requests run alone: a vLLM bug, see gate.py
+
+    async def _first_request(self) -> None:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs.engine import tokens_input
+
+        # Shaped like the requests to come: the first one asking for logprobs compiles vLLM's
+        # logprob op (torch.compile, ~1.5 s on CPU), paid here rather than in the first rollout.
+        params = VSamplingParams(n=2, max_tokens=2, temperature=1.0, seed=0, logprobs=0, detokenize=False)
+        async for _ in self.llm.generate(tokens_input([0]), params, f"rlpipe-first-{uuid.uuid4().hex}"):
+            pass
 
     # ------------------------------------------------------------------ health
 
@@ -182,13 +181,13 @@ class VLLMEngine:
             if self._lora_index_bug:
                 self._guard_base_requests(timeout_s)
             try:
-                self._loop.submit(self.llm.add_lora(request)).result(timeout_s)
+                self._on_loop(self.llm.add_lora(request), timeout_s, f"loading adapter {path}")
             except Exception as e:
                 shutil.rmtree(adapter.path, ignore_errors=True)
                 self.check_alive()
                 raise ValueError(f"vLLM could not load adapter {path!r}: {type(e).__name__}: {e}") from e
             for old in self.table.add(adapter):
-                self._loop.submit(self._remove(old))
+                self._loop.submit(self._remove(old)).add_done_callback(log_failure(f"removing adapter {old.name}"))
         return adapter
 
     def _guard_base_requests(self, timeout_s: float) -> None:
@@ -222,8 +221,24 @@ class VLLMEngine:
 
         path = write_zero_adapter(self._adapter_dir / "zero-base", self.base_model, self.base_shapes)
         request = LoRARequest("rlpipe-base", next(self._ids), str(path))
-        self._loop.submit(self.llm.add_lora(request)).result(300)
+        self._on_loop(self.llm.add_lora(request), 300, "loading the zero adapter")
         return request
+
+    def _on_loop(self, coro, timeout_s: float, what: str):
+        """Run coro on the engine loop and wait for it, but give up at once if the engine dies
+        (vLLM leaves calls to a dead engine core waiting forever) or after timeout_s."""
+        future = self._loop.submit(coro)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            done, _ = concurrent.futures.wait([future], timeout=min(HEALTH_POLL_S, max(0.0, deadline - time.monotonic())))
+            if done:
+                return future.result()
+            if self._errored() or self._closed:
+                future.cancel()
+                self.check_alive()
+            if time.monotonic() >= deadline:
+                future.cancel()
+                raise SamplingTimeout(f"{what} on the vLLM engine for {self.base_model} did not finish within {timeout_s:g} s")
 
     async def _remove(self, adapter: Adapter) -> None:
         if not self._errored():
@@ -247,7 +262,7 @@ class VLLMEngine:
 
     async def _run(self, request: Request, lora, plain: bool):
         try:
-            return await self._watch(self._generate(request, lora), request)
+            return await self._watch(self._admitted(request, lora), request)
         except asyncio.CancelledError:
             if self._closed:  # cancelled by shutdown(): say so rather than "cancelled"
                 raise EngineDeadError(f"the vLLM engine for {self.base_model} was shut down") from None
@@ -258,7 +273,11 @@ class VLLMEngine:
                     self._plain_base -= 1
             if request.adapter is not None:
                 for old in self.table.release(request.adapter):
-                    asyncio.ensure_future(self._remove(old))
+                    asyncio.ensure_future(self._remove(old)).add_done_callback(log_failure(f"removing adapter {old.name}"))
+
+    async def _admitted(self, request: Request, lora):
+        async with self._gate.hold(exclusive=request.prompt_logprobs):  # see rlpipe/sampling/gate.py
+            return await self._generate(request, lora)
 
     async def _watch(self, coro, request: Request):
         """Await coro, but give up with a clear error past the timeout or if the engine dies.
@@ -273,6 +292,7 @@ class VLLMEngine:
             if self._errored() or loop.time() >= deadline:
                 task.cancel()
                 await asyncio.wait({task}, timeout=5.0)  # let generate() abort the request
+                task.add_done_callback(log_failure("aborting a request"))  # if it ends later, say how
                 self.check_alive()
                 what = "compute_logprobs" if request.logprobs_only else f"sample (n={request.num_samples}, max_tokens={request.decoding.max_tokens})"
                 raise SamplingTimeout(
@@ -348,7 +368,8 @@ class VLLMEngine:
 
         async def stop():
             llm, self.llm = self.llm, None  # dropped here, not at interpreter exit (AsyncLLM.__del__)
-            llm.shutdown(timeout=shutdown_timeout_s)
+            if llm is not None:
+                llm.shutdown(timeout=shutdown_timeout_s)
             pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in pending:  # requests and adapter removals still waiting on the engine
                 task.cancel()
