@@ -62,12 +62,14 @@ def prompt_tokens(tokenizer, question: str) -> list[int]:
 
 
 class ArithmeticEnv:
-    def __init__(self, problem: Problem, tokenizer):
+    def __init__(self, problem: Problem, tokenizer, prompt: list[int] | None = None):
+        """prompt: the problem's prompt tokens, if the caller has them (a group renders it once)."""
         self.problem = problem
         self.tokenizer = tokenizer
+        self.prompt = prompt if prompt is not None else prompt_tokens(tokenizer, problem.question)
 
     async def initial_observation(self):
-        return ModelInput.from_ints(prompt_tokens(self.tokenizer, self.problem.question)), [self.tokenizer.eos_token_id]
+        return ModelInput.from_ints(self.prompt), [self.tokenizer.eos_token_id]
 
     async def step(self, action: list[int]) -> StepResult:
         text = self.tokenizer.decode(action, skip_special_tokens=True)
@@ -82,7 +84,8 @@ class ArithmeticGroupBuilder:
     group_size: int
 
     async def make_envs(self):
-        return [ArithmeticEnv(self.problem, self.tokenizer) for _ in range(self.group_size)]
+        prompt = prompt_tokens(self.tokenizer, self.problem.question)  # one chat-template render per group
+        return [ArithmeticEnv(self.problem, self.tokenizer, prompt) for _ in range(self.group_size)]
 
 
 class ArithmeticDataset:

@@ -16,16 +16,20 @@ def digit_share(text: str) -> float:
     return sum(ch.isdigit() for ch in text) / max(len(text), 1)
 
 
+def prompt_tokens(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 class DigitsEnv:
-    def __init__(self, tokenizer, prompt: str):
+    def __init__(self, tokenizer, prompt: str, tokens: list[int] | None = None):
+        """tokens: the rendered prompt, if the caller has it (a group renders it once)."""
         self.tokenizer = tokenizer
         self.prompt = prompt
+        self.tokens = tokens if tokens is not None else prompt_tokens(tokenizer, prompt)
 
     async def initial_observation(self):
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": self.prompt}],
-                                                  add_generation_prompt=True, tokenize=False)
-        tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ModelInput.from_ints(tokens), [self.tokenizer.eos_token_id]
+        return ModelInput.from_ints(self.tokens), [self.tokenizer.eos_token_id]
 
     async def step(self, action: list[int]) -> StepResult:
         share = digit_share(self.tokenizer.decode(action, skip_special_tokens=True))
@@ -39,7 +43,8 @@ class DigitsGroupBuilder:
     group_size: int
 
     async def make_envs(self):
-        return [DigitsEnv(self.tokenizer, self.prompt) for _ in range(self.group_size)]
+        tokens = prompt_tokens(self.tokenizer, self.prompt)
+        return [DigitsEnv(self.tokenizer, self.prompt, tokens) for _ in range(self.group_size)]
 
 
 class DigitsDataset:

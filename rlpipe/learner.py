@@ -91,7 +91,7 @@ class Learner:
         self.dir = config.run_dir / "learner"
         threads = config.learner.cpu_threads
         if not threads and not torch.cuda.is_available():
-            threads = max(1, (os.cpu_count() or 2) // 2)
+            threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores this process may use (taskset, cgroups)
         if threads:
             torch.set_num_threads(threads)
         model = config.model_path()

@@ -66,11 +66,15 @@ class AnswerSampler:
 
     def __init__(self, tokenizer, texts):
         self.tokenizer, self.texts = tokenizer, list(texts)
+        self.requests = []  # num_samples of each call
 
     async def sample_async(self, prompt, num_samples, sampling_params):
+        self.requests.append(num_samples)
+        return SampleResponse(sequences=[self._one() for _ in range(num_samples)])  # one scripted text each
+
+    def _one(self):
         tokens = self.tokenizer(self.texts.pop(0), add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        return SampleResponse(sequences=[SampledSequence(stop_reason="stop", tokens=tokens,
-                                                         logprobs=fake_logprobs(len(tokens)), policy_version=2)])
+        return SampledSequence(stop_reason="stop", tokens=tokens, logprobs=fake_logprobs(len(tokens)), policy_version=2)
 
 
 async def test_group_rollout(tokenizer):
@@ -81,9 +85,27 @@ async def test_group_rollout(tokenizer):
     sampler = AnswerSampler(tokenizer, [p.solution(), str(p.answer), "no idea"])
     group = await do_group(builder, lambda: sampler, SamplingParams(max_tokens=12))
     assert not group.failed, group.error
+    assert sampler.requests == [3]  # one prompt for the whole group: one request of 3 samples
     assert [t.reward for t in group.trajectories] == pytest.approx([1.1, 1.0, 0.0])
     assert sum(t.advantage for t in group.trajectories) == pytest.approx(0.0)
     for t in group.trajectories:
         n_prompt = len(prompt_tokens(tokenizer, p.question))
         assert t.action_mask == [0] * n_prompt + [1] * (len(t.tokens) - n_prompt)
         assert set(t.policy_versions[n_prompt:]) == {2}
+
+
+async def test_group_with_different_prompts_samples_env_by_env(tokenizer):
+    """Envs that do not share their first observation each get their own request."""
+    from envs.arithmetic import ArithmeticEnv
+
+    problems = [Problem(1, "+", 2), Problem(3, "+", 4)]
+
+    class Mixed:
+        async def make_envs(self):
+            return [ArithmeticEnv(p, tokenizer) for p in problems]
+
+    sampler = AnswerSampler(tokenizer, ["3", "9"])
+    group = await do_group(Mixed(), lambda: sampler, SamplingParams(max_tokens=12))
+    assert not group.failed, group.error
+    assert sampler.requests == [1, 1]
+    assert [t.reward for t in group.trajectories] == pytest.approx([1.0, 0.0])

@@ -26,10 +26,12 @@ class ScriptedSampler:
         self.tokenizer, self.replies, self.version = tokenizer, list(replies), version
 
     async def sample_async(self, prompt, num_samples, sampling_params):
+        return SampleResponse(sequences=[self._one() for _ in range(num_samples)])  # one scripted reply each
+
+    def _one(self):
         tokens = self.tokenizer(self.replies.pop(0), add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
         logprobs = [-0.01 * (i + 1) for i in range(len(tokens))]
-        return SampleResponse(sequences=[SampledSequence(stop_reason="stop", tokens=tokens, logprobs=logprobs,
-                                                         policy_version=self.version)])
+        return SampledSequence(stop_reason="stop", tokens=tokens, logprobs=logprobs, policy_version=self.version)
 
 
 @pytest.mark.parametrize("text, value", [

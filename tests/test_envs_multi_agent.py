@@ -31,11 +31,13 @@ class ScriptedSampler:
         self.tokenizer, self.reply, self.version = tokenizer, reply, version
 
     async def sample_async(self, prompt, num_samples, sampling_params):
+        return SampleResponse(sequences=[self._one(prompt) for _ in range(num_samples)])
+
+    def _one(self, prompt):
         text = self.reply(self.tokenizer.decode(prompt.to_ints()))
         tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        logprobs = fake_logprobs(len(tokens))
-        return SampleResponse(sequences=[SampledSequence(stop_reason="stop", tokens=tokens, logprobs=logprobs,
-                                                         policy_version=self.version)])
+        return SampledSequence(stop_reason="stop", tokens=tokens, logprobs=fake_logprobs(len(tokens)),
+                               policy_version=self.version)
 
 
 class RecordingBuilder:

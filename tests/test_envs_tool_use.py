@@ -38,11 +38,13 @@ class ScriptedSampler:
         self.tokenizer, self.replies, self.version, self.end_turn = tokenizer, list(replies), version, end_turn
 
     async def sample_async(self, prompt, num_samples, sampling_params):
+        return SampleResponse(sequences=[self._one() for _ in range(num_samples)])  # one scripted reply each
+
+    def _one(self):
         tokens = self.tokenizer(self.replies.pop(0), add_special_tokens=False)["input_ids"]
         tokens += [self.tokenizer.eos_token_id] if self.end_turn else []
-        logprobs = fake_logprobs(len(tokens))
-        return SampleResponse(sequences=[SampledSequence(stop_reason="stop" if self.end_turn else "length",
-                                                         tokens=tokens, logprobs=logprobs, policy_version=self.version)])
+        return SampledSequence(stop_reason="stop" if self.end_turn else "length", tokens=tokens,
+                               logprobs=fake_logprobs(len(tokens)), policy_version=self.version)
 
 
 async def run(tokenizer, env, replies, version=2, **sampler_kwargs):

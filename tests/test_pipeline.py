@@ -167,8 +167,12 @@ def _tiny():
     return default_model_path()
 
 
+STEPS_TO_RESUME = 40
+
+
 def test_learner_resume_trains_what_was_logged(tmp_path):
-    config = write_config(tmp_path, "resume", steps=6, checkpoint_every=2)
+    # Enough steps that the learner is still running when the test kills it (a step takes ~0.2 s).
+    config = write_config(tmp_path, "resume", steps=STEPS_TO_RESUME, checkpoint_every=2)
     run_dir = tmp_path / "resume"
     logs = run_dir / "logs"
     logs.mkdir(parents=True)
@@ -198,7 +202,7 @@ def test_learner_resume_trains_what_was_logged(tmp_path):
     records = read_metrics(run_dir / "metrics.jsonl")
     resumed = records[trained_before:]
     # Steps continue from the checkpoint, not from where the killed learner had got to ...
-    assert [r["step"] for r in resumed] == list(range(checkpoint["step"] + 1, 7))
+    assert [r["step"] for r in resumed] == list(range(checkpoint["step"] + 1, STEPS_TO_RESUME + 1))
     # ... and the first batch after the restart starts right after the checkpoint's position:
     # groups that were logged (and even trained once, then lost with the process) are trained.
     assert resumed[0]["buffer/first_seq"] == checkpoint["after_seq"] + 1
@@ -206,7 +210,7 @@ def test_learner_resume_trains_what_was_logged(tmp_path):
     # The optimizer state went on: Adam's step count equals the total number of steps.
     final = json.loads((run_dir / "learner" / "latest.json").read_text())
     adam = torch.load(Path(final["path"]) / "optimizer.pt", weights_only=False)
-    assert {int(s["step"]) for s in adam["state"].values()} == {6}
+    assert {int(s["step"]) for s in adam["state"].values()} == {STEPS_TO_RESUME}
 
 
 def test_ctrl_c_stops_every_process(tmp_path):

@@ -166,10 +166,11 @@ def engine_process_env(config) -> dict[str, str]:
     """Environment for the engine-core process: with the "uni" executor on CPU the model runs
     there, and its torch threads are not pinned by vLLM: leave one core to the scheduler and
     the sampler's caller, as vLLM's own worker placement does."""
-    if config.parallel_config.distributed_executor_backend != "uni" or "OMP_NUM_THREADS" in os.environ:
-        return {}
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return {}
-    return {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) - 1))}
+    env = {"RLPIPE_CPU_LORA_OPS": "1"}  # grouped LoRA ops in the engine process: sampling/cpu_lora.py
+    if config.parallel_config.distributed_executor_backend == "uni" and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) - 1))
+    return env
