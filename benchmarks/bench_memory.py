@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=65536)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--mem-limit-gb", type=float, default=16.0)
+    parser.add_argument("--modes", default="one piece,micro,micro+ckpt")
     parser.add_argument("--point", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.point:
@@ -114,6 +115,7 @@ def main() -> None:
     print(f"model: {params / 1e6:.1f}M parameters, vocab 32000, tied embeddings, LoRA rank 16 on attention, MLP and lm_head")
     print(f"batches of datums of {args.seq_len} tokens; micro-batch budget {args.budget} tokens; peak = RSS above the loaded model")
     modes = {"one piece": (0, False), "micro": (args.budget, False), "micro+ckpt": (args.budget, True)}
+    modes = {m: modes[m] for m in args.modes.split(",")}
     print(f"{'tokens':>7} " + " ".join(f"{m + ' MB':>14} {m + ' tok/s':>17}" for m in modes) + f" {'micro/one piece speed':>22}")
     growth = {m: None for m in modes}  # MB per token, to skip points that would not fit
     tokens = args.min_tokens
@@ -121,7 +123,8 @@ def main() -> None:
         row, results = [], {}
         for mode, (budget, ckpt) in modes.items():
             per_token = growth[mode]
-            if per_token is not None and per_token * tokens > args.mem_limit_gb * 1024:
+            held = min(tokens, budget) if budget else tokens  # micro-batches hold one budget's worth
+            if per_token is not None and per_token * held > args.mem_limit_gb * 1024:
                 row.append(f"{'> %.0f GB' % args.mem_limit_gb:>14} {'-':>17}")
                 continue
             r = run_point(args, model, tokens, budget, ckpt)

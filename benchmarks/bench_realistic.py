@@ -4,8 +4,8 @@
 
 The model has the real Qwen3-0.6B configuration (hidden 1024, 28 layers, 16 heads / 8 KV heads
 of dim 128, intermediate 3072, vocabulary 151,936, tied embeddings), random weights and a
-tokenizer trained here (rlpipe.families). The run is the toy digits env, LoRA rank 16 on
-attention, MLP and lm_head, synchronous (each step samples with the newest adapter), the vLLM
+tokenizer trained here (rlpipe.families). The run is the toy digits env (constant-reward groups kept:
+the random model rarely writes a digit), LoRA rank 16 on attention, MLP and lm_head, synchronous (each step samples with the newest adapter), the vLLM
 sampler in fp32. Printed: seconds per step (and the learner's train / publish part), the
 weight sync latency (learner saves -> explorer samples with it), time to the first step, and
 the peak RSS of each role's process group (the explorer's includes its vLLM engine
@@ -67,6 +67,9 @@ def main() -> None:
             "[dataset]", 'factory = "envs.toy:DigitsDataset"', f"args = {{ group_size = {args.group_size} }}",
             "[explorer]", 'sampler = "vllm"', f"concurrency = {args.groups}", f"max_tokens = {args.max_tokens}",
             "max_model_len = 512", "episode_timeout_s = 900", "first_weights_timeout_s = 1800",
+            # A random-init model rarely writes a digit: constant-reward groups are trained
+            # anyway (they carry no gradient) so that every step has its batch.
+            "[buffer]", "drop_constant_reward_groups = false",
             "[learner]", f"steps = {args.steps}", "rank = 16", "learning_rate = 1e-5", "checkpoint_every = 1000",
             f"max_tokens_per_micro_batch = {args.micro_batch_tokens}", "batch_timeout_s = 1800",
             "[addresses]", *(f'{k} = "tcp://127.0.0.1:{p}"' for k, p in zip(("experience", "batches", "control"), ports)),

@@ -86,3 +86,24 @@ def cuda_varlen_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def varlen_matches_sdpa(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether varlen attention gives sdpa's result on this device (two packed sequences,
+    grouped-query heads, a sliding window): checked once before the learner relies on it,
+    since the kernel differs by GPU and torch build."""
+    g = torch.Generator().manual_seed(0)
+    lengths, heads, kv_heads, dim = [5, 11], 4, 2, 64
+    q, k, v = (torch.randn(1, h, sum(lengths), dim, generator=g).to(device, dtype) for h in (heads, kv_heads, kv_heads))
+    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device=device)
+    try:
+        for window in (None, 4):
+            got, _ = varlen_attention(None, q, k, v, None, scaling=dim**-0.5, sliding_window=window,
+                                      cu_seq_lens_q=cu, max_length_q=max(lengths))
+            want = torch.cat([_one_sequence(*(t[0, :, a:b].transpose(0, 1) for t in (q, k, v)), dim**-0.5, window)
+                              for a, b in ((0, lengths[0]), (lengths[0], sum(lengths)))])
+            if not torch.allclose(got[0].float(), want.float(), atol=2e-2 if dtype != torch.float32 else 1e-4):
+                return False
+    except Exception:  # a kernel this device or build lacks
+        return False
+    return True

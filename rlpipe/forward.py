@@ -49,7 +49,10 @@ class ForwardPass:
         self.max_tokens = max_tokens
         self.device = next(model.parameters()).device
         self.vocab_size = self.head.weight.shape[0]
-        if layout == "varlen":
+        if layout == "varlen" and self.device.type == "cuda" and not attention.varlen_matches_sdpa(self.device, self.base.dtype):
+            log.warning("varlen attention does not match sdpa on %s: using the rows layout", self.device)
+            self.layout, self.row_tokens = "rows", max(row_tokens, 256)
+        if self.layout == "varlen":
             self.body.config._attn_implementation = attention.register()
         self.split_head = self._head_matches_model()
 

@@ -10,25 +10,9 @@ import pytest
 import torch
 
 from rlpipe import ServiceClient, forward, packing, types
+from tests.test_training import grads, rl_datum
 
 LOSS = "ppo"  # clipping makes the gradient depend on every logprob, not just its sum
-
-
-def rl_datum(n, seed, vocab):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab, n + 1)
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1].tolist()),
-        loss_fn_inputs={
-            "target_tokens": tokens[1:],
-            "logprobs": -rng.uniform(0.5, 6.0, n).astype(np.float32),
-            "advantages": rng.normal(size=n).astype(np.float32),
-        },
-    )
-
-
-def grads(client):
-    return {n: p.grad.clone() for n, p in client.model.named_parameters() if p.grad is not None}
 
 
 def run(client, data, loss_fn=LOSS):
@@ -266,3 +250,10 @@ def test_bf16_base_keeps_lora_and_adam_in_float32(service, tiny_model_path):
     client.optim_step(types.AdamParams(learning_rate=1e-3)).result()
     states = list(client.optimizer.state.values())
     assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+
+
+def test_varlen_self_check_agrees_with_sdpa():
+    """The check the learner runs before it uses varlen attention on a GPU (here: its CPU path)."""
+    from rlpipe import attention
+
+    assert attention.varlen_matches_sdpa(torch.device("cpu"), torch.float32)
