@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlpipe import transport
+from rlpipe.pipeline import transport
 from rlpipe.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +75,9 @@ def main() -> None:
         for threads in map(int, args.learner_threads.split(",")):
             for mode in args.modes.split(","):
                 name = f"{mode}-t{threads or 'auto'}"
-                records, start, explorer = run(name, 0 if mode == "sync" else 1, threads, args, Path(tmp))
+                # A repeated setting gets its own run directory: reusing one would resume the earlier run.
+                root = Path(tempfile.mkdtemp(dir=tmp))
+                records, start, explorer = run(name, 0 if mode == "sync" else 1, threads, args, root)
                 steady = records[args.skip:]
                 ends = [r["time_end"] for r in steady]
                 step = statistics.median(b - a for a, b in zip(ends, ends[1:]))

@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlpipe import transport
+from rlpipe.pipeline import transport
 from rlpipe.families import QWEN3_0_6B, family_model_path
-from rlpipe.launch import group_members
+from rlpipe.pipeline.launch import group_members
 from rlpipe.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent

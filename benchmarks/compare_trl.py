@@ -41,7 +41,7 @@ What it does
    optimizer step per generation batch TRL is on-policy: r == 1, the clip never binds, and the
    gradient is rlpipe's on-policy gradient; rlpipe's r = exp(learner lp - sampler lp) with
    samples up to max_staleness = 1 step old.
-3. rlpipe: `rlpipe.launch.run_to_end` with `rlpipe.demo.demo_config` (vLLM sampler, async, max
+3. rlpipe: `rlpipe.pipeline.launch.run_to_end` with `rlpipe.demo.demo_config` (vLLM sampler, async, max
    staleness 1), `learner.init_from` = the warm-up, `learner.eval_every = 0`, free ZeroMQ ports.
 4. Held-out greedy accuracy (`rlpipe.demo.accuracy` = `rlpipe.evaluators.greedy_eval` on 200
    held-out problems) of the warm-up and of each final adapter, all run after both trainings so
@@ -282,9 +282,9 @@ def run_trl(spec: dict, python: str) -> dict:
 # ------------------------------------------------------------------------------- rlpipe side
 
 def run_rlpipe(runs_dir: Path, init: str, steps: int) -> dict:
-    from rlpipe import launch, transport
+    from rlpipe.pipeline import launch, transport
     from rlpipe.demo import demo_config
-    from rlpipe.learner import latest_checkpoint
+    from rlpipe.pipeline.learner import latest_checkpoint
 
     config = demo_config(str(runs_dir), steps)
     config.name = "rlpipe"

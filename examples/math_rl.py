@@ -6,7 +6,7 @@
 
 1. Optional SFT warm-up in this process (teaches the answer format "a + b = c"); its
    `save_state` checkpoint becomes `learner.init_from`.
-2. `rlpipe.launch.run` starts buffer, learner and explorer as processes (the same code path
+2. `rlpipe.pipeline.launch.run` starts buffer, learner and explorer as processes (the same code path
    as `rlpipe run CONFIG`); the config is written as JSON next to the run's metrics.
 3. Key figures: train reward and env/correct over the first vs the last steps (from
    runs/<name>/metrics.jsonl) and held-out greedy accuracy before RL (computed here) and after
@@ -32,10 +32,10 @@ import os
 import time
 from pathlib import Path
 
-from rlpipe import launch, transport
-from rlpipe.config import RunConfig
+from rlpipe.pipeline import launch, transport
+from rlpipe.pipeline.config import RunConfig
 from rlpipe.datums import supervised_datum
-from rlpipe.learner import latest_checkpoint
+from rlpipe.pipeline.learner import latest_checkpoint
 from rlpipe.metrics import window_mean
 from rlpipe.warmup import sft_warm_up
 

@@ -96,8 +96,8 @@ def parse_args(argv):
 
 
 def make_config(args):
-    from rlpipe import transport
-    from rlpipe.config import RunConfig
+    from rlpipe.pipeline import transport
+    from rlpipe.pipeline.config import RunConfig
 
     config = RunConfig(name=args.name, runs_dir=args.runs_dir, max_staleness=1, groups_per_batch=args.games_per_batch)
     config.dataset.factory = "envs.multi_agent:TicTacToeDataset"
@@ -132,8 +132,8 @@ def play_eval(config, adapter: str | None, n_games: int) -> dict[str, float]:
 
 
 def main(argv=None) -> dict:
-    from rlpipe import launch
-    from rlpipe.learner import latest_checkpoint
+    from rlpipe.pipeline import launch
+    from rlpipe.pipeline.learner import latest_checkpoint
     from rlpipe.metrics import window_mean
     from rlpipe.warmup import sft_warm_up
 

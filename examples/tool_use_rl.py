@@ -143,8 +143,8 @@ def parse_args(argv):
 
 
 def make_config(args, tasks_path: Path):
-    from rlpipe import transport
-    from rlpipe.config import RunConfig
+    from rlpipe.pipeline import transport
+    from rlpipe.pipeline.config import RunConfig
 
     config = RunConfig(name=args.name, runs_dir=args.runs_dir, max_staleness=1, groups_per_batch=args.groups_per_batch)
     config.dataset.factory = "tool_use_rl:calculator_dataset"
@@ -189,8 +189,8 @@ def well_formed(record: dict) -> float:
 
 
 def main(argv=None) -> dict:
-    from rlpipe import launch
-    from rlpipe.learner import latest_checkpoint
+    from rlpipe.pipeline import launch
+    from rlpipe.pipeline.learner import latest_checkpoint
     from rlpipe.metrics import window_mean
     from rlpipe.warmup import sft_warm_up
 

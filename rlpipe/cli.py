@@ -37,7 +37,7 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def _config(args):
-    from rlpipe.config import load, resolve_train_unembed
+    from rlpipe.pipeline.config import load, resolve_train_unembed
 
     overrides = _parse_sets(args.set)
     if getattr(args, "connect", None):
@@ -52,7 +52,7 @@ def _config(args):
 
 
 def _connect_overrides(host: str) -> dict:
-    from rlpipe.config import Addresses
+    from rlpipe.pipeline.config import Addresses
 
     defaults = Addresses()
     port = lambda address: address.rsplit(":", 1)[1]  # noqa: E731
@@ -78,7 +78,7 @@ def _role(role: str, config):
     try:
         yield
     except Exception as err:
-        from rlpipe.launch import record_failure
+        from rlpipe.pipeline.launch import record_failure
 
         log.error("%s failed: %s: %s", role, type(err).__name__, err, exc_info=True)
         record_failure(config.run_dir, role, err)
@@ -86,8 +86,8 @@ def _role(role: str, config):
 
 
 def cmd_buffer(args) -> None:
-    from rlpipe.buffer import serve
-    from rlpipe.config import vocab_size
+    from rlpipe.pipeline.buffer import serve
+    from rlpipe.pipeline.config import vocab_size
 
     config = _config(args)
     stop = _stop_on_sigterm()
@@ -104,8 +104,8 @@ def cmd_buffer(args) -> None:
 
 
 def cmd_learner(args) -> None:
-    from rlpipe import transport
-    from rlpipe.learner import Learner
+    from rlpipe.pipeline import transport
+    from rlpipe.pipeline.learner import Learner
     from rlpipe.types import Shutdown
 
     config = _config(args)
@@ -121,7 +121,7 @@ def cmd_learner(args) -> None:
 
 
 def cmd_explorer(args) -> None:
-    from rlpipe.explorer import Explorer
+    from rlpipe.pipeline.explorer import Explorer
 
     config = _config(args)
     _stop_on_sigterm()
@@ -137,7 +137,7 @@ def cmd_explorer(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from rlpipe.launch import run
+    from rlpipe.pipeline.launch import run
 
     config = _config(args)
     sys.exit(run(config, args.config, args.set, resume=args.resume))

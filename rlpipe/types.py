@@ -235,6 +235,20 @@ class TrajectoryGroup(msgspec.Struct, tag="group", omit_defaults=True):
     explorer_stats: dict[str, float] = {}
     """The explorer's running figures when it pushed this group (sampler busy fraction,
     weight-sync latency, ...): how the learner's metrics learn about the sampling side."""
+    run_id: str = ""
+    """The run that sampled it (run_dir/run.json); the buffer drops groups of other runs."""
+    incarnation: int = 0
+    """The learner incarnation whose adapter sampled it (see WeightUpdate.incarnation)."""
+
+
+class GroupAck(msgspec.Struct, tag="group_ack", omit_defaults=True):
+    """Buffer to explorer: the group is durably decided. The explorer may forget it now.
+
+    outcome is "accepted", "duplicate" (a re-send of a group already decided; the first
+    decision stands) or the reason it was dropped ("invalid", "env_error", "other_run", ...)."""
+
+    group_id: str
+    outcome: str
 
 
 class WeightUpdate(msgspec.Struct, tag="weights", omit_defaults=True):
@@ -249,6 +263,11 @@ class WeightUpdate(msgspec.Struct, tag="weights", omit_defaults=True):
     step: int = 0
     created_at: float = 0.0
     """time.time() when the learner started saving it, for the weight-sync latency."""
+    run_id: str = ""
+    incarnation: int = 0
+    """Counts learner starts in this run (1, 2, ...). A restarted learner resumes from its
+    checkpoint, so its versions can repeat or go back: an explorer takes any update of a new
+    incarnation, whatever its version."""
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", omit_defaults=True):
@@ -275,6 +294,12 @@ class BatchRequest(msgspec.Struct, tag="batch_request", omit_defaults=True):
     learner_version: int
     after_seq: int
     max_groups: int
+    run_id: str = ""
+    incarnation: int = 0
+    """The learner's; groups sampled by another incarnation's adapters are not served."""
+    durable_seq: int = 0
+    """The buffer position in the learner's newest checkpoint: a restarted learner asks again
+    from there, so only groups at or below it may be compacted away."""
 
 
 class Batch(msgspec.Struct, tag="batch", omit_defaults=True):
@@ -286,4 +311,4 @@ class Batch(msgspec.Struct, tag="batch", omit_defaults=True):
     """Cumulative drops by reason (stale, invalid, env_error, ...) for the metrics."""
 
 
-Message = TrajectoryGroup | WeightUpdate | Heartbeat | Ready | Shutdown | BatchRequest | Batch
+Message = TrajectoryGroup | GroupAck | WeightUpdate | Heartbeat | Ready | Shutdown | BatchRequest | Batch

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from rlpipe.config import RunConfig
+from rlpipe.pipeline.config import RunConfig
 from rlpipe.types import AdamParams, Datum
 
 

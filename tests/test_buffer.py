@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import zmq
 
-import rlpipe.buffer
-from rlpipe.buffer import LOG_NAME, ExperienceBuffer, serve, validate
-from rlpipe.transport import RequestClient, Sender, tcp_address
+import rlpipe.pipeline.buffer
+from rlpipe.pipeline.buffer import LOG_NAME, ExperienceBuffer, serve, validate
+from rlpipe.pipeline.transport import RequestClient, Sender, tcp_address
 from rlpipe.types import BatchRequest, Heartbeat, Shutdown, Trajectory, TrajectoryGroup
 
 VOCAB = 100
@@ -279,7 +279,7 @@ import sys, types
 package = types.ModuleType("rlpipe")
 package.__path__ = [sys.argv[4]]
 sys.modules["rlpipe"] = package
-from rlpipe.buffer import serve
+from rlpipe.pipeline.buffer import serve
 serve(sys.argv[1], sys.argv[2], sys.argv[3], vocab_size=100, max_staleness=4)
 """
 
@@ -289,7 +289,7 @@ def test_killed_buffer_process_loses_nothing(tmp_path):
     log_dir = str(tmp_path / "log")
 
     def start():
-        package_dir = os.path.dirname(rlpipe.buffer.__file__)
+        package_dir = os.path.dirname(rlpipe.pipeline.buffer.__file__)
         return subprocess.Popen([sys.executable, "-c", BUFFER_PROCESS, log_dir, exp_addr, batch_addr, package_dir])
 
     proc = start()

@@ -139,7 +139,7 @@ def test_engine_dying_mid_run_stops_the_run(tmp_path):
             assert proc.poll() is None and time.monotonic() - start < 300, "the run ended or stalled early"
             time.sleep(0.5)
         explorer = __import__("json").loads((run_dir / "pids.json").read_text())["explorer"]
-        from rlpipe.launch import group_members
+        from rlpipe.pipeline.launch import group_members
 
         members = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in group_members(explorer)}
         engine = [pid for pid, cmdline in members.items() if b"EngineCore" in cmdline]  # vLLM names its processes

@@ -16,9 +16,9 @@ import msgspec
 import pytest
 import torch
 
-from rlpipe import transport
-from rlpipe.launch import group_members
-from rlpipe.config import vocab_size
+from rlpipe.pipeline import transport
+from rlpipe.pipeline.launch import group_members
+from rlpipe.pipeline.config import vocab_size
 from rlpipe.metrics import read_metrics
 from rlpipe.types import Trajectory, TrajectoryGroup
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from rlpipe.config import RunConfig, resolve_train_unembed
+from rlpipe.pipeline.config import RunConfig, resolve_train_unembed
 from rlpipe.families import family_model_path
 from rlpipe.metrics import read_metrics
 from tests.test_pipeline import accounting, assert_no_orphans, run_to_end, write_config

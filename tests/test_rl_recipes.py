@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rlpipe.buffer import ExperienceBuffer
-from rlpipe.config import vocab_size
+from rlpipe.pipeline.buffer import ExperienceBuffer
+from rlpipe.pipeline.config import vocab_size
 from rlpipe.metrics import read_metrics
 from rlpipe.types import BatchRequest
 from tests.scripted import load_recipe as recipe

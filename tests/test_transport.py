@@ -8,7 +8,7 @@ import msgspec
 import pytest
 import zmq
 
-from rlpipe.transport import (
+from rlpipe.pipeline.transport import (
     ControlClient,
     ControlServer,
     Receiver,

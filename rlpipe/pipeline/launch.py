@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlpipe.config import RunConfig, dump, load
+from rlpipe.pipeline.config import RunConfig, dump, load
 from rlpipe.metrics import read_metrics
 
 ROLES = ("buffer", "learner", "explorer")

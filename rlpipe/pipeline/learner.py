@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlpipe import checkpoint, transport
-from rlpipe.config import RunConfig, import_callable, resolve_train_unembed
+from rlpipe import checkpoint
+from rlpipe.pipeline import transport
+from rlpipe.pipeline.config import RunConfig, import_callable, resolve_train_unembed
 from rlpipe.hyperparams import get_lr
 from rlpipe.metrics import MetricsWriter, mean_of
 from rlpipe.training import TrainingClient

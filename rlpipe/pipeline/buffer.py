@@ -47,7 +47,7 @@ import msgspec
 import numpy as np
 import zmq
 
-from rlpipe.transport import EXPERIENCE_MAX_BYTES, Receiver, RequestServer
+from rlpipe.pipeline.transport import EXPERIENCE_MAX_BYTES, Receiver, RequestServer
 from rlpipe.types import Batch, BatchRequest, Shutdown, TrajectoryGroup
 
 log = logging.getLogger(__name__)

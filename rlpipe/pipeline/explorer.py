@@ -40,9 +40,10 @@ import uuid
 
 import msgspec
 
-from rlpipe import checkpoint, transport
-from rlpipe.buffer import drop_reason
-from rlpipe.config import RunConfig, import_callable, vocab_size
+from rlpipe import checkpoint
+from rlpipe.pipeline import transport
+from rlpipe.pipeline.buffer import drop_reason
+from rlpipe.pipeline.config import RunConfig, import_callable, vocab_size
 from rlpipe.rollouts import do_group
 from rlpipe.types import SamplingParams, Shutdown, TrajectoryGroup, WeightUpdate
 
