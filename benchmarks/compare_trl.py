@@ -297,7 +297,7 @@ def run_rlpipe(runs_dir: Path, init: str, steps: int) -> dict:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     load_start = os.getloadavg()[0]
     start = time.time()
-    records = launch.run_to_end(config, "compare_config.json")
+    records = launch.run_to_end(config, "compare_config.json", replace=True)
     end = time.time()
     last = records[-1]
     dropped = {k: v for k, v in last.items() if k.startswith("dropped/")}

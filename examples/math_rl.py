@@ -141,7 +141,7 @@ def main(argv=None) -> dict:
         sampled_before = sampled_eval(model, adapter, config)
         print(f"held-out greedy accuracy before RL: {out['eval_before']:.1%}")
 
-    records = launch.run_to_end(config, "math_rl_config.json")
+    records = launch.run_to_end(config, "math_rl_config.json", replace=True)
     out.update(steps=len(records), run_dir=str(config.run_dir), seconds=time.time() - t0,
                **{f"{name}_{w}": window_mean(records, lambda r, k=key: r.get(k), w == "first")
                   for name, key in (("reward", "reward/mean"), ("correct", "env/correct"), ("format", "env/format"))

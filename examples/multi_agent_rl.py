@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
         print(f"SFT warm-up on scripted legal games: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
     adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None
     before = play_eval(config, adapter, args.eval_games) if args.eval_games else {}
-    records = launch.run_to_end(config, "multi_agent_rl_config.json")
+    records = launch.run_to_end(config, "multi_agent_rl_config.json", replace=True)
     out = {"steps": len(records), "run_dir": str(config.run_dir)}
     if args.eval_games:
         after = play_eval(config, latest_checkpoint(config.run_dir)["path"] + "/adapter", args.eval_games)

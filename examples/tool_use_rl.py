@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
         print(f"SFT warm-up on scripted transcripts: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
     adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None
     before = tool_eval(config, adapter, args) if args.eval_tasks else {}
-    records = launch.run_to_end(config, "tool_use_rl_config.json")
+    records = launch.run_to_end(config, "tool_use_rl_config.json", replace=True)
     out = {"steps": len(records), "run_dir": str(run_dir),
            "no_signal_dropped": records[-1].get("dropped/no_signal", 0.0) if records else 0.0}
     if args.eval_tasks:

@@ -4,6 +4,7 @@
     rlpipe buffer CONFIG.toml                                    one role alone, e.g. on
     rlpipe learner CONFIG.toml [--resume]                        another host:
     rlpipe explorer CONFIG.toml --connect HOST                   (explorer -> HOST's buffer and learner)
+    rlpipe stats RUN_DIR [--json]                                the run's accounting, across restarts
     rlpipe demo                                                  SFT warm-up + async RL on arithmetic
     rlpipe tiny-model                                            build/print the embedded model
 """
@@ -73,34 +74,53 @@ def _stop_on_sigterm() -> threading.Event:
 
 @contextlib.contextmanager
 def _role(role: str, config):
-    """A role's error is logged with its traceback, recorded for `rlpipe run` to print
-    (launch.record_failure), and ends the process at once with exit code 1."""
+    """A role beats its heartbeat file while it runs (launch.start_heartbeat). Its error is
+    logged with its traceback, recorded for `rlpipe run` to print (launch.record_failure),
+    and ends the process at once: exit code 3 for an error restarting cannot fix
+    (errors.Unrecoverable: the supervisor stops the run), 1 for any other (it restarts the role)."""
+    from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE, Unrecoverable
+    from rlpipe.pipeline.launch import record_failure, start_heartbeat
+
+    beating = start_heartbeat(config.run_dir, role)
     try:
         yield
     except Exception as err:
-        from rlpipe.pipeline.launch import record_failure
-
         log.error("%s failed: %s: %s", role, type(err).__name__, err, exc_info=True)
         record_failure(config.run_dir, role, err)
-        sys.exit(1)
+        sys.exit(EXIT_UNRECOVERABLE if isinstance(err, Unrecoverable) else 1)
+    finally:
+        beating.set()
 
 
 def cmd_buffer(args) -> None:
-    from rlpipe.pipeline.buffer import serve
+    from rlpipe.pipeline import identity
+    from rlpipe.pipeline.buffer import read_stats, serve
     from rlpipe.pipeline.config import vocab_size
 
     config = _config(args)
     stop = _stop_on_sigterm()
-    stats = {}
+    buffer_dir, stats_path = config.run_dir / "buffer", config.run_dir / "buffer_stats.json"
+
+    def write_stats(stats: dict) -> None:  # atomic: a reader never sees half a file
+        tmp = stats_path.with_name(f".{stats_path.name}.tmp")
+        tmp.write_text(json.dumps(stats, indent=1))
+        tmp.replace(stats_path)
+
     try:
         with _role("buffer", config):
-            stats = serve(config.run_dir / "buffer", config.addresses.experience, config.addresses.batches,
-                          vocab_size=vocab_size(config.model_path()), max_staleness=config.max_staleness,
-                          drop_no_signal=config.buffer.drop_constant_reward_groups, stop=stop)
+            serve(buffer_dir, config.addresses.experience, config.addresses.batches,
+                  vocab_size=vocab_size(config.model_path()), max_staleness=config.max_staleness,
+                  drop_no_signal=config.buffer.drop_constant_reward_groups, run_id=identity.run_id(config.run_dir),
+                  intake_per_round=config.buffer.intake_per_round, on_stats=write_stats, stop=stop)
     except KeyboardInterrupt:
         pass
     finally:
-        (config.run_dir / "buffer_stats.json").write_text(json.dumps(stats, indent=1))
+        # However it stopped (SIGTERM, Shutdown, an error): the figures from the store itself,
+        # which holds every committed decision. A store that cannot be read keeps the last file.
+        try:
+            write_stats(read_stats(buffer_dir))
+        except Exception as err:  # noqa: BLE001  (must not hide the error that stopped the role)
+            log.error("buffer: could not write %s: %s", stats_path, err)
 
 
 def cmd_learner(args) -> None:
@@ -124,16 +144,21 @@ def cmd_explorer(args) -> None:
     from rlpipe.pipeline.explorer import Explorer
 
     config = _config(args)
+    if args.id is None:
+        log.warning("explorer started without --id: a restart under another name cannot re-send this one's "
+                    "unacknowledged groups (run_dir/<id>/outbox.sqlite); give a stable --id")
     _stop_on_sigterm()
     try:
-        with _role("explorer", config):  # logged and recorded before the engine shuts down
+        # Explorer.run shuts down its own engine (SIGTERM included: it unwinds through run's
+        # finally, which also gives the outbox a few seconds to deliver).
+        with _role("explorer", config):
             asyncio.run(Explorer(config, args.id).run())
     except KeyboardInterrupt:
         pass
     finally:
         from rlpipe.sampling import shutdown_engines
 
-        shutdown_engines()
+        shutdown_engines()  # engines of the shared registry, if anything in this process made one
 
 
 def cmd_run(args) -> None:
@@ -141,6 +166,13 @@ def cmd_run(args) -> None:
 
     config = _config(args)
     sys.exit(run(config, args.config, args.set, resume=args.resume))
+
+
+def cmd_stats(args) -> None:
+    from rlpipe.pipeline.stats import format_stats, run_stats
+
+    stats = run_stats(args.run_dir)
+    print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
 
 
 def cmd_tiny(args) -> None:
@@ -176,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--steps", type=int, default=None, help="RL steps (default from the demo config)")
     demo.add_argument("--runs-dir", default="runs")
     demo.set_defaults(run=cmd_demo)
+    stats = sub.add_parser("stats", help="a run's accounting across all restarts: groups finished, accepted, "
+                                         "dropped by reason, lost; steps; restarts")
+    stats.add_argument("run_dir")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(run=cmd_stats)
     tiny = sub.add_parser("tiny-model", help="build (once) and print the path of the embedded tiny model")
     tiny.set_defaults(run=cmd_tiny)
     args = parser.parse_args(argv)

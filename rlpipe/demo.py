@@ -65,7 +65,7 @@ def main(args) -> None:
     config.learner.init_from = init
     before = accuracy(model, f"{init}/adapter")
     print(f"SFT warm-up ({SFT_STEPS} steps): held-out greedy accuracy {before:.1%}  ({time.time() - t0:.0f} s)")
-    records = launch.run_to_end(config, "demo_config.json")
+    records = launch.run_to_end(config, "demo_config.json", replace=True)
     after = accuracy(model, latest_checkpoint(config.run_dir)["path"] + "/adapter")
     print(f"RL ({len(records)} steps, async, max_staleness {config.max_staleness}): "
           f"train reward {records[0]['reward/mean']:.3f} -> {records[-1]['reward/mean']:.3f}")

@@ -17,6 +17,7 @@ import msgspec
 import numpy as np
 
 from rlpipe.env import Env, EnvGroupBuilder, group_rewards
+from rlpipe.sampling.errors import EngineDeadError
 from rlpipe.types import ModelInput, SampledSequence, SampleResponse, SamplingParams, Trajectory, TrajectoryGroup
 
 
@@ -114,7 +115,10 @@ async def do_group(
 ) -> TrajectoryGroup:
     """Run every env of the group concurrently. Any failure (exception or timeout, in the
     env or the sampler) fails the whole group, because its advantages need every member;
-    the failed group is returned with the error so that it is counted, never lost."""
+    the failed group is returned with the error so that it is counted, never lost.
+    Except a sampler whose engine died (EngineDeadError, raised): that is not the group's
+    failure, and the caller can start the engine again and roll the builder out again.
+    A cancelled or timed-out episode cancels its sampler request, which the engine aborts."""
     group_id = uuid.uuid4().hex
     started = time.time()
     shared = None
@@ -130,8 +134,8 @@ async def do_group(
             for i, (env, observation) in enumerate(zip(envs, observations))
         ])
         extra = await asyncio.wait_for(group_rewards(builder, trajectories), episode_timeout_s)
-    except asyncio.CancelledError:
-        raise
+    except (asyncio.CancelledError, EngineDeadError):
+        raise  # a dead sampling engine is not the group's failure: the caller restarts it and retries
     except asyncio.TimeoutError:
         return failed_group(group_id, explorer_id, started, f"timeout: an episode of {type(builder).__name__} "
                             f"took longer than {episode_timeout_s:.0f} s")

@@ -295,8 +295,10 @@ class BatchRequest(msgspec.Struct, tag="batch_request", omit_defaults=True):
     after_seq: int
     max_groups: int
     run_id: str = ""
+    """Must be the buffer's run: a request of another run is refused (not answered, counted)."""
     incarnation: int = 0
-    """The learner's; groups sampled by another incarnation's adapters are not served."""
+    """The learner's; groups sampled by another incarnation's adapters are not served, and a
+    request of an incarnation older than the newest the buffer has seen is refused."""
     durable_seq: int = 0
     """The buffer position in the learner's newest checkpoint: a restarted learner asks again
     from there, so only groups at or below it may be compacted away."""

@@ -50,7 +50,7 @@ def test_adapter_the_explorer_cannot_load_stops_the_run(tmp_path):
     run_dir = tmp_path / "rank"
     stopped_after = seconds_since_failure(run_dir, "explorer")
     assert code == 1, out[-3000:]
-    assert "role explorer failed: ValueError: " in out
+    assert "role explorer failed: Unrecoverable: " in out  # restarting cannot fix it: not restarted
     assert "cannot load the learner's adapter version 0" in out and "has LoRA rank 16 > the engine's max_lora_rank 8" in out
     assert stopped_after < STOP_AFTER_FAILURE_S and took < TOTAL_S, (stopped_after, took)
     log = (run_dir / "logs" / "explorer.log").read_text()
@@ -91,7 +91,7 @@ def test_engine_that_cannot_start_stops_the_run(tmp_path):
     code, out, took = run_failing(config, "--set", f"base_model={model}")
     stopped_after = seconds_since_failure(tmp_path / "hd16", "explorer")
     assert code == 1, out[-3000:]
-    assert f"role explorer failed: EngineStartError: vLLM cannot run {model} on CPU: its attention head_dim is 16" in out
+    assert f"role explorer failed: Unrecoverable: EngineStartError: vLLM cannot run {model} on CPU: its attention head_dim is 16" in out
     assert stopped_after < STOP_AFTER_FAILURE_S and took < TOTAL_S, (stopped_after, took)
     assert_no_orphans(tmp_path / "hd16")
 
@@ -130,10 +130,13 @@ def engine_processes() -> list[int]:
 
 
 def test_engine_dying_mid_run_stops_the_run(tmp_path):
+    """A dead engine is restarted in place (tests/test_explorer_delivery.py) and a dead
+    explorer by the supervisor (tests/test_chaos.py); with neither allowed, the run stops."""
     config = write_config(tmp_path, "dies", steps=200)
     run_dir = tmp_path / "dies"
     start = time.monotonic()
-    proc = rlpipe("run", config, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = rlpipe("run", config, "--set", "explorer.max_engine_restarts=0", "--set", "supervision.max_restarts=0",
+                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         while not read_metrics(run_dir / "metrics.jsonl"):
             assert proc.poll() is None and time.monotonic() - start < 300, "the run ended or stalled early"

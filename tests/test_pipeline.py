@@ -20,7 +20,9 @@ from rlpipe.pipeline import transport
 from rlpipe.pipeline.launch import group_members
 from rlpipe.pipeline.config import vocab_size
 from rlpipe.metrics import read_metrics
-from rlpipe.types import Trajectory, TrajectoryGroup
+from rlpipe.pipeline.identity import read_run_id
+from rlpipe.pipeline.stats import run_stats
+from rlpipe.types import GroupAck, Trajectory, TrajectoryGroup
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLER = "vllm" if __import__("importlib").util.find_spec("vllm") else "local"
@@ -39,6 +41,8 @@ def write_config(tmp_path, name, **fields) -> Path:
         "[learner]", f"steps = {fields.pop('steps', 5)}", "rank = 8", "learning_rate = 2e-3",
         f"checkpoint_every = {fields.pop('checkpoint_every', 10)}", "batch_timeout_s = 300",
         f"eval_every = {fields.pop('eval_every', 0)}",
+        *fields.pop("learner_lines", []),
+        *fields.pop("extra", []),
         "[addresses]", *(f'{k} = "tcp://127.0.0.1:{p}"' for k, p in zip(("experience", "batches", "control"), ports)),
     ]
     assert not fields, fields
@@ -97,7 +101,8 @@ def test_async_run_end_to_end(tmp_path):
     assert "eval/accuracy" not in records[0]
     assert "step 5/5" in out
     buffer, explorer = accounting(run_dir)
-    assert explorer["groups_pushed"] == buffer["received"]  # nothing lost between them
+    stats = run_stats(run_dir)  # nothing lost between explorer and buffer
+    assert stats["lost"] == 0 and stats["explorers"]["finished"] == buffer["received"] + stats["explorers"]["waiting"]
     assert buffer["accepted"] >= 20
     assert_no_orphans(run_dir)
 
@@ -115,11 +120,12 @@ def test_sync_and_async_modes_learn(tmp_path, max_staleness):
     assert last > first + 0.05, [round(r["reward/mean"], 3) for r in records]
 
 
-def bad_group(vocab: int, version: int, token: int = 5) -> TrajectoryGroup:
+def bad_group(run_dir: Path, version: int, token: int = 5) -> TrajectoryGroup:
     trajectories = [Trajectory(tokens=[1, 2, token, 3], action_mask=[0, 0, 1, 1], sampling_logprobs=[0, 0, -1.0, -1.0],
                                policy_versions=[-1, -1, version, version], reward=float(i), advantage=i - 0.5)
                     for i in range(2)]
-    return TrajectoryGroup(group_id=f"injected-{token}-{version}", trajectories=trajectories, explorer_id="test")
+    return TrajectoryGroup(group_id=f"injected-{token}-{version}", trajectories=trajectories, explorer_id="test",
+                           run_id=read_run_id(run_dir), incarnation=1)
 
 
 def test_faults_are_counted_and_the_run_continues(tmp_path):
@@ -137,11 +143,13 @@ def test_faults_are_counted_and_the_run_continues(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, "run ended or stalled early"
             time.sleep(0.5)
         vocab = vocab_size(str(json.loads((run_dir / "config.json").read_text())["base_model"] or _tiny()))
-        with transport.Sender(address) as sender:
+        with transport.RequestClient(address) as client:
             for frame in (b"not msgpack", msgspec.msgpack.encode({"type": "group", "group_id": 3}), b"\x00" * 10):
-                sender.socket.send(frame)
-            sender.send(bad_group(vocab, version=0, token=vocab + 7))  # id outside the vocabulary
-            sender.send(bad_group(vocab, version=0))  # learner is at >= 2 with max_staleness 1: stale
+                client.socket.send_multipart([b"garbage", frame])
+            # an id outside the vocabulary; then one the learner (at >= 2, max_staleness 1) finds stale
+            invalid = client.request(bad_group(run_dir, version=0, token=vocab + 7), timeout_s=30)
+            stale = client.request(bad_group(run_dir, version=0), timeout_s=30)
+        assert invalid == GroupAck("injected-%d-0" % (vocab + 7), "invalid") and stale == GroupAck("injected-5-0", "accepted")
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
@@ -150,12 +158,15 @@ def test_faults_are_counted_and_the_run_continues(tmp_path):
     assert proc.returncode == 0
     buffer, explorer = accounting(run_dir)
     dropped = buffer["dropped"]
-    assert dropped.get("malformed", 0) >= 3
+    assert sum(buffer["rejected"].values()) >= 3  # the garbage frames: not groups, so not "received"
     assert dropped.get("invalid", 0) >= 1
-    assert dropped.get("stale", 0) >= 1
+    assert dropped.get("stale", 0) >= 1 and buffer["stale_reasons"].get("too_old", 0) >= 1
     assert dropped.get("env_error", 0) >= 2  # raised and hung (timed out) episodes
-    assert explorer["groups_pushed"] + 5 == buffer["received"]  # + the 5 frames injected here
-    assert explorer.get("groups_env_error", 0) == dropped["env_error"]
+    stats = run_stats(run_dir)
+    # + the 2 groups injected here
+    assert stats["explorers"]["finished"] + 2 == buffer["received"] + stats["explorers"]["waiting"]
+    assert stats["lost"] == -2  # the injected groups came from no explorer
+    assert explorer.get("groups_env_error", 0) >= dropped["env_error"]
     assert len(read_metrics(run_dir / "metrics.jsonl")) == steps
     log = (run_dir / "logs" / "explorer.log").read_text()
     assert "crashed on purpose" in log and "timeout" in log
@@ -170,7 +181,7 @@ def _tiny():
 STEPS_TO_RESUME = 40
 
 
-def test_learner_resume_trains_what_was_logged(tmp_path):
+def test_restarted_learner_resumes_and_explorer_follows_it(tmp_path):
     # Enough steps that the learner is still running when the test kills it (a step takes ~0.2 s).
     config = write_config(tmp_path, "resume", steps=STEPS_TO_RESUME, checkpoint_every=2)
     run_dir = tmp_path / "resume"
@@ -203,9 +214,12 @@ def test_learner_resume_trains_what_was_logged(tmp_path):
     resumed = records[trained_before:]
     # Steps continue from the checkpoint, not from where the killed learner had got to ...
     assert [r["step"] for r in resumed] == list(range(checkpoint["step"] + 1, STEPS_TO_RESUME + 1))
-    # ... and the first batch after the restart starts right after the checkpoint's position:
-    # groups that were logged (and even trained once, then lost with the process) are trained.
-    assert resumed[0]["buffer/first_seq"] == checkpoint["after_seq"] + 1
+    # ... and the batches after the restart hold only groups sampled with the new learner
+    # incarnation's adapters (the explorer followed the restart, though the new versions
+    # repeat the dead learner's numbers): none from the future, none stale beyond the bound.
+    assert resumed[0]["buffer/first_seq"] > checkpoint["after_seq"]
+    assert all(r["learner/incarnation"] == 2 and r["explorer/incarnation_min"] == 2 for r in resumed)
+    assert all(0 <= int(k.split("/")[1]) <= 1 for r in resumed for k in r if k.startswith("staleness/") and k != "staleness/max")
     assert "resumed at step" in (logs / "learner2.log").read_text()
     # The optimizer state went on: Adam's step count equals the total number of steps.
     final = json.loads((run_dir / "learner" / "latest.json").read_text())
@@ -230,3 +244,27 @@ def test_ctrl_c_stops_every_process(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert_no_orphans(run_dir)
+
+
+def test_a_run_directory_is_refused_without_resume_and_resumed_with_it(tmp_path):
+    from rlpipe.pipeline.outbox import read_outbox_stats
+
+    config = write_config(tmp_path, "again", steps=3, checkpoint_every=1)
+    run_dir = tmp_path / "again"
+    run_to_end(config)
+    first = read_outbox_stats(run_dir / "explorer-0")
+    assert first["dataset_batch"] > 0
+
+    refused = subprocess.run([sys.executable, "-m", "rlpipe.cli", "run", str(config)], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr and "--resume" in refused.stderr
+    assert len(read_metrics(run_dir / "metrics.jsonl")) == 3  # nothing ran
+
+    proc = rlpipe("run", config, "--resume", "--set", "learner.steps=6", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    # The learner went on from its checkpoint, the explorer from its dataset position.
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    log = (run_dir / "logs" / "explorer.log").read_text()
+    assert f"dataset at batch {first['dataset_batch']} + {first['dataset_offset']}" in log
+    assert read_outbox_stats(run_dir / "explorer-0")["dataset_batch"] > first["dataset_batch"]

@@ -275,6 +275,54 @@ def test_timeout_aborts_and_engine_stays_usable(vllm_engine, tiny_model_path, ma
     assert client.sample(ModelInput.from_ints(PROMPT), 1, SamplingParams(max_tokens=3), timeout=60).result().sequences
 
 
+async def test_cancelled_request_is_aborted_in_the_engine(vllm_engine, tiny_model_path, make_lora_adapter):
+    """Cancelling the task that awaits sample_async (an episode that timed out or was
+    cancelled) aborts the request in vLLM: within a second neither vLLM's front end nor the
+    engine core process holds a request, where the same request left alone decodes for
+    seconds more. A request that is not cancelled, running next to a cancelled one, completes."""
+    import asyncio
+
+    client = create_sampling_client(tiny_model_path, make_lora_adapter(seed=11, scale=0.3), policy_version=10)
+    # Seeded: among these 64 samples one runs to the end of the context (1018 tokens), so the
+    # request decodes for ~1000 steps (~2.5 s here); the uncancelled control below measures it.
+    params = SamplingParams(max_tokens=vllm_engine.max_model_len - len(PROMPT) - 1, temperature=1.0, seed=0)
+    prompt = ModelInput.from_ints(PROMPT)
+
+    async def cancel_while_decoding(task) -> float:
+        while vllm_engine.unfinished_requests() == 0:
+            assert not task.done()
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        assert not task.done(), "the request finished before it was cancelled; make it longer"
+        task.cancel()
+        return time.monotonic()
+
+    # Alone: cancelled, then gone from the engine.
+    doomed = asyncio.ensure_future(client.sample_async(prompt, 64, params))
+    cancelled_at = await cancel_while_decoding(doomed)
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    while vllm_engine.unfinished_requests() or await asyncio.to_thread(vllm_engine.engine_core_busy):
+        assert time.monotonic() - cancelled_at < 1.0, f"{vllm_engine.unfinished_requests()} requests still in the engine"
+        await asyncio.sleep(0.02)
+    aborted_s = time.monotonic() - cancelled_at
+
+    # Next to the same request, uncancelled: that one completes, every sequence in full.
+    started = time.monotonic()
+    kept = asyncio.ensure_future(client.sample_async(prompt, 64, params))
+    doomed = asyncio.ensure_future(client.sample_async(prompt, 64, params))
+    await cancel_while_decoding(doomed)
+    response = await kept
+    kept_s = time.monotonic() - started
+    assert doomed.cancelled() and len(response.sequences) == 64
+    assert all(s.policy_version == 10 and len(s.logprobs) == len(s.tokens) > 0 for s in response.sequences)
+    longest = max(len(s.tokens) for s in response.sequences)
+    print(f"cancelled request out of the engine {aborted_s:.2f} s after the cancel; the same request "
+          f"uncancelled decoded for {kept_s:.1f} s ({longest} tokens)")
+    assert kept_s > 0.3 + 1.0 + 0.5  # left alone, it would still have been decoding at the 1 s bound
+    assert not await asyncio.to_thread(vllm_engine.engine_core_busy) and vllm_engine.unfinished_requests() == 0
+
+
 async def test_sample_async_from_another_event_loop(vllm_engine, tiny_model_path):
     import asyncio
 

@@ -1,28 +1,30 @@
 """The transport over real ZeroMQ sockets (tcp on 127.0.0.1 and ipc), no mocks."""
 
-import asyncio
 import threading
 import time
+import typing
 
 import msgspec
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from rlpipe.pipeline.transport import (
+    EXPERIENCE_MAX_BYTES,
+    SMALL_MAX_BYTES,
     ControlClient,
     ControlServer,
-    Receiver,
     RequestClient,
     RequestServer,
-    Sender,
-    TransportTimeout,
     free_port,
     tcp_address,
 )
 from rlpipe.types import (
     Batch,
     BatchRequest,
+    GroupAck,
     Heartbeat,
+    Message,
     Ready,
     Shutdown,
     Trajectory,
@@ -41,6 +43,7 @@ def group(gid="g0", n=4):
 ALL_MESSAGES = [
     group(),
     TrajectoryGroup(group_id="bad", trajectories=[], failed=True, error="env timed out"),
+    GroupAck(group_id="g0", outcome="duplicate"),
     WeightUpdate(version=7, adapter_config=b"{}", adapter_weights=b"\x00st\xff" * 100, step=70),
     Heartbeat(sender="e1", time=123.25, version=6),
     Ready(sender="e1"),
@@ -64,94 +67,191 @@ def raw_socket(kind, address):
     return sock
 
 
+def echo(msg):
+    return msg
+
+
+class ServerThread:
+    """A RequestServer in its own thread (a ZeroMQ socket stays in one thread). Answers each
+    request with answer(msg) after delay_s; keeps what it received and, once closed, what
+    its codec rejected."""
+
+    def __init__(self, address, answer=echo, delay_s=0.0, **server_options):
+        self.address, self.answer, self.delay_s, self.server_options = address, answer, delay_s, server_options
+        self.received = []
+        self.rejected = None
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(5)
+
+    def _run(self):
+        with RequestServer(self.address, **self.server_options) as server:
+            self.ready.set()
+            while not self.stop.is_set():
+                if (got := server.recv(timeout_s=0.02)) is not None:
+                    to, req = got
+                    self.received.append(req)
+                    time.sleep(self.delay_s)
+                    server.reply(to, self.answer(req))
+            self.rejected = dict(server.codec.rejected)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
 def test_roundtrip_every_message_type(address):
-    with Receiver(address) as rx, Sender(address) as tx:
-        for msg in ALL_MESSAGES:
-            tx.send(msg, timeout_s=2)
-        got = [rx.recv(timeout_s=2) for _ in ALL_MESSAGES]
-    assert got == ALL_MESSAGES
-    assert rx.rejected == {}
+    assert {type(m) for m in ALL_MESSAGES} == set(typing.get_args(Message))  # a new type needs a case here
+    server = ServerThread(address)
+    with RequestClient(address) as client:
+        replies = [client.request(msg, timeout_s=2) for msg in ALL_MESSAGES]
+        client_rejected = client.codec.rejected
+    server.close()
+    assert server.received == ALL_MESSAGES  # client -> server
+    assert replies == ALL_MESSAGES  # and back
+    assert server.rejected == {} and client_rejected == {}
 
 
 def test_bad_frames_are_rejected_counted_and_skipped(address):
     enc = msgspec.msgpack.encode
-    with Receiver(address, max_message_bytes=1000) as rx:
-        push = raw_socket(zmq.PUSH, address)
-        push.send(b"\xc1\x00garbage")                                # not msgpack
-        push.send(enc({"type": "group", "group_id": 5}))             # known tag, wrong schema
-        push.send(enc({"type": "launch_missiles"}))                  # unknown tag
-        push.send(enc(Ready(sender="x" * 1500)))                     # valid but oversize
-        push.send_multipart([enc(Ready(sender="a")), b"extra"])     # wrong framing
-        push.send(enc(Ready(sender="good")))
-        assert rx.recv(timeout_s=2) == Ready(sender="good")
-        push.close()
-    assert rx.rejected == {"not_msgpack": 1, "schema": 1, "unknown_tag": 1, "oversize": 1, "framing": 1}
+    reasons = []
+    with RequestServer(address, max_message_bytes=1000, on_reject=reasons.append) as server:
+        dealer = raw_socket(zmq.DEALER, address)
+        dealer.send_multipart([b"1", b"\xc1\x00garbage"])                       # not msgpack
+        dealer.send_multipart([b"2", enc({"type": "group", "group_id": 5})])   # known tag, wrong schema
+        dealer.send_multipart([b"3", enc({"type": "launch_missiles"})])        # unknown tag
+        dealer.send_multipart([b"4", enc(Ready(sender="x" * 1500))])           # valid but oversize
+        dealer.send(enc(Ready(sender="a")))                                     # no request id
+        dealer.send_multipart([b"5", enc(Ready(sender="a")), b"extra"])        # one frame too many
+        dealer.send_multipart([b"good", enc(Ready(sender="good"))])
+        to, msg = server.recv(timeout_s=2)
+        assert msg == Ready(sender="good")
+        assert reasons == ["not_msgpack", "schema", "unknown_tag", "oversize", "framing", "framing"]
+        assert server.codec.rejected == {"not_msgpack": 1, "schema": 1, "unknown_tag": 1, "oversize": 1,
+                                         "framing": 2}
+        # The garbage cost that connection nothing: it is still answered.
+        assert server.reply(to, GroupAck(group_id="g", outcome="accepted"))
+        assert dealer.poll(2000)
+        assert dealer.recv_multipart() == [b"good", enc(GroupAck(group_id="g", outcome="accepted"))]
+        dealer.close()
 
 
-def test_frame_over_hard_cap_drops_connection_not_receiver():
-    # Beyond ZMQ_MAXMSGSIZE libzmq drops the sender's connection before allocating the frame;
-    # the receiver itself keeps serving other (and reconnected) senders.
+def test_bad_replies_are_rejected_counted_and_skipped():
+    enc = msgspec.msgpack.encode
     address = tcp_address()
-    with Receiver(address, max_message_bytes=1000, hard_max_bytes=4000) as rx:
-        rogue = raw_socket(zmq.PUSH, address)
-        rogue.send(b"\x00" * 10_000)
+    bound, done = threading.Event(), threading.Event()
+
+    def rogue_server():
+        router = zmq.Context.instance().socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 1000)
+        router.bind(address)
+        bound.set()
+        if router.poll(5000):
+            ident, req_id, _ = router.recv_multipart()
+            router.send_multipart([ident, req_id, b"\xc1"])                                 # not msgpack
+            router.send_multipart([ident, req_id, enc({"type": "group_ack"})])              # wrong schema
+            router.send_multipart([ident, req_id])                                         # no message
+            router.send_multipart([ident, b"earlier!", enc(GroupAck(group_id="x", outcome="a"))])  # stale
+            router.send_multipart([ident, req_id, enc(GroupAck(group_id="g0", outcome="accepted"))])
+            done.wait(5)  # closing right away could lose the replies (see RequestClient: IMMEDIATE)
+        router.close()
+
+    thread = threading.Thread(target=rogue_server, daemon=True)
+    thread.start()
+    assert bound.wait(5)
+    with RequestClient(address) as client:
+        assert client.request(group(), timeout_s=2) == GroupAck(group_id="g0", outcome="accepted")
+        assert client.codec.rejected == {"not_msgpack": 1, "schema": 1, "framing": 1, "stale_reply": 1}
+    done.set()
+    thread.join(5)
+
+
+def _next_event(monitor, timeout_s=2.0):
+    assert monitor.poll(int(timeout_s * 1000)), "no socket event in time"
+    return recv_monitor_message(monitor)["event"]
+
+
+def test_frame_over_hard_cap_drops_connection_not_server():
+    # Beyond ZMQ_MAXMSGSIZE (by default twice max_message_bytes) libzmq drops the sender's
+    # connection before allocating the frame; the server keeps serving other peers.
+    address = tcp_address()
+    server = ServerThread(address, max_message_bytes=1000)
+    rogue = zmq.Context.instance().socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    monitor = rogue.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    rogue.connect(address)
+    try:
+        assert _next_event(monitor) == zmq.EVENT_CONNECTED
+        rogue.send_multipart([b"1", b"\x00" * 10_000])
+        assert _next_event(monitor) == zmq.EVENT_DISCONNECTED
+        with RequestClient(address) as client:
+            assert client.request(Ready(sender="after"), timeout_s=2) == Ready(sender="after")
+    finally:
+        rogue.disable_monitor()
+        monitor.close()
         rogue.close()
-        with Sender(address) as tx:
-            tx.send(Ready(sender="after"), timeout_s=2)
-            assert rx.recv(timeout_s=2) == Ready(sender="after")
+        server.close()
+    # Dropped below the codec: never decoded, so not counted (the soft limit is what counts).
+    assert server.rejected == {}
+    assert server.received == [Ready(sender="after")]
 
 
-def test_sender_refuses_oversize_messages():
-    with Sender(tcp_address(), max_message_bytes=100) as tx:
-        with pytest.raises(ValueError, match="max_message_bytes"):
-            tx.send(Ready(sender="x" * 200), timeout_s=0.1)
+def test_client_refuses_oversize_requests():
+    address = tcp_address()
+    server = ServerThread(address)
+    with RequestClient(address, max_request_bytes=100) as client:
+        with pytest.raises(ValueError, match=r"Ready is \d+ bytes, over max_request_bytes=100"):
+            client.request(Ready(sender="x" * 200), timeout_s=2)
+        assert client.request(Ready(sender="ok"), timeout_s=2) == Ready(sender="ok")
+    server.close()
+    assert server.received == [Ready(sender="ok")]  # the refused one never left
+
+
+def test_request_limit_is_not_the_reply_limit():
+    # An explorer takes only small replies (GroupAcks) but sends groups far bigger than that.
+    big = group("big", n=100_000)
+    assert SMALL_MAX_BYTES < len(msgspec.msgpack.encode(big)) < EXPERIENCE_MAX_BYTES
+    address = tcp_address()
+    server = ServerThread(address, answer=lambda g: GroupAck(group_id=g.group_id, outcome="accepted"),
+                          max_message_bytes=EXPERIENCE_MAX_BYTES)
+    with RequestClient(address, max_message_bytes=SMALL_MAX_BYTES) as client:
+        assert client.request(big, timeout_s=5) == GroupAck(group_id="big", outcome="accepted")
+    server.close()
+    assert server.received == [big]
 
 
 def test_recv_timeout_returns_none_quickly(address):
-    with Receiver(address) as rx:
+    with RequestServer(address) as server:
         t0 = time.monotonic()
-        assert rx.recv(timeout_s=0.1) is None
+        assert server.recv(timeout_s=0.1) is None
         elapsed = time.monotonic() - t0
     assert 0.09 <= elapsed < 0.5
 
 
-def test_send_times_out_when_receiver_is_gone_and_hwm_full(address):
-    rx = Receiver(address)
-    rx.close()  # the receiver is gone: nothing drains the sender's queue
-    with Sender(address, sndhwm=4, linger_ms=0) as tx:
+def test_request_to_a_server_that_is_gone_returns_none_in_time(address):
+    server = ServerThread(address)
+    with RequestClient(address) as client:
+        monitor = client.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            assert client.request(Ready(sender="before"), timeout_s=2) == Ready(sender="before")
+            server.close()
+            assert _next_event(monitor) == zmq.EVENT_DISCONNECTED  # the client knows it is gone
+        finally:
+            client.socket.disable_monitor()
+            monitor.close()
         t0 = time.monotonic()
-        with pytest.raises(TransportTimeout, match="could not send"):
-            for _ in range(100):
-                tx.send(Ready(sender="e"), timeout_s=0.05)
-        assert time.monotonic() - t0 < 2.0
-
-
-async def test_asend_waits_without_blocking_the_event_loop():
-    address = tcp_address()
-    with Sender(address, sndhwm=1) as tx:
-        # Nothing to receive yet: the queue fills and asend waits while other tasks run.
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.005)
-
-        task = asyncio.create_task(ticker())
-        with pytest.raises(TransportTimeout):
-            for _ in range(100):
-                await tx.asend(Ready(sender="e"), timeout_s=0.1)
-        assert ticks >= 5
-        with Receiver(address) as rx:  # a receiver appears: the queued messages flow
-            await tx.asend(Ready(sender="late"), timeout_s=2)
-            got = []
-            while (msg := rx.recv(timeout_s=2)) is not None:
-                got.append(msg)
-                if msg == Ready(sender="late"):
-                    break
-        task.cancel()
-    assert got[-1] == Ready(sender="late") and all(m == Ready(sender="e") for m in got[:-1])
+        assert client.request(Ready(sender="while gone"), timeout_s=0.2) is None
+        assert 0.19 <= time.monotonic() - t0 < 1.0
+        # IMMEDIATE: what was asked while the server was gone is not delivered to its successor.
+        server = ServerThread(address)
+        for _ in range(20):
+            if client.request(Ready(sender="after"), timeout_s=0.5) is not None:
+                break
+        server.close()
+    assert server.received and all(m == Ready(sender="after") for m in server.received), server.received
 
 
 def test_ready_handshake_gives_late_joiner_the_latest_update(address):
@@ -204,6 +304,35 @@ def test_silent_peer_is_forgotten_and_heartbeat_reregisters(address):
             assert _pump(server, client) == WeightUpdate(version=1, adapter_config=b"{}", adapter_weights=b"v1")
 
 
+def test_control_flood_is_handled_a_bounded_slice_per_poll():
+    # The learner calls poll() between steps: a flood must not hold its loop in one call.
+    address = tcp_address()
+    with ControlServer(address) as server:
+        bound = server.max_frames_per_poll
+        flood = 1000
+        assert 3 * bound < flood
+        flooder = raw_socket(zmq.DEALER, address)
+        for _ in range(flood):
+            flooder.send(b"\xc1garbage")
+        flooder.send(msgspec.msgpack.encode(Heartbeat(sender="flooder", time=1.0, version=3)))
+        time.sleep(0.5)  # let the flood arrive, so that an unbounded poll would take it in one call
+        taken, heartbeat_call = [], None
+        for call in range(30):
+            before = sum(server.codec.rejected.values())
+            handled = server.poll(timeout_s=0.05)
+            taken.append(sum(server.codec.rejected.values()) - before + handled)
+            if handled:
+                heartbeat_call = call
+                break
+        flooder.close()
+        assert taken[0] == bound and max(taken) <= bound, taken
+        # Behind the flood, in order: it cannot come before the flood's last slice.
+        assert heartbeat_call is not None and heartbeat_call >= flood // bound, taken
+        assert sum(taken) == flood + 1
+        assert server.codec.rejected == {"not_msgpack": flood}
+        assert [(p.name, p.version) for p in server.peers.values()] == [("flooder", 3)]
+
+
 def _pump(server, client, timeout_s=3.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -213,29 +342,9 @@ def _pump(server, client, timeout_s=3.0):
     raise AssertionError("no control message arrived")
 
 
-class BatchServerThread:
+def BatchServerThread(address, delay_s=0.0):
     """A tiny stand-in buffer: answers each BatchRequest with its after_seq + 1, after `delay_s`."""
-
-    def __init__(self, address, delay_s=0.0):
-        self.address, self.delay_s = address, delay_s
-        self.stop = threading.Event()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(5)
-
-    def _run(self):
-        with RequestServer(self.address) as server:
-            self.ready.set()
-            while not self.stop.is_set():
-                if (got := server.recv(timeout_s=0.02)) is not None:
-                    to, req = got
-                    time.sleep(self.delay_s)
-                    server.reply(to, Batch(groups=[], seqs=[req.after_seq + 1]))
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(5)
+    return ServerThread(address, answer=lambda req: Batch(groups=[], seqs=[req.after_seq + 1]), delay_s=delay_s)
 
 
 def request(client, after_seq, timeout_s=0.5):
@@ -281,5 +390,5 @@ def test_restarted_client_is_served_by_the_same_server():
 
 def test_free_port_is_bindable():
     port = free_port()
-    with Receiver(f"tcp://127.0.0.1:{port}") as rx:
-        assert rx.address == f"tcp://127.0.0.1:{port}"
+    with RequestServer(f"tcp://127.0.0.1:{port}") as server:
+        assert server.address == f"tcp://127.0.0.1:{port}"

@@ -78,8 +78,20 @@ class ExplorerConfig(Config):
     """Divide group-centred advantages by the group's reward std."""
     first_weights_timeout_s: float = 600.0
     """How long to wait for the learner's first adapter before giving up."""
-    push_timeout_s: float = 120.0
-    """How long a full buffer may block a push before the explorer fails."""
+    ack_timeout_s: float = 10.0
+    """How long the explorer waits for the buffer to acknowledge a group before sending it
+    again. A buffer that is down or restarting costs retries, never the explorer."""
+    max_unacked: int = 256
+    """Back-pressure: no new group starts while finished-but-unacknowledged groups plus
+    groups being rolled out reach this many, so the outbox (run_dir/<explorer id>/outbox.sqlite)
+    never holds more than this while the buffer is away."""
+    engine_start_timeout_s: float = 900.0
+    """An engine that has not started and served its first request by then fails the role."""
+    weight_load_timeout_s: float = 300.0
+    """An adapter load into the engine taking longer fails the role."""
+    max_engine_restarts: int = 5
+    """A sampling engine that dies is restarted in place (and the current adapter reloaded)
+    up to this many times in the explorer's life; the next death fails the role. 0 = never."""
 
     # --- the sampling engine (vLLM; the local sampler uses device, dtype and max_model_len) ---
     device: str = ""
@@ -159,6 +171,9 @@ class LearnerConfig(Config):
     sync_interval: int = 1
     """Publish the adapter to the explorers every this many optimizer steps."""
     checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    """Keep the newest this many state checkpoints (learner/state/step-*) and evaluation
+    adapters (learner/sampler_weights/eval-*); older ones are deleted. 0 = keep all."""
     eval_every: int = 0
     """Run the evaluators every this many steps (0 = never): the sampling evaluator if
     dataset.eval_factory is set, the NLL evaluator if dataset.nll_eval_factory is set."""
@@ -179,6 +194,30 @@ class BufferConfig(Config):
     drop_constant_reward_groups: bool = True
     """Groups whose rewards are all equal carry no signal with centred advantages: the buffer
     drops them (counted as no_signal) and the explorer rolls out others in their place."""
+    intake_per_round: int = 64
+    """Frames the buffer takes from the experience socket per round before it answers the
+    learner again. A round's groups share one transaction (one fsync) and are acknowledged
+    together after it commits: larger rounds take floods faster, smaller ones ack sooner."""
+
+    def __post_init__(self) -> None:
+        if self.intake_per_round < 1:
+            raise ValueError("buffer.intake_per_round must be >= 1")
+
+
+class SupervisionConfig(Config):
+    """How `rlpipe run` keeps roles alive. A role that dies (crash, kill, or no heartbeat for
+    heartbeat_timeout_s) is restarted after a backoff that doubles from backoff_s up to
+    max_backoff_s, at most max_restarts times per role over the run; then the run stops with
+    the role's error. A role that fails with an error restarting cannot fix (an adapter the
+    engine cannot load, an engine that cannot start, a bad config: exit code 3) stops the run
+    at once. Restarts are counted in run_dir/restarts.json (`rlpipe stats`)."""
+
+    max_restarts: int = 10
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    heartbeat_timeout_s: float = 60.0
+    """A role whose heartbeat file (logs/<role>.heartbeat, touched every second by a thread
+    of the role) is older than this is taken for hung (stopped, deadlocked) and killed."""
 
 
 class Addresses(Config):
@@ -205,6 +244,7 @@ class RunConfig(Config):
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
     buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
     addresses: Addresses = msgspec.field(default_factory=Addresses)
+    supervision: SupervisionConfig = msgspec.field(default_factory=SupervisionConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -236,6 +276,11 @@ def check(config: RunConfig) -> RunConfig:
         )
     if config.groups_per_batch < 1 or config.explorer.concurrency < 1:
         raise ValueError("groups_per_batch and explorer.concurrency must be >= 1")
+    if config.explorer.max_unacked < 1 or config.explorer.max_engine_restarts < 0:
+        raise ValueError("explorer.max_unacked must be >= 1 and explorer.max_engine_restarts >= 0")
+    for name in ("ack_timeout_s", "engine_start_timeout_s", "weight_load_timeout_s", "first_weights_timeout_s"):
+        if not getattr(config.explorer, name) > 0:
+            raise ValueError(f"explorer.{name} must be > 0 seconds")
 
     # The explorer's sampling and engine settings (vllm itself is not imported here).
     import re

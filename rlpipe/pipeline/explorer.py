@@ -1,53 +1,79 @@
-"""The explorer role: N asyncio tasks roll out groups against one shared sampler and push
-each finished group to the buffer; adapters from the learner are hot-loaded as they come.
+"""The explorer role: N asyncio tasks roll out groups against one shared sampler and hand each
+finished group to the outbox, which delivers it to the buffer; adapters from the learner are
+hot-loaded as they come.
+
+Delivery is at-least-once (rlpipe/pipeline/outbox.py): every finished group, failed ones
+too, is committed to run_dir/<explorer id>/outbox.sqlite before it is sent, and sent again
+until the buffer acknowledges it (GroupAck); the buffer deduplicates by group id. A buffer
+that is down or restarting only delays delivery. An explorer restarted with the same id on
+the same run dir sends what its outbox still holds first, and goes on from its dataset
+position (the next builder it had not started, kept in the same file).
 
 Admission control keeps the explorer from running ahead of the learner. Counting from the
-first adapter version v0 it received, batches are trained in order, so the k-th useful group
-(one the buffer will accept) lands in batch k // groups_per_batch, trained at learner
-version v0 + k // groups_per_batch. Sampled now with version v, its staleness will be
-v0 + k // groups_per_batch - v. A new group therefore starts only while
+first adapter version v0 of the current learner incarnation, batches are trained in order,
+so the k-th useful group (one the buffer will accept) lands in batch k // groups_per_batch,
+trained at learner version v0 + k // groups_per_batch. Sampled now with version v, its
+staleness will be v0 + k // groups_per_batch - v. A new group therefore starts only while
 
     useful + running < (v - v0 + max_staleness + 1) * groups_per_batch
+    and unacked + running < explorer.max_unacked
 
-Failed and no-signal groups are still pushed (the buffer counts them) but do not use up a
-slot, so the explorer rolls out replacements and a synchronous run never waits for a batch
-that cannot fill. With several explorers each counts alone; the buffer's staleness check
-stays the guarantee and counts what it drops.
+The second bound is the back-pressure of a buffer that is away: the outbox never grows past
+max_unacked groups. Failed and no-signal groups are still delivered (the buffer counts them)
+but do not use up a slot, so the explorer rolls out replacements and a synchronous run never
+waits for a batch that cannot fill. With several explorers each counts alone; the buffer's
+staleness check stays the guarantee and counts what it drops.
+
+Following the learner: every WeightUpdate names its run and the learner incarnation (learner
+starts). An update of another incarnation is loaded whatever its version (a restarted learner
+resumes from its checkpoint, so versions can repeat or go back), and admission restarts from
+its version; within an incarnation only newer versions are loaded. Updates of another run
+are ignored (logged once). Each group carries the run id and the incarnation whose adapter
+sampled its first turn.
 
 The sampling engine starts as soon as the explorer does, while the learner builds its model
-and publishes the first adapter (both take seconds; one after the other they added up).
+and publishes the first adapter. An engine that dies is restarted in place and the current
+adapter reloaded (explorer_sampler.py, at most explorer.max_engine_restarts times); groups
+that were rolling out on it are rolled out again, not delivered as failures.
 
-Failing fast: every task of the explorer (engine start, control messages and adapter loads,
-rollout workers) is watched by run(); the first error of any of them ends run() with that
-error, so the process exits non-zero at once (`rlpipe run` then stops the other roles and
-prints it). An adapter the engine cannot load, an engine that will not start or that died
-(every group would fail) are such errors; an env that fails only fails its group (counted).
+Failing fast: every task of the explorer (engine start and health, control messages and
+adapter loads, rollout workers, the outbox sender) is watched by run(); the first error of
+any of them ends run() with that error, so the process exits non-zero at once. What a restart
+cannot fix (an adapter the engine cannot load, an engine that cannot start at all) is raised
+as Unrecoverable, so a supervisor does not try again. An env that fails only fails its group.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import itertools
 import json
 import logging
 import os
-import shutil
-import sys
 import threading
 import time
 import uuid
 
 import msgspec
 
-from rlpipe import checkpoint
-from rlpipe.pipeline import transport
+from rlpipe.pipeline import identity, transport
 from rlpipe.pipeline.buffer import drop_reason
 from rlpipe.pipeline.config import RunConfig, import_callable, vocab_size
+from rlpipe.pipeline.errors import Unrecoverable
+from rlpipe.pipeline.explorer_sampler import ExplorerSampler, GroupSampler, default_backend, engine_options, use_device
+from rlpipe.pipeline.outbox import Outbox, OutboxSender
 from rlpipe.rollouts import do_group
+from rlpipe.sampling import EngineDeadError
 from rlpipe.types import SamplingParams, Shutdown, TrajectoryGroup, WeightUpdate
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Explorer", "engine_options", "use_device"]
+
+DRAIN_S = 5.0  # on Shutdown, how long the outbox may still deliver before the explorer exits
+ID_LOCK_WAIT_S = 30.0  # how long a restarted explorer waits for its predecessor to let go of its id
 
 
 class Explorer:
@@ -56,78 +82,38 @@ class Explorer:
         self.id = explorer_id or f"explorer-{uuid.uuid4().hex[:6]}"
         self.dir = config.run_dir / self.id
         self.model = config.model_path()
-        self.sampler = None
-        self.version = -1
+        self.run_id = identity.run_id(config.run_dir)
         self.first_version: int | None = None
+        """Where admission counts from: the first version of the current learner incarnation."""
         self.running = 0
         self.useful = 0
         self.vocab_size = vocab_size(self.model)
-        self.stats = {"groups_pushed": 0.0, "weight_sync_latency_s": 0.0}
-        self._busy_since: float | None = None
-        self._busy_total = 0.0
-        self._in_flight = 0
-        self._t0 = time.monotonic()
+        self.stats: dict[str, float] = {"groups_pushed": 0.0, "weight_sync_latency_s": 0.0, "engine_restarts": 0.0}
+        self.position = (0, 0)
+        """The dataset position of the next builder: (batch index, index in the batch)."""
+        self.outbox: Outbox | None = None
         self._stop = threading.Event()
-        self._send_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlpipe-push")
-        self._sender: transport.Sender | None = None
-        self.backend = _default_backend() if config.explorer.sampler == "auto" else config.explorer.sampler
-        self.engine_options = engine_options(config, self.backend)
-        self.engine = None
+        self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlpipe-outbox-db")
+        self._other_runs: set[str] = set()
+        backend = default_backend() if config.explorer.sampler == "auto" else config.explorer.sampler
+        e = config.explorer
+        self.sampler = ExplorerSampler(
+            self.model, backend, engine_options(config, backend), name=self.id, adapter_dir=self.dir / "adapters",
+            start_timeout_s=e.engine_start_timeout_s, load_timeout_s=e.weight_load_timeout_s,
+            request_timeout_s=e.episode_timeout_s, max_restarts=e.max_engine_restarts, on_restart=self._engine_restarted)
         use_device(config.explorer.device)  # before anything starts a CUDA context
 
-    # ------------------------------------------------------------------ sampler side
+    @property
+    def version(self) -> int:
+        return self.sampler.version
 
-    def current_sampler(self):
-        return self
+    @property
+    def incarnation(self) -> int:
+        return self.sampler.incarnation
 
-    async def sample_async(self, prompt, num_samples, sampling_params):
-        """Every turn goes to the newest loaded version; timing it gives the busy fraction."""
-        client = self.sampler
-        if self._in_flight == 0:
-            self._busy_since = time.monotonic()
-        self._in_flight += 1
-        try:
-            return await client.sample_async(prompt, num_samples, sampling_params)
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._busy_total += time.monotonic() - self._busy_since
-
-    def _sampler_busy_frac(self) -> float:
-        busy = self._busy_total + (time.monotonic() - self._busy_since if self._in_flight else 0.0)
-        return busy / max(time.monotonic() - self._t0, 1e-9)
-
-    async def _start_engine(self) -> None:
-        from rlpipe.sampling import get_engine
-
-        start = time.monotonic()
-        self.engine = await asyncio.to_thread(get_engine, self.model, self.backend, **self.engine_options)
-        self.stats["engine_start_s"] = time.monotonic() - start
-        log.info("%s: %s engine for %s ready in %.1f s", self.id, self.backend, self.model, self.stats["engine_start_s"])
-
-    async def _load(self, update: WeightUpdate, engine_started: asyncio.Task) -> None:
-        from rlpipe.sampling import create_sampling_client
-
-        await engine_started  # raises the engine's start error, if any
-        self.engine.check_alive()  # a dead engine fails the role (get_engine would quietly start another)
-        target = self.dir / "adapters" / f"v{update.version:06d}"
-        checkpoint.write_adapter(target, {checkpoint.ADAPTER_CONFIG: update.adapter_config,
-                                          checkpoint.ADAPTER_WEIGHTS: update.adapter_weights})
-        try:
-            client = await asyncio.to_thread(
-                create_sampling_client, self.model, model_path=str(target), backend=self.backend,
-                policy_version=update.version, timeout_s=self.config.explorer.episode_timeout_s, **self.engine_options,
-            )
-        except (ValueError, FileNotFoundError) as err:  # the adapter does not fit this engine: unrecoverable
-            raise ValueError(f"{self.id} cannot load the learner's adapter version {update.version}: {err}") from err
-        shutil.rmtree(target, ignore_errors=True)  # the engine keeps its own copy of each version
-        self.sampler, self.version = client, update.version
-        if self.first_version is None:
-            self.first_version = update.version
-            self._t0 = time.monotonic()  # busy fraction counts from the first adapter, not engine start
-        self.stats["weight_sync_latency_s"] = time.time() - update.created_at if update.created_at else 0.0
-        self.stats["version"] = float(update.version)
-        log.info("%s: sampling with version %d (sync %.2f s)", self.id, update.version, self.stats["weight_sync_latency_s"])
+    def _engine_restarted(self, restarts: int) -> None:
+        self.stats["engine_restarts"] = float(restarts)
+        self.outbox.count("engine_restarts")
 
     # ------------------------------------------------------------------ control channel
 
@@ -158,9 +144,12 @@ class Explorer:
                     raise RuntimeError(f"{self.id}: the control channel to {self.config.addresses.control} failed: "
                                        f"{type(m).__name__}: {m}") from m
             # Only the newest adapter matters: skip versions superseded while we were loading.
-            updates = [m for m in messages if isinstance(m, WeightUpdate) and m.version > self.version]
-            if updates:
-                await self._load(max(updates, key=lambda m: m.version), engine_started)
+            target = None
+            for m in messages:
+                if isinstance(m, WeightUpdate) and self._wanted(m, target):
+                    target = m
+            if target is not None:
+                await self._load(target, engine_started)
             shutdown = next((m for m in messages if isinstance(m, Shutdown)), None)
             if shutdown is not None:
                 log.info("%s: shutdown requested (%s)", self.id, shutdown.reason)
@@ -170,64 +159,111 @@ class Explorer:
             if shutdown is not None:
                 return
 
+    def _wanted(self, update: WeightUpdate, newer_than: WeightUpdate | None) -> bool:
+        """Take an update of another learner incarnation whatever its version (a restarted
+        learner's versions can repeat or go back), a newer version of the same one, and
+        nothing from another run."""
+        if update.run_id and update.run_id != self.run_id:
+            if update.run_id not in self._other_runs:
+                self._other_runs.add(update.run_id)
+                log.warning("%s: ignoring adapters from run %s (this is run %s): is another run's learner "
+                            "at %s?", self.id, update.run_id, self.run_id, self.config.addresses.control)
+            self.stats["updates_other_run"] = self.stats.get("updates_other_run", 0.0) + 1
+            return False
+        current = newer_than or (self.sampler.update if self.version >= 0 else None)
+        return current is None or update.incarnation != current.incarnation or update.version > current.version
+
+    async def _load(self, update: WeightUpdate, engine_started: asyncio.Task) -> None:
+        await engine_started  # raises the engine's start error, if any
+        new_incarnation = self.first_version is None or update.incarnation != self.incarnation
+        await self.sampler.load(update)
+        if new_incarnation:
+            # Admission counts from the new learner's first version: the old one's groups will
+            # not be trained by it (the buffer drops them), so they do not fill its batches.
+            self.first_version, self.useful = update.version, 0
+            log.info("%s: following learner incarnation %d from version %d", self.id, update.incarnation, update.version)
+        self.stats["weight_sync_latency_s"] = time.time() - update.created_at if update.created_at else 0.0
+        self.stats["version"] = float(update.version)
+        self.stats["incarnation"] = float(update.incarnation)
+        log.info("%s: sampling with version %d (sync %.2f s)", self.id, update.version, self.stats["weight_sync_latency_s"])
+
     # ------------------------------------------------------------------ rollouts
 
     def _builders(self):
+        """The dataset's builders from self.position on; self.position always names the next."""
         cfg = self.config
         tokenizer = _tokenizer(self.model)
         dataset = import_callable(cfg.dataset.factory)(tokenizer, groups_per_batch=cfg.groups_per_batch, **cfg.dataset.args)
-        for index in itertools.count():
-            yield from dataset.get_batch(index)
+        start_batch, start_offset = self.position
+        for index in itertools.count(start_batch):
+            batch = dataset.get_batch(index)
+            for i in range(start_offset if index == start_batch else 0, len(batch)):
+                self.position = (index, i + 1) if i + 1 < len(batch) else (index + 1, 0)
+                yield batch[i]
 
     def _may_start(self) -> bool:
-        if self.version < 0:
+        if not self.sampler.ready or self.first_version is None:
             return False
+        if self.outbox.unacked + self.running >= self.config.explorer.max_unacked:
+            return False  # the buffer is away or behind: do not grow the outbox further
         window = self.version - self.first_version + self.config.max_staleness + 1
         return self.useful + self.running < window * self.config.groups_per_batch
 
     async def _worker(self, builders, admitted: asyncio.Condition, params: SamplingParams) -> None:
-        cfg = self.config
+        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             async with admitted:
                 await admitted.wait_for(lambda: self._may_start() or self._stop.is_set())
                 if self._stop.is_set():
                     return
                 builder = next(builders)
+                # Queued in order on the outbox thread: a restart starts at the first builder not started.
+                saved = loop.run_in_executor(self._db, lambda p=self.position: self.outbox.set_state(
+                    dataset_batch=p[0], dataset_offset=p[1]))
                 self.running += 1
-            reason = "unfinished"
+            useful = False
             try:
-                group = await do_group(
-                    builder, self.current_sampler, params, episode_timeout_s=cfg.explorer.episode_timeout_s,
-                    scale_by_std=cfg.explorer.scale_by_std, max_turns=cfg.explorer.max_turns, explorer_id=self.id,
-                )
-                reason, detail = drop_reason(group, self.vocab_size, cfg.buffer.drop_constant_reward_groups)
+                await saved
+                group = await self._roll_out(builder, params)
+                reason, detail = drop_reason(group, self.vocab_size, self.config.buffer.drop_constant_reward_groups)
                 self.stats[f"groups_{reason or 'useful'}"] = self.stats.get(f"groups_{reason or 'useful'}", 0.0) + 1
                 if reason in ("env_error", "invalid"):
                     log.warning("%s: %s group: %s", self.id, reason, detail)
-                await self._push(group)
-                if group.failed:
-                    self.engine.check_alive()  # a dead engine would fail every group: fail the role instead
+                self.stats["sampler_busy_frac"] = self.sampler.busy_frac()
+                self.stats["groups_useful_or_running"] = float(self.useful + self.running)
+                group = msgspec.structs.replace(group, explorer_stats=dict(self.stats))
+                await loop.run_in_executor(self._db, self.outbox.put, group)  # durable before it is sent
+                useful = reason is None and group.incarnation == self.incarnation
             finally:
                 async with admitted:
                     self.running -= 1
-                    self.useful += reason is None
+                    self.useful += useful
                     admitted.notify_all()  # a dropped group frees its slot
 
-    async def _push(self, group: TrajectoryGroup) -> None:
-        self.stats["sampler_busy_frac"] = self._sampler_busy_frac()
-        self.stats["groups_useful_or_running"] = float(self.useful + self.running)
-        group = msgspec.structs.replace(group, explorer_stats=dict(self.stats))
-        await asyncio.get_running_loop().run_in_executor(self._send_pool, self._send, group)
-
-    def _send(self, group: TrajectoryGroup) -> None:
-        self._sender.send(group, self.config.explorer.push_timeout_s)
-        # Counted here, in the push thread: a send that completes after its awaiting task was
-        # cancelled (at shutdown) still counts, so pushed == what the buffer received.
-        self.stats["groups_pushed"] += 1
+    async def _roll_out(self, builder, params: SamplingParams) -> TrajectoryGroup:
+        """One group, tagged with the run and the incarnation of its first turn. If the engine
+        died under it, the engine is restarted and the builder rolled out again."""
+        cfg = self.config
+        while True:
+            sampler = GroupSampler(self.sampler)
+            try:
+                group = await do_group(
+                    builder, lambda s=sampler: s, params, episode_timeout_s=cfg.explorer.episode_timeout_s,
+                    scale_by_std=cfg.explorer.scale_by_std, max_turns=cfg.explorer.max_turns, explorer_id=self.id,
+                )
+            except EngineDeadError as err:
+                why = str(err)
+            else:
+                if not (group.failed and sampler.engine is not None and not sampler.engine.alive):
+                    incarnation = sampler.incarnation if sampler.incarnation is not None else self.incarnation
+                    return msgspec.structs.replace(group, run_id=self.run_id, incarnation=incarnation)
+                why = group.error  # e.g. a timeout while the engine lay dead
+            self.stats["groups_retried_engine_dead"] = self.stats.get("groups_retried_engine_dead", 0.0) + 1
+            await self.sampler.restart(sampler.engine, why)
 
     async def _rollouts(self, admitted: asyncio.Condition) -> None:
         """Wait for the first adapter, then roll out with explorer.concurrency workers until
-        stopped; the first worker error (a push that timed out, a dead engine) ends it."""
+        stopped; the first worker error ends it."""
         cfg = self.config
         async with admitted:
             got = await _wait_for(admitted, lambda: self.version >= 0 or self._stop.is_set(),
@@ -244,22 +280,53 @@ class Explorer:
             if task.exception() is not None:
                 raise task.exception()
 
+    # ------------------------------------------------------------------ the role
+
+    async def _watch_sender(self, sender: OutboxSender) -> None:
+        while sender.alive:
+            await asyncio.sleep(0.5)
+        raise RuntimeError(f"{self.id}: the outbox sender stopped: {sender.error!r}") from sender.error
+
     async def run(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        self._sender = await loop.run_in_executor(self._send_pool, transport.Sender, cfg.addresses.experience)
-        inbox: asyncio.Queue = asyncio.Queue()
+        id_lock = await asyncio.to_thread(_hold_id, self.dir, self.id)
+        self.outbox = await loop.run_in_executor(self._db, Outbox, self.dir)
+        self.position = (self.outbox.state("dataset_batch"), self.outbox.state("dataset_offset"))
+        if self.outbox.unacked or self.position != (0, 0):
+            log.info("%s: resuming: %d groups to deliver first, dataset at batch %d + %d", self.id,
+                     self.outbox.unacked, *self.position)
         admitted = asyncio.Condition()
+
+        async def notify():
+            async with admitted:
+                admitted.notify_all()
+
+        def acked(group_id: str, outcome: str) -> None:  # in the sender thread
+            def on_loop():
+                self.stats["groups_pushed"] += 1
+                self.stats[f"acked_{outcome}"] = self.stats.get(f"acked_{outcome}", 0.0) + 1
+                asyncio.ensure_future(notify())  # a slot of max_unacked is free again
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(on_loop)
+
+        sender = OutboxSender(self.outbox, cfg.addresses.experience, ack_timeout_s=cfg.explorer.ack_timeout_s,
+                              on_ack=acked, name=f"rlpipe-outbox-{self.id}").start()
+        self.outbox.on_commit = sender.wake
+        inbox: asyncio.Queue = asyncio.Queue()
         control = threading.Thread(target=self._control_thread, args=(loop, inbox), name="rlpipe-control", daemon=True)
         control.start()
-        engine = asyncio.create_task(self._start_engine(), name="engine start")
+        engine = asyncio.create_task(self.sampler.start(), name="engine start")
         handler = asyncio.create_task(self._handle_control(inbox, admitted, engine), name="control")
         rollouts = asyncio.create_task(self._rollouts(admitted), name="rollouts")
+        # Restarts the engine if it dies while nothing samples; raises past max_engine_restarts.
+        health = asyncio.create_task(_after(engine, self.sampler.watch), name="engine health")
+        delivery = asyncio.create_task(self._watch_sender(sender), name="outbox sender")
         error: BaseException | None = None
         try:
-            # Ends when the learner says Shutdown (in-flight groups are abandoned: nobody will
-            # train them), or with the first error of any task, raised here.
-            pending = {engine, handler, rollouts}
+            # Ends when the learner says Shutdown (groups still rolling out are abandoned:
+            # nobody will train them), or with the first error of any task, raised here.
+            pending = {engine, handler, rollouts, health, delivery}
             while handler in pending and rollouts in pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -270,11 +337,41 @@ class Explorer:
             self._stop.set()
             await _cancel_and_reap(asyncio.all_tasks() - {asyncio.current_task()}, error)
             control.join(timeout=5)
-            # The push thread is FIFO: close runs after any send still in progress.
-            await loop.run_in_executor(self._send_pool, self._sender.close)
-            self._send_pool.shutdown(wait=False)
+            if error is None and not await asyncio.to_thread(sender.drain, DRAIN_S):
+                log.warning("%s: %d groups not acknowledged by the buffer; they stay in the outbox and are "
+                            "sent when an explorer named %s starts again on this run", self.id, self.outbox.unacked, self.id)
+            await asyncio.to_thread(sender.stop)
+            await asyncio.to_thread(self.sampler.shutdown)
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "stats.json").write_text(json.dumps(self.stats, indent=1))
+            outbox_stats = await loop.run_in_executor(self._db, self.outbox.stats)
+            (self.dir / "stats.json").write_text(json.dumps({**self.stats, "outbox": outbox_stats}, indent=1))
+            await loop.run_in_executor(self._db, self.outbox.close)
+            self._db.shutdown(wait=False)
+            os.close(id_lock)
+
+
+async def _after(first: asyncio.Task, then) -> None:
+    await first
+    await then()
+
+
+def _hold_id(explorer_dir, name: str) -> int:
+    """One explorer per id and run: an exclusive lock on explorer_dir/lock, held for the
+    process's life. A POSIX lock: released when the process dies, even by SIGKILL, and not
+    inherited by the engine's processes. Waits a little for a predecessor that is exiting."""
+    explorer_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(explorer_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + ID_LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise Unrecoverable(f"another explorer named {name} is running on {explorer_dir.parent} "
+                                    f"(give each explorer its own --id)") from None
+            time.sleep(0.2)
 
 
 async def _cancel_and_reap(tasks: set[asyncio.Task], raised: BaseException | None, timeout_s: float = 10.0) -> None:
@@ -305,48 +402,3 @@ def _tokenizer(model: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model)
-
-
-def _default_backend() -> str:
-    from rlpipe.sampling import default_backend
-
-    return default_backend()
-
-
-def engine_options(config: RunConfig, backend: str) -> dict:
-    """The sampling engine's options from the run config (rlpipe.sampling.get_engine kwargs)."""
-    e = config.explorer
-    options = {"max_loaded_adapters": config.max_staleness + 2}
-    if backend == "local":
-        device = "cuda" if e.device.startswith("cuda") else (e.device or None)  # the first GPU use_device left visible
-        return {**options, "max_model_len": e.max_model_len or None, "dtype": e.dtype if e.dtype not in ("", "auto") else None,
-                "device": device}
-    return {
-        **options,
-        "max_lora_rank": e.max_lora_rank or config.learner.rank,  # rounded up to a rank vLLM supports, logged
-        "max_model_len": e.max_model_len or None, "dtype": e.dtype or None, "enforce_eager": e.enforce_eager,
-        "gpu_memory_utilization": e.gpu_memory_utilization or None, "tensor_parallel_size": e.tensor_parallel_size,
-        "device": e.device, **e.engine_args,
-    }
-
-
-def use_device(device: str) -> None:
-    """explorer.device -> CUDA_VISIBLE_DEVICES of this process, which the engine's processes
-    inherit. GPU numbers count among the GPUs this process was started with."""
-    if device in ("", "cuda"):
-        return
-    if device == "cpu":
-        visible = ""
-    else:
-        wanted = [int(i) for i in device.partition(":")[2].split(",")]
-        current = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = [i.strip() for i in current.split(",") if i.strip()] if current is not None else None
-        if ids is not None and max(wanted) >= len(ids):
-            raise ValueError(f"explorer.device {device!r}: this process sees only GPUs {ids} (CUDA_VISIBLE_DEVICES={current!r})")
-        visible = ",".join(ids[i] if ids is not None else str(i) for i in wanted)
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        log.warning("explorer.device %r: CUDA is already initialised in this process; CUDA_VISIBLE_DEVICES "
-                    "only applies to the engine's own processes", device)
-    os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    log.info("explorer.device %r: CUDA_VISIBLE_DEVICES=%r", device, visible)

@@ -1,34 +1,54 @@
-"""`rlpipe run`: the three roles as processes on one machine, watched until done.
+"""`rlpipe run`: the three roles as processes on one machine, supervised until done.
 
 Each role runs in its own session (process group), so stopping it also stops what it
-started (the vLLM engine core). Any role failing, or Ctrl-C, stops all of them: SIGTERM,
-then SIGKILL after a grace period. No orphans are left behind.
+started (the vLLM engine core). Ctrl-C stops all of them: SIGTERM, then SIGKILL after a
+grace period. No orphans are left behind.
 
-A role that fails records its error (record_failure, written by the `rlpipe <role>` command)
-before it exits; the launcher notices the exit within POLL_S and prints the role and that
-error line on the console, then the end of the role's log.
+Supervision (config [supervision]): a role that dies (non-zero exit, a signal, or no
+heartbeat for heartbeat_timeout_s) is restarted with a doubling backoff, at most max_restarts
+times; each restart is printed and counted in run_dir/restarts.json. A restarted learner
+resumes from its last checkpoint, a restarted buffer replays its store, a restarted explorer
+(same id) re-sends its outbox and loads the newest adapter. A role that exits with
+EXIT_UNRECOVERABLE (an error no restart can fix), or that has used up its restarts, stops
+the run at once: the launcher prints the role and its error line (record_failure, written by
+the `rlpipe <role>` command) and the end of the role's log.
+
+A run directory belongs to one run: starting into one that already holds a run is refused
+unless --resume is given (then every role continues from its durable state).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlpipe.pipeline.config import RunConfig, dump, load
 from rlpipe.metrics import read_metrics
+from rlpipe.pipeline import identity
+from rlpipe.pipeline.config import RunConfig, dump, load
+from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE
 
 ROLES = ("buffer", "learner", "explorer")
+EXPLORER_ID = "explorer-0"
 GRACE_S = 15.0
 POLL_S = 0.5
+HEARTBEAT_S = 1.0
+RESTARTS_FILE = "restarts.json"
 
 
 def failure_file(run_dir: Path, role: str) -> Path:
     return Path(run_dir) / "logs" / f"{role}.failed"
+
+
+def heartbeat_file(run_dir: Path, role: str) -> Path:
+    return Path(run_dir) / "logs" / f"{role}.heartbeat"
 
 
 def record_failure(run_dir: Path, role: str, error: BaseException) -> None:
@@ -38,12 +58,36 @@ def record_failure(run_dir: Path, role: str, error: BaseException) -> None:
     path.write_text(f"{type(error).__name__}: {error}\n")
 
 
+def start_heartbeat(run_dir: Path, role: str) -> threading.Event:
+    """Touch the role's heartbeat file every HEARTBEAT_S from a daemon thread, until the
+    returned event is set. A frozen process (SIGSTOP, a hang holding the GIL) stops touching it."""
+    path = heartbeat_file(run_dir, role)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+
+    def beat():
+        while not stop.is_set():
+            path.touch()
+            stop.wait(HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="rlpipe-heartbeat", daemon=True).start()
+    return stop
+
+
+def holds_a_run(run_dir: Path) -> list[str]:
+    """What in run_dir shows an earlier run (empty if none)."""
+    names = (identity.RUN_FILE, "metrics.jsonl", "buffer", "learner", EXPLORER_ID)
+    return [n for n in names if (Path(run_dir) / n).exists()]
+
+
 def role_command(role: str, config_path: str, sets: list[str], resume: bool) -> list[str]:
     cmd = [sys.executable, "-m", "rlpipe.cli", role, config_path]
     for item in sets:
         cmd += ["--set", item]
     if resume and role == "learner":
         cmd.append("--resume")
+    if role == "explorer":
+        cmd += ["--id", EXPLORER_ID]  # a stable id: a restarted explorer finds its outbox
     return cmd
 
 
@@ -59,8 +103,12 @@ def stop_all(procs: dict[str, subprocess.Popen], grace_s: float = GRACE_S) -> No
     _wait_all(procs, 5.0)
     # A killed process can take a moment to go (a vLLM engine core unmapping its memory):
     # return only when no role's process group has a live member left.
-    deadline = time.monotonic() + 15.0
-    while any(group_members(p.pid) for p in procs.values()) and time.monotonic() < deadline:
+    _wait_groups_gone([p.pid for p in procs.values()], 15.0)
+
+
+def _wait_groups_gone(pgids: list[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(group_members(g) for g in pgids) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -96,15 +144,121 @@ def summary_line(record: dict, steps: int) -> str:
     return "  ".join(parts)
 
 
+def read_restarts(run_dir: Path) -> dict[str, int]:
+    path = Path(run_dir) / RESTARTS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Role:
+    name: str
+    command: list[str]
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    restart_at: float | None = None
+    restarts_here: int = 0
+    """Restarts by this launcher (the budget); restarts.json also keeps earlier launches'."""
+    finished: bool = False
+    why: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, config: RunConfig, config_path: str, sets: list[str], resume: bool):
+        self.config = config
+        self.run_dir = config.run_dir
+        self.roles = {r: Role(r, role_command(r, config_path, sets, resume)) for r in ROLES}
+        # A restarted learner always resumes from its checkpoint.
+        self.learner_resume = role_command("learner", config_path, sets, True)
+        self.restarts = read_restarts(self.run_dir)
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen]:
+        return {r.name: r.proc for r in self.roles.values() if r.proc is not None}
+
+    def start(self, role: Role) -> None:
+        failure_file(self.run_dir, role.name).unlink(missing_ok=True)
+        heartbeat_file(self.run_dir, role.name).unlink(missing_ok=True)
+        with open(self.run_dir / "logs" / f"{role.name}.log", "ab") as log_file:
+            role.proc = subprocess.Popen(role.command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        role.started = time.monotonic()
+        role.restart_at = None
+        _write_json(self.run_dir / "pids.json", {r: p.pid for r, p in self.procs.items()})
+
+    def check(self, now: float) -> str | None:
+        """Restart what died or hangs; the reason the run must stop, or None."""
+        sup = self.config.supervision
+        for role in self.roles.values():
+            if role.finished:
+                continue
+            if role.restart_at is not None:
+                if now >= role.restart_at:
+                    self.start(role)
+                continue
+            code = role.proc.poll()
+            if code is None:
+                if self._hung(role, now, sup.heartbeat_timeout_s):
+                    print(f"role {role.name}: no heartbeat for {sup.heartbeat_timeout_s:.0f} s: killing it", file=sys.stderr)
+                    role.why.append("no heartbeat")
+                    _signal_group(role.proc, signal.SIGKILL)
+                continue
+            if code == 0:
+                role.finished = True  # buffer and explorer end with 0 after the learner's Shutdown
+                continue
+            error = _failure(self.run_dir, role.name, code)
+            if code == EXIT_UNRECOVERABLE or role.restarts_here >= sup.max_restarts:
+                self._report(role.name, code, "" if code == EXIT_UNRECOVERABLE else
+                             f" (after {role.restarts_here} restarts, the most supervision.max_restarts allows)")
+                return role.name
+            # What the dead role started (a vLLM engine core) goes with it before the new one starts.
+            _signal_group(role.proc, signal.SIGKILL)
+            _wait_groups_gone([role.proc.pid], 15.0)
+            backoff = min(sup.backoff_s * 2 ** role.restarts_here, sup.max_backoff_s)
+            role.restarts_here += 1
+            self.restarts[role.name] = self.restarts.get(role.name, 0) + 1
+            _write_json(self.run_dir / RESTARTS_FILE, self.restarts)
+            print(f"role {role.name} died ({error}): restart {role.restarts_here}/{sup.max_restarts} "
+                  f"in {backoff:.0f} s", file=sys.stderr, flush=True)
+            if role.name == "learner":
+                role.command = self.learner_resume
+            role.restart_at = now + backoff
+        return None
+
+    def _hung(self, role: Role, now: float, timeout_s: float) -> bool:
+        try:
+            age = time.time() - heartbeat_file(self.run_dir, role.name).stat().st_mtime
+        except FileNotFoundError:
+            age = now - role.started  # not beating yet (still importing): count from its start
+        return min(age, now - role.started) > timeout_s
+
+    def _report(self, role: str, code: int, note: str) -> None:
+        log_path = self.run_dir / "logs" / f"{role}.log"
+        error = _failure(self.run_dir, role, code)
+        print(f"role {role} failed: {error}{note}", file=sys.stderr)
+        print(f"--- last lines of {log_path} ---\n{_tail(log_path)}\n---", file=sys.stderr)
+        print(f"role {role} failed: {error}{note}; stopping all roles", file=sys.stderr)
+
+
 def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = False,
         timeout_s: float | None = None, quiet: bool = False) -> int:
-    """Start the roles, print a line per learner step, return 0 when the learner finished."""
+    """Start the roles, print a line per learner step, restart roles that die; return 0 when
+    the learner finished, 1 when a role failed for good, 2 when the run directory is taken."""
     run_dir = config.run_dir
+    if not resume and (found := holds_a_run(run_dir)):
+        print(f"rlpipe: {run_dir} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+              f"or choose another name or runs_dir", file=sys.stderr)
+        return 2
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    identity.run_id(run_dir)  # made once, before any role needs it
     (run_dir / "config.json").write_bytes(dump(config))
     metrics_path = run_dir / "metrics.jsonl"
     seen = len(read_metrics(metrics_path))
-    procs: dict[str, subprocess.Popen] = {}
+    supervisor = Supervisor(config, config_path, sets, resume)
     interrupted = False
 
     def on_signal(signum, frame):
@@ -113,15 +267,9 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.monotonic()
-    for role in ROLES:
-        failure_file(run_dir, role).unlink(missing_ok=True)  # from an earlier run in this directory
     try:
-        for role in ROLES:
-            log_file = open(run_dir / "logs" / f"{role}.log", "ab")
-            procs[role] = subprocess.Popen(role_command(role, config_path, sets, resume), stdout=log_file,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
-            log_file.close()
-        (run_dir / "pids.json").write_text(json.dumps({r: p.pid for r, p in procs.items()}))
+        for role in supervisor.roles.values():
+            supervisor.start(role)
         while True:
             time.sleep(POLL_S)
             records = read_metrics(metrics_path)
@@ -132,31 +280,45 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
             if interrupted:
                 print("interrupted: stopping all roles", file=sys.stderr)
                 return 130
-            learner = procs["learner"].poll()
-            if learner == 0:
-                _wait_all(procs, 60.0)  # the others stop on the learner's Shutdown; stop_all gets stragglers
+            learner = supervisor.roles["learner"]
+            if learner.restart_at is None and learner.proc.poll() == 0:
+                _wait_all(supervisor.procs, 60.0)  # the others stop on the learner's Shutdown; stop_all gets stragglers
                 return 0
-            failed = {r: p.returncode for r, p in procs.items() if p.poll() not in (None, 0)}
-            if failed:
-                for role, code in failed.items():
-                    log_path = run_dir / "logs" / f"{role}.log"
-                    print(f"role {role} failed: {_failure(run_dir, role, code)}", file=sys.stderr)
-                    print(f"--- last lines of {log_path} ---\n{_tail(log_path)}\n---", file=sys.stderr)
-                    print(f"role {role} failed: {_failure(run_dir, role, code)}; stopping all roles", file=sys.stderr)
+            if supervisor.check(time.monotonic()) is not None:
                 return 1
             if timeout_s is not None and time.monotonic() - start > timeout_s:
                 print(f"run did not finish within {timeout_s:.0f} s", file=sys.stderr)
                 return 124
     finally:
-        stop_all(procs)
+        stop_all(supervisor.procs)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def run_to_end(config: RunConfig, filename: str) -> list[dict]:
+def clear_run(run_dir: Path) -> list[str]:
+    """Remove what an earlier pipeline run left in run_dir (its store, checkpoints, logs and
+    metrics; other files, such as an SFT warm-up next to it, stay). Returns what was removed."""
+    names = [*holds_a_run(run_dir), "logs", RESTARTS_FILE, "buffer_stats.json", "pids.json"]
+    removed = []
+    for name in names:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def run_to_end(config: RunConfig, filename: str, replace: bool = False) -> list[dict]:
     """What the demo and the recipes do with a config built in Python: write it as JSON to
     run_dir/filename, run it as `rlpipe run` would, and return the learner's metric records.
+    replace: first remove an earlier run in the same directory (said on the console).
     Raises SystemExit if a role failed."""
+    if replace and holds_a_run(config.run_dir):
+        print(f"replacing the earlier run in {config.run_dir}: removed {', '.join(clear_run(config.run_dir))}")
     path = config.run_dir / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(dump(config))

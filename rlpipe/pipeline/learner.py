@@ -16,6 +16,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections import Counter
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from rlpipe import checkpoint
-from rlpipe.pipeline import transport
+from rlpipe.pipeline import identity, transport
 from rlpipe.pipeline.config import RunConfig, import_callable, resolve_train_unembed
 from rlpipe.hyperparams import get_lr
 from rlpipe.metrics import MetricsWriter, mean_of
@@ -80,8 +81,8 @@ def batch_metrics(groups: list[TrajectoryGroup], step: int) -> dict[str, float]:
 
 
 def latest_checkpoint(run_dir: Path) -> dict | None:
-    """The learner's newest checkpoint, {"path", "step", "after_seq"} (its PEFT adapter is
-    path/adapter), or None before the first one."""
+    """The learner's newest checkpoint, {"path", "step", "after_seq", "groups_trained"} (its
+    PEFT adapter is path/adapter), or None before the first one."""
     latest = Path(run_dir) / "learner" / LATEST
     return json.loads(latest.read_text()) if latest.exists() else None
 
@@ -103,14 +104,21 @@ class Learner:
                                      layout=lc.layout or None, max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
                                      gradient_checkpointing=lc.gradient_checkpointing)
         self.after_seq = 0
+        self.durable_seq = 0
+        """The buffer position of the newest checkpoint: a restart asks again from there."""
+        self.groups_trained = 0
         self._stop_fetching = threading.Event()
+        self.run_id = identity.run_id(config.run_dir)
+        self.incarnation = identity.next_incarnation(self.dir)
         latest = latest_checkpoint(config.run_dir) if resume else None
         if latest is not None:
             self.client.load_state_with_optimizer(latest["path"]).result()
-            self.after_seq = latest["after_seq"]
+            self.after_seq = self.durable_seq = latest["after_seq"]
+            self.groups_trained = latest.get("groups_trained", 0)
             log.info("resumed at step %d, buffer position %d", self.client.step, self.after_seq)
         elif config.learner.init_from:
             self.client.load_state(config.learner.init_from).result()
+        log.info("learner incarnation %d of run %s", self.incarnation, self.run_id)
         self.lr = config.learner.learning_rate or get_lr(model)
         self.loss_config = {**config.learner.loss_fn_config, "temperature": config.explorer.temperature}
         self.metrics = MetricsWriter(config.run_dir / "metrics.jsonl")
@@ -206,7 +214,8 @@ class Learner:
                 )
             request = BatchRequest(sender="learner", learner_version=version,
                                    after_seq=seqs[-1] if seqs else after_seq,
-                                   max_groups=cfg.groups_per_batch - len(groups))
+                                   max_groups=cfg.groups_per_batch - len(groups), run_id=self.run_id,
+                                   incarnation=self.incarnation, durable_seq=self.durable_seq)
             reply = requests.request(request, timeout_s=5.0)
             if isinstance(reply, Batch):
                 groups += reply.groups
@@ -224,12 +233,16 @@ class Learner:
         opt = self.client.optim_step(AdamParams(learning_rate=self.lr, grad_clip_norm=self.config.learner.grad_clip_norm,
                                                 weight_decay=self.config.learner.weight_decay))
         # The step runs on the client's worker thread; the batch's figures are summed up meanwhile.
-        record = {"step": step + 1, "time": started, **batch_metrics(batch.groups, step)}
+        record = {"step": step + 1, "time": started, **batch_metrics(batch.groups, step),
+                  "learner/incarnation": self.incarnation,
+                  # the buffer serves only this incarnation's groups: a check that explorers follow a restart
+                  "explorer/incarnation_min": min(g.incarnation for g in batch.groups)}
         record.update({f"dropped/{k}": float(v) for k, v in batch.dropped.items()})
         record.update({"buffer/first_seq": batch.seqs[0], "buffer/last_seq": batch.seqs[-1]})
         record.update(fb.result().metrics)
         record.update(opt.result().metrics)
         self.after_seq = batch.seqs[-1]
+        self.groups_trained += len(batch.groups)
         return record
 
     def _publish(self, control) -> float:
@@ -238,15 +251,20 @@ class Learner:
         version = self.client.step
         files = self.client.get_sampler_weights().result()
         control.publish(WeightUpdate(version=version, adapter_config=files[checkpoint.ADAPTER_CONFIG],
-                                     adapter_weights=files[checkpoint.ADAPTER_WEIGHTS], step=version, created_at=created))
+                                     adapter_weights=files[checkpoint.ADAPTER_WEIGHTS], step=version, created_at=created,
+                                     run_id=self.run_id, incarnation=self.incarnation))
         return time.monotonic() - start
 
     def _checkpoint(self) -> None:
         path = self.client.save_state(f"step-{self.client.step:06d}").result().path
         latest = self.dir / LATEST
         tmp = latest.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"path": path, "step": self.client.step, "after_seq": self.after_seq}))
+        tmp.write_text(json.dumps({"path": path, "step": self.client.step, "after_seq": self.after_seq,
+                                   "groups_trained": self.groups_trained, "incarnation": self.incarnation}))
         os.replace(tmp, latest)  # atomic: a crash leaves the previous checkpoint in force
+        # Only now may the buffer forget what this checkpoint has trained (compaction).
+        self.durable_seq = self.after_seq
+        prune(self.dir / "state", "step-", self.config.learner.keep_checkpoints, keep=Path(path).name)
 
     def _eval(self) -> dict[str, float]:
         from rlpipe.evaluators import greedy_eval, nll_eval
@@ -255,6 +273,7 @@ class Learner:
         out = nll_eval(self.client, self.nll_data) if self.nll_data else {}
         if self.eval_items:
             path = self.client.save_weights_for_sampler(f"eval-{self.client.step:06d}").result().path
+            prune(Path(path).parent, "eval-", cfg.learner.keep_checkpoints, keep=Path(path).name)
             options = {}
             if cfg.learner.eval_sampler == "local" and self.client.device.type != "cpu":
                 options["device"] = "cpu"  # no second copy of the model on the learner's GPU
@@ -262,3 +281,15 @@ class Learner:
                                max_tokens=cfg.explorer.max_tokens, backend=cfg.learner.eval_sampler,
                                policy_version=self.client.step, **options)
         return out
+
+
+def prune(folder: Path, prefix: str, keep_newest: int, keep: str) -> list[str]:
+    """Delete all but the newest keep_newest directories named prefix* in folder (names sort
+    by step); `keep` (the one just written) always stays. Returns the names deleted."""
+    if keep_newest <= 0:
+        return []
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    doomed = [n for n in names[:-keep_newest] if n != keep]
+    for name in doomed:
+        shutil.rmtree(folder / name, ignore_errors=True)
+    return doomed

@@ -1,8 +1,14 @@
 """Typed ZeroMQ messaging between the rlpipe roles (stable roles bind, dynamic ones connect).
 
-  explorers PUSH -> buffer PULL       experience. PUSH blocks at its high-water mark, so a slow
-                                      buffer back-pressures explorers (PUB would drop instead).
-  learner DEALER -> buffer ROUTER     BatchRequest -> Batch. A request-id frame pairs replies
+  explorers DEALER -> buffer ROUTER   experience: TrajectoryGroup -> GroupAck. At least once:
+                                      a group stays in the explorer's on-disk outbox and is sent
+                                      again until acknowledged; the buffer deduplicates by
+                                      group_id (a re-send is answered "duplicate") and acks only
+                                      once its decision is on disk. A buffer that is away or slow
+                                      back-pressures explorers: they stop starting groups once
+                                      explorer.max_unacked are unacknowledged.
+  learner DEALER -> buffer ROUTER     BatchRequest -> Batch.
+                                      In both request/reply flows a request-id frame pairs replies
                                       with requests, so a late reply to a timed-out request is
                                       never taken for the answer to the current one.
   explorers DEALER -> learner ROUTER  control. Explorers send Ready on connect (against slow
@@ -17,7 +23,6 @@ receiver goes on. Every blocking call takes a timeout.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import socket as pysocket
@@ -39,10 +44,6 @@ EXPERIENCE_MAX_BYTES, CONTROL_MAX_BYTES, SMALL_MAX_BYTES = 64 << 20, 1 << 30, 1 
 LINGER_MS = 1000  # close() may spend this long flushing unsent messages, never forever
 
 _KNOWN_TAGS = frozenset(t.__struct_config__.tag for t in typing.get_args(Message))
-
-
-class TransportTimeout(TimeoutError):
-    """A send could not be queued in time (peer gone and high-water mark reached)."""
 
 
 class _TagOnly(msgspec.Struct):
@@ -109,7 +110,7 @@ def _make_socket(ctx: zmq.Context | None, kind: int, address: str, bind: bool, *
     # ZMQ_MAXMSGSIZE is the memory guard: libzmq drops the connection of a peer that announces
     # a bigger frame before allocating it (frames in flight on that connection are lost and
     # cannot be counted here). The soft limit below it is checked by the Codec and counted,
-    # and rlpipe senders refuse oversize frames themselves, so they never reach the guard.
+    # and RequestClient refuses oversize requests itself, so they never reach the guard.
     options = {"MAXMSGSIZE": hard_max_bytes or 2 * max_message_bytes, "LINGER": linger_ms, **options}
     if not bind:  # notice a dead peer (killed host, cut network) without waiting for TCP timeouts
         options |= {"HEARTBEAT_IVL": 1000, "HEARTBEAT_TIMEOUT": 5000}
@@ -162,82 +163,30 @@ class _Closing:
         self.close()
 
 
-# --------------------------------------------------------------------------- experience: PUSH/PULL
-
-
-class Sender(_Closing):
-    """PUSH side of the experience flow (explorers connect to the buffer)."""
-
-    def __init__(self, address: str, *, bind: bool = False, sndhwm: int = 64,
-                 max_message_bytes: int = EXPERIENCE_MAX_BYTES, linger_ms: int = LINGER_MS,
-                 ctx: zmq.Context | None = None):
-        self.codec = Codec(max_message_bytes)
-        self.socket = _make_socket(ctx, zmq.PUSH, address, bind, max_message_bytes=max_message_bytes,
-                                   linger_ms=linger_ms, SNDHWM=sndhwm)
-
-    def send(self, msg: Message, timeout_s: float = 30.0) -> None:
-        """Queue one message; raise TransportTimeout if the high-water mark stays full."""
-        data = self.codec.encode(msg)
-        if len(data) > self.codec.max_message_bytes:
-            # Refuse at the source: the receiver would only count and discard it.
-            raise ValueError(f"{type(msg).__name__} is {len(data)} bytes, over "
-                             f"max_message_bytes={self.codec.max_message_bytes}")
-        if not _send(self.socket, [data], time.monotonic() + timeout_s):
-            raise TransportTimeout(f"could not send {type(msg).__name__} to {self.address} within "
-                                   f"{timeout_s}s (receiver gone or not keeping up, send queue full)")
-
-
-    async def asend(self, msg: Message, timeout_s: float = 30.0) -> None:
-        """send() for asyncio explorers: waits for room without blocking the event loop."""
-        deadline = time.monotonic() + timeout_s
-        pause = 0.001
-        while True:
-            try:
-                return self.send(msg, timeout_s=0.0)
-            except TransportTimeout:
-                if time.monotonic() >= deadline:
-                    raise
-            await asyncio.sleep(pause)
-            pause = min(2 * pause, 0.02)  # back-pressure is usually brief; never sleep long
-
-
-class Receiver(_Closing):
-    """PULL side of the experience flow (the buffer binds)."""
-
-    def __init__(self, address: str, *, bind: bool = True, rcvhwm: int = 64,
-                 max_message_bytes: int = EXPERIENCE_MAX_BYTES, hard_max_bytes: int | None = None,
-                 on_reject: Callable[[str], None] | None = None, ctx: zmq.Context | None = None):
-        self.codec = Codec(max_message_bytes, on_reject)
-        self.socket = _make_socket(ctx, zmq.PULL, address, bind, max_message_bytes=max_message_bytes,
-                                   hard_max_bytes=hard_max_bytes, RCVHWM=rcvhwm)
-
-    @property
-    def rejected(self) -> dict[str, int]:
-        return self.codec.rejected
-
-    def recv(self, timeout_s: float) -> Message | None:
-        """The next well-formed message, or None after timeout_s; bad frames are skipped."""
-        deadline = time.monotonic() + timeout_s
-        while (frames := _recv(self.socket, deadline)) is not None:
-            if len(frames) != 1:
-                self.codec.reject("framing")
-            elif (msg := self.codec.decode(frames[0])) is not None:
-                return msg
-        return None
-
-
 # --------------------------------------------------------------------------- requests: DEALER/ROUTER
 
 
 class RequestClient(_Closing):
-    """DEALER side of request/reply (the learner asks the buffer for batches).
+    """DEALER side of request/reply: an explorer sends TrajectoryGroups to the buffer (each
+    answered by a GroupAck), the learner asks it for batches.
 
     Unlike REQ, a DEALER has no send/recv lockstep that a lost reply can wedge, so a peer
-    that restarts costs one timed-out request, which the caller simply repeats."""
+    that restarts costs one timed-out request, which the caller simply repeats.
+
+    max_message_bytes bounds the replies taken, max_request_bytes the requests sent: it
+    should match the server's max_message_bytes, which would only count and discard more.
+
+    IMMEDIATE has a price: a reply that arrives just before the server closes its socket can
+    be lost, as libzmq drops a broken connection's pipe with the messages not yet read in it
+    (measured: 1.5-6.5% of replies sent right before close(), none without IMMEDIATE). The
+    request times out and is sent again; the callers retry and the buffer deduplicates groups
+    by id and serves batches idempotently, so it costs a re-send, not a message."""
 
     def __init__(self, address: str, *, max_message_bytes: int = CONTROL_MAX_BYTES,
-                 linger_ms: int = 0, ctx: zmq.Context | None = None):
+                 max_request_bytes: int = EXPERIENCE_MAX_BYTES, linger_ms: int = 0,
+                 ctx: zmq.Context | None = None):
         self.codec = Codec(max_message_bytes)
+        self.max_request_bytes = max_request_bytes
         # IMMEDIATE: queue only on a live connection, so requests do not pile up while the
         # server is down and get answered in a burst later.
         self.socket = _make_socket(ctx, zmq.DEALER, address, False, max_message_bytes=max_message_bytes,
@@ -245,10 +194,17 @@ class RequestClient(_Closing):
         self._ids = itertools.count(1)
 
     def request(self, msg: Message, timeout_s: float) -> Message | None:
-        """Send msg and wait for its reply; None if the server did not answer in time."""
+        """Send msg and wait for its reply; None if the server did not answer in time.
+        Raises ValueError if msg encodes to more than max_request_bytes."""
         deadline = time.monotonic() + timeout_s
+        data = self.codec.encode(msg)
+        if len(data) > self.max_request_bytes:
+            # Refuse at the source: the server would only count and discard it, and the caller
+            # would wait out every timeout and send it again, forever.
+            raise ValueError(f"{type(msg).__name__} is {len(data)} bytes, over "
+                             f"max_request_bytes={self.max_request_bytes}")
         req_id = next(self._ids).to_bytes(8, "little")
-        if not _send(self.socket, [req_id, self.codec.encode(msg)], deadline):
+        if not _send(self.socket, [req_id, data], deadline):
             return None
         while (frames := _recv(self.socket, deadline)) is not None:
             if len(frames) != 2:
@@ -314,9 +270,10 @@ class ControlServer(_Closing):
 
     def __init__(self, address: str, *, bind: bool = True, peer_timeout_s: float = 30.0,
                  sndhwm: int = 4, max_message_bytes: int = SMALL_MAX_BYTES,
-                 ctx: zmq.Context | None = None):
+                 max_frames_per_poll: int = 256, ctx: zmq.Context | None = None):
         self.codec = Codec(max_message_bytes)
         self.peer_timeout_s = peer_timeout_s
+        self.max_frames_per_poll = max_frames_per_poll
         self.latest: WeightUpdate | None = None
         self.peers: dict[bytes, Peer] = {}
         self._latest_frame = b""
@@ -333,10 +290,16 @@ class ControlServer(_Closing):
 
     def poll(self, timeout_s: float = 0.0) -> int:
         """Handle Ready/Heartbeat messages (waiting up to timeout_s for the first one), forget
-        silent peers, and retry owed sends. Returns the number of messages handled."""
+        silent peers, and retry owed sends. Returns the number of messages handled.
+
+        Takes at most max_frames_per_poll frames, garbage included: the learner's loop calls
+        this between steps, and a flood on the control socket must not hold it here. The rest
+        waits for the next call, in order."""
         handled = 0
         deadline = time.monotonic() + timeout_s
-        while (frames := _recv(self.socket, deadline)) is not None:
+        for _ in range(self.max_frames_per_poll):
+            if (frames := _recv(self.socket, deadline)) is None:
+                break
             deadline = 0.0  # after the first message, only drain what is already there
             match self.codec.decode(frames[-1]) if len(frames) == 2 else self.codec.reject("framing"):
                 case Ready(sender=name) | Heartbeat(sender=name) as msg:

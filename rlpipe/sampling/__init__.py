@@ -33,16 +33,30 @@ _engines: dict[tuple[str, str], object] = {}
 _engines_lock = threading.Lock()
 
 
+def _engine_class(backend: str):
+    if backend == "vllm":
+        from rlpipe.sampling.vllm_backend import VLLMEngine
+
+        return VLLMEngine
+    if backend == "local":
+        from rlpipe.sampling.local_backend import LocalEngine
+
+        return LocalEngine
+    raise ValueError(f"unknown sampling backend {backend!r}; choose one of {BACKENDS}")
+
+
+def start_engine(base_model: str, backend: str | None = None, **engine_options):
+    """A new engine that belongs to the caller alone (not shared, not restarted behind its
+    back): the caller shuts it down. The explorer runs its engine this way, so that it
+    decides when a dead one is replaced and reloads its adapter there."""
+    return _engine_class(backend or default_backend())(str(base_model), **engine_options)
+
+
 def get_engine(base_model: str, backend: str | None = None, **engine_options):
     """The process's shared engine for (backend, base_model), started on first use and again
     if it died. Options only take effect when an engine starts; later differing ones are logged."""
     backend = backend or default_backend()
-    if backend == "vllm":
-        from rlpipe.sampling.vllm_backend import VLLMEngine as engine_class
-    elif backend == "local":
-        from rlpipe.sampling.local_backend import LocalEngine as engine_class
-    else:
-        raise ValueError(f"unknown sampling backend {backend!r}; choose one of {BACKENDS}")
+    engine_class = _engine_class(backend)
     key = (backend, os.path.realpath(base_model))
     with _engines_lock:
         engine = _engines.get(key)
@@ -108,4 +122,5 @@ __all__ = [
     "default_backend",
     "get_engine",
     "shutdown_engines",
+    "start_engine",
 ]

@@ -9,11 +9,12 @@ a bad request raises a clear ValueError / FileNotFoundError and the engine stays
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 from typing import Protocol
 
-from rlpipe.futures import APIFuture
+from rlpipe.futures import APIFuture, CallTimeout
 from rlpipe.sampling.adapters import Adapter
 from rlpipe.sampling.errors import AdapterEvictedError, EngineDeadError, SamplingError, SamplingTimeout
 from rlpipe.types import ModelInput, SampleResponse, SamplingParams
@@ -63,6 +64,7 @@ class Request:
     prompt_logprobs: bool = False
     logprobs_only: bool = False  # compute_logprobs: score the prompt, sample nothing
     deadline: float = 0.0  # set by backends that enforce timeout_s themselves
+    cancelled: bool = False  # set when the caller stopped waiting; a backend stops working on it
 
 
 class SamplingClient:
@@ -104,7 +106,14 @@ class SamplingClient:
 
     async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
                            include_prompt_logprobs: bool = False, *, timeout: float | None = None) -> SampleResponse:
-        return await self.sample(prompt, num_samples, sampling_params, include_prompt_logprobs, timeout=timeout).result_async()
+        """sample(), awaited. Cancelling the awaiting task aborts the request in the engine
+        (an episode that timed out or was cancelled stops decoding at once)."""
+        prompt_ids = check_prompt(prompt, self.engine.vocab_size, self.engine.max_model_len, room=1)
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        decoding = resolve_params(sampling_params, len(prompt_ids), self.engine.vocab_size, self.engine.max_model_len)
+        return await self._await(Request(prompt_ids, num_samples, decoding, self.adapter, self.policy_version,
+                                         self._timeout(timeout), prompt_logprobs=include_prompt_logprobs), "sample")
 
     def compute_logprobs(self, prompt: ModelInput, *, timeout: float | None = None) -> APIFuture[list[float | None]]:
         """Logprob of each prompt token given the ones before it (temperature 1); the first is None."""
@@ -114,7 +123,10 @@ class SamplingClient:
                                     self._timeout(timeout), prompt_logprobs=True, logprobs_only=True), "compute_logprobs")
 
     async def compute_logprobs_async(self, prompt: ModelInput, *, timeout: float | None = None) -> list[float | None]:
-        return await self.compute_logprobs(prompt, timeout=timeout).result_async()
+        prompt_ids = check_prompt(prompt, self.engine.vocab_size, self.engine.max_model_len, room=0)
+        decoding = Decoding(1, 1.0, -1, 1.0, None, (), ())
+        return await self._await(Request(prompt_ids, 1, decoding, self.adapter, self.policy_version,
+                                         self._timeout(timeout), prompt_logprobs=True, logprobs_only=True), "compute_logprobs")
 
     def _timeout(self, timeout: float | None) -> float:
         timeout = self.timeout_s if timeout is None else float(timeout)
@@ -125,6 +137,24 @@ class SamplingClient:
     def _submit(self, request: Request, what: str) -> APIFuture:
         self.engine.check_alive()
         return APIFuture(self.engine.submit(request), what, request.timeout_s + FUTURE_GRACE_S)
+
+    async def _await(self, request: Request, what: str):
+        """Submit and await; if the awaiting task is cancelled, so is the request: the engine's
+        future is cancelled (the vLLM backend then aborts the request on its loop) and the
+        request is flagged (the local backend stops decoding it)."""
+        self.engine.check_alive()
+        future = self.engine.submit(request)
+        limit = request.timeout_s + FUTURE_GRACE_S
+        try:
+            # Not shielded (unlike APIFuture.result_async): cancelling this wait cancels `future`.
+            return await asyncio.wait_for(asyncio.wrap_future(future), limit)
+        except asyncio.CancelledError:
+            request.cancelled = True
+            future.cancel()
+            raise
+        except TimeoutError:  # the engine's own timeout (SamplingTimeout) is no TimeoutError
+            request.cancelled = True
+            raise CallTimeout(f"{what} did not finish within {limit:.0f} s") from None
 
 
 # --------------------------------------------------------------------------- validation

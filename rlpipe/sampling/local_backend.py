@@ -30,7 +30,7 @@ import torch
 
 from rlpipe.sampling.adapters import Adapter, AdapterTable, base_weight_shapes, snapshot_adapter
 from rlpipe.sampling.client import Request
-from rlpipe.sampling.errors import EngineDeadError, SamplingTimeout
+from rlpipe.sampling.errors import EngineDeadError, SamplingError, SamplingTimeout
 from rlpipe.types import SampledSequence, SampleResponse
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,9 @@ class LocalEngine:
             return existing
         try:
             self._call(self._load, adapter).result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            shutil.rmtree(adapter.path, ignore_errors=True)
+            raise SamplingTimeout(f"loading adapter {path!r} did not finish within {timeout_s:g} s") from None
         except Exception as e:
             shutil.rmtree(adapter.path, ignore_errors=True)
             raise ValueError(f"peft could not load adapter {path!r}: {type(e).__name__}: {e}") from e
@@ -234,7 +237,9 @@ class LocalEngine:
             while live:
                 now = time.monotonic()
                 for b, (r, future) in enumerate(batch):
-                    if not future.done() and not r.logprobs_only and now > r.deadline:
+                    if not future.done() and r.cancelled:  # its caller stopped waiting: stop decoding it
+                        future.set_exception(SamplingError("the request was cancelled"))
+                    elif not future.done() and not r.logprobs_only and now > r.deadline:
                         future.set_exception(SamplingTimeout(
                             f"sample (n={r.num_samples}, max_tokens={r.decoding.max_tokens}) on {self.base_model} "
                             f"(policy version {r.policy_version}) did not finish within {r.timeout_s:g} s; the request was aborted"))

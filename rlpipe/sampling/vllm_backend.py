@@ -24,8 +24,14 @@ read by token id. (Greedy, temperature 0: log_softmax of the raw logits.)
 
 Start: the engine's settings and their checks are in vllm_args.py. An engine counts as
 started once it has served one request, so a model it cannot run fails here, as an
-EngineStartError naming the model, never in the first rollout. Work nobody awaits (adapter
-removals, requests still ending after an abort) logs its error when it fails.
+EngineStartError naming the model, never in the first rollout; startup_timeout_s bounds the
+start and that request together. Work nobody awaits (adapter removals, requests still ending
+after an abort) logs its error when it fails.
+
+Cancellation: a caller that stops waiting (SamplingClient.sample_async's task cancelled, e.g.
+an episode that timed out) cancels the request's future; that cancels its task on the engine
+loop, and generate() aborts the request in vLLM (front end and engine core), so it stops
+decoding at once (tests/test_sampling_vllm.py::test_cancelled_request_is_aborted_in_the_engine).
 """
 
 from __future__ import annotations
@@ -97,11 +103,12 @@ class VLLMEngine:
             with environ(engine_process_env(config)):  # the engine process inherits it
                 return AsyncLLM.from_vllm_config(config, disable_log_stats=True)
 
+        deadline = started + startup_timeout_s  # one bound for the start and the first request
         try:
-            self.llm = self._loop.submit(start()).result(startup_timeout_s)
+            self.llm = self._loop.submit(start()).result(max(0.0, deadline - time.monotonic()))
             # The first request is where a model the engine cannot run shows (on CPU the
             # engine starts without running the model): find out now, not in the first rollout.
-            self._loop.submit(self._first_request()).result(startup_timeout_s)
+            self._loop.submit(self._first_request()).result(max(0.0, deadline - time.monotonic()))
         except BaseException as e:
             self.shutdown()
             if isinstance(e, concurrent.futures.TimeoutError):
@@ -158,6 +165,18 @@ class VLLMEngine:
                 f"the vLLM engine core for {self.base_model} has died (process exited or crashed); "
                 "its requests failed. Call create_sampling_client again to start a fresh engine."
             )
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine's front end still tracks (vLLM's output processor): in flight,
+        not finished and not aborted."""
+        llm = self.llm
+        return llm.output_processor.get_num_unfinished_requests() if llm is not None else 0
+
+    def engine_core_busy(self, timeout_s: float = 10.0) -> bool:
+        """Whether the engine core process still has requests to step (asked from that
+        process: its scheduler's own view, not the front end's)."""
+        return bool(self._on_loop(self.llm.engine_core.call_utility_async("has_work"), timeout_s,
+                                  "asking the engine core for its requests"))
 
     def engine_core_pids(self) -> list[int]:
         """PIDs of the engine-core processes (diagnostics and tests)."""
@@ -281,12 +300,20 @@ class VLLMEngine:
 
     async def _watch(self, coro, request: Request):
         """Await coro, but give up with a clear error past the timeout or if the engine dies.
-        Cancelling the generate() task makes vLLM abort the request."""
+        Cancelling the generate() task makes vLLM abort the request; so does cancelling this
+        one (the caller stopped waiting: SamplingClient cancels the request's future)."""
         task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.timeout_s
         while True:
-            done, _ = await asyncio.wait({task}, timeout=max(0.0, min(HEALTH_POLL_S, deadline - loop.time())))
+            try:
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, min(HEALTH_POLL_S, deadline - loop.time())))
+            except asyncio.CancelledError:
+                task.cancel()  # asyncio.wait does not cancel what it waits for: generate() aborts now
+                if not self._closed:
+                    await asyncio.wait({task}, timeout=5.0)
+                task.add_done_callback(log_failure("aborting a cancelled request"))
+                raise
             if done:
                 return task.result()
             if self._errored() or loop.time() >= deadline:

@@ -1,0 +1,250 @@
+"""The explorer's sampler: its own engine, the adapter it samples with, and restarts in place.
+
+The engine belongs to the explorer alone (rlpipe.sampling.start_engine, not the process's
+shared one), so the explorer decides what happens when it dies: the dead engine is shut
+down, a new one is started, and the current adapter is loaded into it again from the last
+WeightUpdate's bytes (kept for this). At most `max_restarts` times in the life of the
+explorer process; the next death fails the role with EngineDeadError saying so.
+
+What restarting cannot fix is raised as Unrecoverable: an engine that cannot start at all
+(the first start fails: the model, the settings) and an adapter the engine cannot load.
+Every wait is bounded: the engine start (start_timeout_s, enforced by the engine), each
+adapter load (load_timeout_s) and each request (request_timeout_s, then it is aborted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rlpipe import checkpoint
+from rlpipe.pipeline.config import RunConfig
+from rlpipe.pipeline.errors import Unrecoverable
+from rlpipe.sampling import EngineDeadError, EngineStartError, SamplingClient
+from rlpipe.types import ModelInput, SampleResponse, SamplingParams, WeightUpdate
+
+log = logging.getLogger(__name__)
+
+HEALTH_CHECK_S = 1.0  # how often the idle engine is checked for death
+
+
+class ExplorerSampler:
+    def __init__(self, model: str, backend: str, options: dict, *, name: str, adapter_dir: Path,
+                 start_timeout_s: float, load_timeout_s: float, request_timeout_s: float, max_restarts: int,
+                 on_restart: Callable[[int], None] | None = None):
+        self.model, self.backend, self.name = model, backend, name
+        self.options = dict(options)
+        if backend == "vllm":
+            self.options["startup_timeout_s"] = start_timeout_s  # the engine enforces it, and cleans up
+        self.adapter_dir = Path(adapter_dir)
+        self.load_timeout_s, self.request_timeout_s = load_timeout_s, request_timeout_s
+        self.max_restarts = max_restarts
+        self.on_restart = on_restart
+        """Called with the restart count each time the engine is restarted (to persist it)."""
+        self.engine = None
+        self.client: SamplingClient | None = None
+        """The current adapter's client; None while there is none (before the first adapter,
+        during a restart)."""
+        self.version = -1
+        self.incarnation = 0
+        self.update: WeightUpdate | None = None
+        """The adapter being sampled with, as it came: reloaded after an engine restart."""
+        self.restarts = 0
+        self.start_s = 0.0
+        self._lock = asyncio.Lock()  # one engine start, restart or adapter load at a time
+        self._closed = False
+        self._busy_since: float | None = None
+        self._busy_total = 0.0
+        self._in_flight = 0
+        self._t0 = time.monotonic()
+
+    # ------------------------------------------------------------------ engine
+
+    async def start(self) -> None:
+        """The first start: an engine that cannot start (the model, the settings) is Unrecoverable."""
+        async with self._lock:
+            try:
+                self.engine = await self._new_engine()
+            except (EngineStartError, FileNotFoundError, ValueError) as err:
+                raise Unrecoverable(f"{type(err).__name__}: {err}") from err
+
+    async def _new_engine(self):
+        from rlpipe.sampling import start_engine
+
+        def start():
+            engine = start_engine(self.model, self.backend, **self.options)
+            if self._closed:  # the explorer stopped while this engine started: nobody will use it
+                engine.shutdown()
+                raise EngineDeadError(f"{self.name} stopped while its engine was starting")
+            return engine
+
+        start_time = time.monotonic()
+        engine = await asyncio.to_thread(start)
+        self.start_s = time.monotonic() - start_time
+        log.info("%s: %s engine for %s ready in %.1f s", self.name, self.backend, self.model, self.start_s)
+        return engine
+
+    async def restart(self, dead, why: str) -> None:
+        """Replace `dead` (the engine the caller saw die) and reload the current adapter.
+        Callers that saw the same death wait here and return once it is replaced."""
+        async with self._lock:
+            while dead is not None and self.engine is dead and not dead.alive:
+                if self.restarts >= self.max_restarts:
+                    raise EngineDeadError(
+                        f"{self.name}: the sampling engine died ({why}) and was already restarted "
+                        f"{self.restarts} time(s), the most explorer.max_engine_restarts = {self.max_restarts} allows")
+                self.restarts += 1
+                log.warning("%s: the sampling engine died (%s); restarting it (restart %d of at most %d)",
+                            self.name, why, self.restarts, self.max_restarts)
+                if self.on_restart is not None:
+                    self.on_restart(self.restarts)
+                self.client = None
+                await asyncio.to_thread(dead.shutdown)
+                self.engine = await self._new_engine()
+                if self.update is not None:
+                    try:
+                        await self._load(self.update)
+                    except EngineDeadError as err:  # died again at once: counts as another restart
+                        dead, why = self.engine, str(err)
+
+    async def watch(self) -> None:
+        """Restart the engine when it dies while nothing is sampling (requests notice a death
+        themselves). Raises what restart raises."""
+        while True:
+            await asyncio.sleep(HEALTH_CHECK_S)
+            engine = self.engine
+            if engine is not None and not engine.alive:
+                await self.restart(engine, "found dead by the health check")
+
+    def shutdown(self) -> None:
+        self._closed = True
+        engine, self.engine, self.client = self.engine, None, None
+        if engine is not None:
+            engine.shutdown()
+
+    # ------------------------------------------------------------------ adapters
+
+    async def load(self, update: WeightUpdate) -> None:
+        """Sample with this adapter from now on (requests in flight finish on theirs). A dead
+        engine is restarted first, and the adapter loaded into the new one."""
+        async with self._lock:
+            engine = self.engine
+            try:
+                return await self._load(update)
+            except EngineDeadError as err:
+                self.update, why = update, str(err)  # what the restart loads
+        await self.restart(engine, why)
+
+    async def _load(self, update: WeightUpdate) -> None:
+        engine = self.engine
+        engine.check_alive()
+        target = self.adapter_dir / f"v{update.version:06d}-i{update.incarnation}"
+        checkpoint.write_adapter(target, {checkpoint.ADAPTER_CONFIG: update.adapter_config,
+                                          checkpoint.ADAPTER_WEIGHTS: update.adapter_weights})
+        try:
+            adapter = await asyncio.to_thread(engine.load_adapter, str(target), update.version, self.load_timeout_s)
+        except (ValueError, FileNotFoundError) as err:  # the adapter does not fit this engine
+            raise Unrecoverable(f"{self.name} cannot load the learner's adapter version {update.version}: {err}") from err
+        finally:
+            shutil.rmtree(target, ignore_errors=True)  # the engine keeps its own copy of each version
+        self.client = SamplingClient(engine, adapter, update.version, self.request_timeout_s)
+        if self.version < 0:
+            self._t0 = time.monotonic()  # the busy fraction counts from the first adapter
+        self.version, self.incarnation, self.update = update.version, update.incarnation, update
+
+    # ------------------------------------------------------------------ sampling
+
+    @property
+    def ready(self) -> bool:
+        return self.client is not None
+
+    async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
+                           client: SamplingClient | None = None) -> SampleResponse:
+        """Sample with the current adapter (or client); timing it gives the busy fraction."""
+        client = client or self.client
+        if client is None:
+            raise EngineDeadError(f"{self.name}: the sampling engine is being restarted")
+        if self._in_flight == 0:
+            self._busy_since = time.monotonic()
+        self._in_flight += 1
+        try:
+            return await client.sample_async(prompt, num_samples, sampling_params)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._busy_total += time.monotonic() - self._busy_since
+
+    def busy_frac(self) -> float:
+        busy = self._busy_total + (time.monotonic() - self._busy_since if self._in_flight else 0.0)
+        return busy / max(time.monotonic() - self._t0, 1e-9)
+
+
+class GroupSampler:
+    """What one group samples through: the explorer's newest adapter at every turn (a
+    multi-turn episode picks up new versions), remembering the learner incarnation of the
+    group's first turn (the one the group is tagged with) and the engine it started on."""
+
+    def __init__(self, sampler: ExplorerSampler):
+        self.sampler = sampler
+        self.engine = sampler.engine
+        self.incarnation: int | None = None
+
+    async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams) -> SampleResponse:
+        client = self.sampler.client
+        if self.incarnation is None and client is not None:
+            self.incarnation = self.sampler.incarnation
+        return await self.sampler.sample_async(prompt, num_samples, sampling_params, client)
+
+
+# --------------------------------------------------------------------------- engine settings
+
+
+def default_backend() -> str:
+    from rlpipe.sampling import default_backend
+
+    return default_backend()
+
+
+def engine_options(config: RunConfig, backend: str) -> dict:
+    """The sampling engine's options from the run config (rlpipe.sampling.get_engine kwargs)."""
+    e = config.explorer
+    options = {"max_loaded_adapters": config.max_staleness + 2}
+    if backend == "local":
+        device = "cuda" if e.device.startswith("cuda") else (e.device or None)  # the first GPU use_device left visible
+        return {**options, "max_model_len": e.max_model_len or None, "dtype": e.dtype if e.dtype not in ("", "auto") else None,
+                "device": device}
+    return {
+        **options,
+        "max_lora_rank": e.max_lora_rank or config.learner.rank,  # rounded up to a rank vLLM supports, logged
+        "max_model_len": e.max_model_len or None, "dtype": e.dtype or None, "enforce_eager": e.enforce_eager,
+        "gpu_memory_utilization": e.gpu_memory_utilization or None, "tensor_parallel_size": e.tensor_parallel_size,
+        "device": e.device, **e.engine_args,
+    }
+
+
+def use_device(device: str) -> None:
+    """explorer.device -> CUDA_VISIBLE_DEVICES of this process, which the engine's processes
+    inherit. GPU numbers count among the GPUs this process was started with."""
+    if device in ("", "cuda"):
+        return
+    if device == "cpu":
+        visible = ""
+    else:
+        wanted = [int(i) for i in device.partition(":")[2].split(",")]
+        current = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [i.strip() for i in current.split(",") if i.strip()] if current is not None else None
+        if ids is not None and max(wanted) >= len(ids):
+            raise ValueError(f"explorer.device {device!r}: this process sees only GPUs {ids} (CUDA_VISIBLE_DEVICES={current!r})")
+        visible = ",".join(ids[i] if ids is not None else str(i) for i in wanted)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        log.warning("explorer.device %r: CUDA is already initialised in this process; CUDA_VISIBLE_DEVICES "
+                    "only applies to the engine's own processes", device)
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    log.info("explorer.device %r: CUDA_VISIBLE_DEVICES=%r", device, visible)

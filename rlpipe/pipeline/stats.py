@@ -1,0 +1,82 @@
+"""`rlpipe stats RUN_DIR`: one run's accounting, across every restart of every role.
+
+Each figure comes from the durable state of the role that owns it, read without disturbing
+a running role: the explorers' outboxes (groups finished, groups not yet acknowledged), the
+buffer's store (received, accepted, duplicates, dropped by reason), the learner's newest
+checkpoint (steps, groups trained) and the launcher's restarts.json.
+
+The delivery guarantee, as figures: every group an explorer finished is either received by
+the buffer (then accepted, or dropped with a reason) or still in its explorer's outbox, to
+be sent again. So at every moment
+
+    finished == received + waiting          received == accepted + sum(dropped[r] for r != "stale")
+
+and `lost` (finished - received - waiting) is 0. "stale" groups were accepted first and then
+never trained (too old, from the future, from another learner incarnation: stale_reasons).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlpipe.pipeline.launch import read_restarts
+from rlpipe.pipeline.learner import latest_checkpoint
+
+
+def explorer_dirs(run_dir: Path) -> list[Path]:
+    from rlpipe.pipeline.outbox import OUTBOX_FILE
+
+    return sorted(p.parent for p in Path(run_dir).glob(f"*/{OUTBOX_FILE}"))
+
+
+def run_stats(run_dir: str | Path) -> dict:
+    from rlpipe.pipeline.store import read_stats, seen_group_ids
+    from rlpipe.pipeline.outbox import read_outbox_stats, unacked_ids
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SystemExit(f"rlpipe stats: {run_dir} is not a directory")
+    buffer_dir = run_dir / "buffer"
+    buffer = read_stats(buffer_dir) if buffer_dir.exists() else {"received": 0, "accepted": 0, "duplicates": 0, "dropped": {}}
+    explorers: dict[str, dict] = {}
+    waiting = 0
+    for d in explorer_dirs(run_dir):
+        own = read_outbox_stats(d)
+        # An unacknowledged group may have reached the buffer (the ack was lost): it is
+        # received, not waiting; it will come back as a duplicate when re-sent.
+        pending = unacked_ids(d)
+        unseen = len(pending - seen_group_ids(buffer_dir, pending)) if pending and buffer_dir.exists() else len(pending)
+        explorers[d.name] = {**own, "waiting": unseen}
+        waiting += unseen
+    finished = sum(e["finished"] for e in explorers.values())
+    latest = latest_checkpoint(run_dir) or {}
+    received = buffer["received"]
+    return {
+        "explorers": {"finished": finished, "waiting": waiting, "by_explorer": explorers},
+        "buffer": buffer,
+        "learner": {"steps": latest.get("step", 0), "groups_trained": latest.get("groups_trained", 0),
+                    "incarnation": latest.get("incarnation", 0)},
+        "restarts": {role: read_restarts(run_dir).get(role, 0) for role in ("buffer", "learner", "explorer")},
+        "lost": finished - received - waiting,
+        "identity_holds": received == buffer["accepted"] + sum(n for r, n in buffer["dropped"].items() if r != "stale"),
+    }
+
+
+def format_stats(stats: dict) -> str:
+    e, b, learner = stats["explorers"], stats["buffer"], stats["learner"]
+    dropped = ", ".join(f"{r} {n}" for r, n in sorted(b["dropped"].items())) or "none"
+    lines = [
+        f"explorers: {e['finished']} groups finished, {e['waiting']} waiting in outboxes",
+        f"buffer:    {b['received']} received, {b['accepted']} accepted, {b['duplicates']} duplicates; dropped: {dropped}",
+    ]
+    if b.get("stale_reasons"):
+        lines.append("           stale: " + ", ".join(f"{r} {n}" for r, n in sorted(b["stale_reasons"].items())))
+    if b.get("rejected"):
+        lines.append("           frames rejected: " + ", ".join(f"{r} {n}" for r, n in sorted(b["rejected"].items())))
+    lines += [
+        f"learner:   {learner['steps']} steps checkpointed, {learner['groups_trained']} groups trained, "
+        f"incarnation {learner['incarnation']}",
+        "restarts:  " + ", ".join(f"{r} {n}" for r, n in stats["restarts"].items()),
+        f"lost:      {stats['lost']}" + ("" if stats["identity_holds"] else "   (buffer counters do not add up!)"),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""The launcher's supervision, on real processes: small Python programs stand in for the roles
+(each beats its heartbeat like a role does, then lives, crashes or freezes on cue), so the
+restart, backoff, heartbeat and give-up rules are tested without a model. The whole pipeline
+under SIGKILL is tests/test_chaos.py."""
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from rlpipe.pipeline import launch
+from rlpipe.pipeline.config import RunConfig
+from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE
+
+ROLE = """
+import sys, time
+from pathlib import Path
+from rlpipe.pipeline.launch import start_heartbeat
+run_dir, role, behaviour = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+starts = run_dir / f"{role}.starts"
+n = int(starts.read_text()) + 1 if starts.exists() else 1
+starts.write_text(str(n))
+start_heartbeat(run_dir, role)
+if behaviour == "crash_once" and n == 1:
+    time.sleep(0.5); sys.exit(1)
+if behaviour == "always_crash":
+    sys.exit(1)
+if behaviour == "unrecoverable":
+    (run_dir / "logs" / f"{role}.failed").write_text("Unrecoverable: the adapter does not fit")
+    sys.exit(%d)
+if behaviour == "child":  # leaves a child in its process group, as the explorer's engine core
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    (run_dir / f"{role}.child").write_text(str(child.pid))
+    if n == 1:
+        time.sleep(0.5); sys.exit(1)
+time.sleep(600)
+""" % EXIT_UNRECOVERABLE
+
+
+def supervisor(tmp_path, behaviours: dict[str, str], **supervision) -> launch.Supervisor:
+    config = RunConfig(name="sup", runs_dir=str(tmp_path))
+    for key, value in {"backoff_s": 0.2, "max_backoff_s": 1.0, **supervision}.items():
+        setattr(config.supervision, key, value)
+    (config.run_dir / "logs").mkdir(parents=True)
+    sup = launch.Supervisor(config, "unused.toml", [], resume=False)
+    for role in sup.roles.values():
+        role.command = [sys.executable, "-c", ROLE, str(config.run_dir), role.name, behaviours.get(role.name, "live")]
+    sup.learner_resume = sup.roles["learner"].command
+    for role in sup.roles.values():
+        sup.start(role)
+    return sup
+
+
+def watch(sup: launch.Supervisor, seconds: float) -> str | None:
+    """Run the supervisor's loop for a while; the role that stopped the run, if any."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        if (stopped := sup.check(time.monotonic())) is not None:
+            return stopped
+    return None
+
+
+def starts(sup, role: str) -> int:
+    path = sup.run_dir / f"{role}.starts"
+    return int(path.read_text()) if path.exists() else 0
+
+
+@pytest.fixture
+def cleanup():
+    sups = []
+    yield sups.append
+    for sup in sups:
+        launch.stop_all(sup.procs, grace_s=2)
+
+
+def test_a_crashed_role_is_restarted_and_counted(tmp_path, capsys, cleanup):
+    sup = supervisor(tmp_path, {"buffer": "crash_once"})
+    cleanup(sup)
+    assert watch(sup, 4.0) is None
+    assert starts(sup, "buffer") == 2 and starts(sup, "learner") == 1
+    assert sup.roles["buffer"].proc.poll() is None  # the second one lives
+    assert launch.read_restarts(sup.run_dir) == {"buffer": 1}
+    assert "role buffer died (exit code 1): restart 1/10" in capsys.readouterr().err
+
+
+def test_an_unrecoverable_error_stops_the_run_without_restart(tmp_path, capsys, cleanup):
+    sup = supervisor(tmp_path, {"explorer": "unrecoverable"})
+    cleanup(sup)
+    assert watch(sup, 3.0) == "explorer"
+    assert starts(sup, "explorer") == 1
+    assert "role explorer failed: Unrecoverable: the adapter does not fit" in capsys.readouterr().err
+    assert launch.read_restarts(sup.run_dir) == {}
+
+
+def test_restarts_are_bounded(tmp_path, capsys, cleanup):
+    sup = supervisor(tmp_path, {"learner": "always_crash"}, max_restarts=2)
+    cleanup(sup)
+    assert watch(sup, 10.0) == "learner"
+    assert starts(sup, "learner") == 3  # the first start and 2 restarts
+    assert "after 2 restarts, the most supervision.max_restarts allows" in capsys.readouterr().err
+    assert launch.read_restarts(sup.run_dir) == {"learner": 2}
+
+
+def test_a_frozen_role_is_killed_and_restarted(tmp_path, capsys, cleanup):
+    sup = supervisor(tmp_path, {}, heartbeat_timeout_s=2.0)
+    cleanup(sup)
+    assert watch(sup, 2.5) is None
+    frozen = sup.roles["learner"].proc
+    os.kill(frozen.pid, signal.SIGSTOP)  # alive, but it answers nothing: its heartbeat stops
+    assert watch(sup, 6.0) is None
+    assert frozen.poll() == -signal.SIGKILL
+    assert starts(sup, "learner") == 2 and sup.roles["learner"].proc.poll() is None
+    assert "role learner: no heartbeat for 2 s: killing it" in capsys.readouterr().err
+
+
+def test_what_a_dead_role_started_goes_with_it(tmp_path, cleanup):
+    sup = supervisor(tmp_path, {"explorer": "child"})
+    cleanup(sup)
+    time.sleep(0.3)
+    first_child = int((sup.run_dir / "explorer.child").read_text())
+    assert watch(sup, 3.0) is None
+    assert starts(sup, "explorer") == 2
+    # The first explorer's child (think: its vLLM engine core) was killed before the restart.
+    assert not os.path.exists(f"/proc/{first_child}") or open(f"/proc/{first_child}/stat").read().split()[2] == "Z"
+
+
+def test_a_directory_holding_a_run_is_refused_without_resume(tmp_path, capsys):
+    config = RunConfig(name="taken", runs_dir=str(tmp_path))
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / "run.json").write_text(json.dumps({"run_id": "abc"}))
+    assert launch.run(config, "unused.toml", []) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (run.json)" in err and "--resume" in err
+    assert not (config.run_dir / "logs").exists()  # nothing was started
