@@ -102,8 +102,11 @@ def test_sigkill_of_every_role_loses_nothing(tmp_path):
     records = read_metrics(run_dir / "metrics.jsonl")
     second = [r for r in records if r["learner/incarnation"] == 2]
     assert second and all(r["explorer/incarnation_min"] == 2 for r in second)
-    # Pruning: only the newest checkpoints stay.
+    # Pruning: only the newest checkpoints stay; compaction: the store keeps only the groups
+    # after the learner's last checkpointed position, not all that were accepted.
     assert len(list((run_dir / "learner" / "state").glob("step-*"))) == KEEP
+    assert stats["buffer"]["in_store"] < stats["buffer"]["accepted"] / 2, stats["buffer"]
+    assert not list((run_dir / "explorer-0" / "adapters").glob("v*"))  # the engine keeps its own copies
     assert_no_orphans(run_dir)
 
     # The directory holds a run now: starting into it again without --resume is refused.

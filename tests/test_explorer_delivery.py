@@ -28,6 +28,7 @@ from rlpipe.pipeline.explorer import Explorer
 from rlpipe.pipeline.explorer_sampler import ExplorerSampler
 from rlpipe.pipeline.outbox import Outbox, OutboxSender, read_outbox_stats, unacked_ids
 from rlpipe.types import GroupAck, ModelInput, SamplingParams, Trajectory, TrajectoryGroup, WeightUpdate
+from tests.test_fail_fast import engine_processes
 
 # --------------------------------------------------------------------------- a dataset that says where it is
 
@@ -376,21 +377,6 @@ async def test_an_adapter_the_engine_cannot_load_is_unrecoverable(tmp_path, tiny
 # --------------------------------------------------------------------------- a vLLM engine that dies
 
 
-def engine_cores() -> list[int]:
-    """Live vLLM engine-core processes that are children of this test process."""
-    out = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"EngineCore" in cmdline:
-                out.append(int(entry.name))
-    return out
-
-
 async def test_a_killed_engine_is_restarted_in_place_with_the_same_adapter(tmp_path, make_lora_adapter, reference_logprobs):
     pytest.importorskip("vllm", reason="vLLM is not installed")
     from rlpipe.tiny import default_model_path
@@ -403,10 +389,11 @@ async def test_a_killed_engine_is_restarted_in_place_with_the_same_adapter(tmp_p
     explorer.outbox = Outbox(explorer.dir)
     sampler = explorer.sampler
     adapter = make_lora_adapter(seed=11)
+    others = set(engine_processes())  # the session's shared engine, if started: not ours to kill
     await sampler.start()
     try:
         await sampler.load(weight_update(adapter, version=7, incarnation=3, run_id=explorer.run_id))
-        first_engine, before = sampler.engine, engine_cores()
+        first_engine, before = sampler.engine, set(engine_processes()) - others
         assert before, "no engine core among this process's children"
         t0 = time.monotonic()
         rollout = asyncio.create_task(explorer._roll_out(CountingBuilder(0, 0, 8), SamplingParams(max_tokens=1000)))
@@ -419,7 +406,7 @@ async def test_a_killed_engine_is_restarted_in_place_with_the_same_adapter(tmp_p
               f"{time.monotonic() - t0:.1f} s in all")
 
         assert sampler.engine is not first_engine and sampler.restarts == 1
-        assert set(engine_cores()).isdisjoint(before)
+        assert (set(engine_processes()) - others).isdisjoint(before)
         assert explorer.stats["groups_retried_engine_dead"] == 1 and explorer.stats["engine_restarts"] == 1
         assert read_outbox_stats(explorer.dir)["engine_restarts"] == 1
         assert not group.failed and group.incarnation == 3 and group.run_id == explorer.run_id
@@ -433,7 +420,7 @@ async def test_a_killed_engine_is_restarted_in_place_with_the_same_adapter(tmp_p
               f"max |d logprob| vs peft {worst:.2e}")
         assert worst <= 1e-3  # the same adapter, not just the same version number
 
-        for pid in engine_cores():  # past explorer.max_engine_restarts the next death fails the role
+        for pid in set(engine_processes()) - others:  # past explorer.max_engine_restarts the next death fails the role
             os.kill(pid, signal.SIGKILL)
         with pytest.raises(Exception, match="max_engine_restarts = 1") as raised:
             await asyncio.wait_for(sampler.watch(), 60)
