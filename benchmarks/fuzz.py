@@ -38,6 +38,7 @@ from rlpipe.types import (
     Batch,
     BatchRequest,
     GroupAck,
+    Message,
     Heartbeat,
     Shutdown,
     Trajectory,
@@ -76,7 +77,7 @@ def _valid_message(socket: str, rng, gid: str) -> bytes:
     wrong = {"experience": [Heartbeat(sender="x", time=1.0), BatchRequest(sender="x", learner_version=0, after_seq=0,
                                                                           max_groups=1), Shutdown()],
              "batches": [Heartbeat(sender="x", time=1.0), Batch(groups=[], seqs=[]), GroupAck(group_id="g", outcome="x"),
-                         good_group(gid)],
+                         good_group(gid), Shutdown(reason="x", run_id="another-run")],  # only this run's learner stops it
              "control": [good_group(gid), BatchRequest(sender="x", learner_version=0, after_seq=0, max_groups=1),
                          Shutdown(), WeightUpdate(version=1, adapter_config=b"{}", adapter_weights=b"")]}[socket]
     return encode(wrong[int(rng.integers(len(wrong)))])
@@ -259,10 +260,16 @@ def flood(roles: Roles, socket: str, n: int, rng, timeout_s: float = 300.0) -> d
 
 
 def _drain_acks(sock) -> Counter:
+    """Replies by kind: a GroupAck's outcome, or the reply's tag (a refused BatchRequest is
+    answered with a Shutdown saying why)."""
     acks = Counter()
     while sock.poll(0):
         *_, data = sock.recv_multipart()
-        acks[msgspec.msgpack.decode(data, type=GroupAck).outcome] += 1
+        match msgspec.msgpack.decode(data, type=Message):
+            case GroupAck(outcome=outcome):
+                acks[outcome] += 1
+            case reply:
+                acks[f"reply:{reply.__struct_config__.tag}"] += 1
     return acks
 
 

@@ -77,6 +77,7 @@ def main() -> None:
         proc = subprocess.Popen([sys.executable, "-m", "rlpipe.cli", "run", str(config)], cwd=REPO,
                                 env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        print(f"run directory {run_dir} (rlpipe stats {run_dir})", flush=True)
         rows: list[tuple[float, dict]] = []
         try:
             while time.time() - start < args.minutes * 60:
@@ -90,6 +91,8 @@ def main() -> None:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGINT)
             proc.wait(timeout=120)
+        print(subprocess.run([sys.executable, "-m", "rlpipe.cli", "stats", str(run_dir)], capture_output=True,
+                             text=True, cwd=REPO).stdout)
         warm = next((f for t, f in rows if t >= args.warmup_minutes * 60), rows[0][1])
         last = rows[-1][1]
         steps = last["step"] - warm["step"]

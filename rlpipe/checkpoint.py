@@ -11,6 +11,7 @@ A sampler-weights directory (save_weights_for_sampler) is a plain PEFT adapter d
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -87,3 +88,15 @@ def write_adapter(path: Path, files: dict[str, bytes]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         (path / name).write_bytes(files[name])
+
+
+def fsync_tree(path: str | Path) -> None:
+    """Make a checkpoint durable: fsync every file and directory under path, and path's own
+    entry in its parent. Before this, a power cut could leave the files empty."""
+    path = Path(path)
+    for item in [*path.rglob("*"), path, path.parent]:
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

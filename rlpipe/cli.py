@@ -61,6 +61,11 @@ def _connect_overrides(host: str) -> dict:
             "addresses.control": f"tcp://{host}:{port(defaults.control)}"}
 
 
+EXIT_SIGTERM = 128 + signal.SIGTERM
+"""How a buffer or explorer stopped by SIGTERM exits: only a stop the learner asked for
+(Shutdown) is exit 0, which `rlpipe run` takes for "finished" rather than restarting the role."""
+
+
 def _stop_on_sigterm() -> threading.Event:
     stop = threading.Event()
 
@@ -106,14 +111,15 @@ def cmd_buffer(args) -> None:
         tmp.write_text(json.dumps(stats, indent=1))
         tmp.replace(stats_path)
 
+    stopped_by_signal = False
     try:
         with _role("buffer", config):
             serve(buffer_dir, config.addresses.experience, config.addresses.batches,
                   vocab_size=vocab_size(config.model_path()), max_staleness=config.max_staleness,
                   drop_no_signal=config.buffer.drop_constant_reward_groups, run_id=identity.run_id(config.run_dir),
                   intake_per_round=config.buffer.intake_per_round, on_stats=write_stats, stop=stop)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # SIGTERM: not the learner's Shutdown, so not "finished" (exit 143)
+        stopped_by_signal = True
     finally:
         # However it stopped (SIGTERM, Shutdown, an error): the figures from the store itself,
         # which holds every committed decision. A store that cannot be read keeps the last file.
@@ -121,10 +127,12 @@ def cmd_buffer(args) -> None:
             write_stats(read_stats(buffer_dir))
         except Exception as err:  # noqa: BLE001  (must not hide the error that stopped the role)
             log.error("buffer: could not write %s: %s", stats_path, err)
+    if stopped_by_signal:
+        sys.exit(EXIT_SIGTERM)
 
 
 def cmd_learner(args) -> None:
-    from rlpipe.pipeline import transport
+    from rlpipe.pipeline import identity, transport
     from rlpipe.pipeline.learner import Learner
     from rlpipe.types import Shutdown
 
@@ -135,7 +143,7 @@ def cmd_learner(args) -> None:
     # Tell the buffer we are done so it writes its final stats and exits.
     client = transport.RequestClient(config.addresses.batches)
     try:
-        client.request(Shutdown(reason="learner finished"), timeout_s=10)
+        client.request(Shutdown(reason="learner finished", run_id=identity.run_id(config.run_dir)), timeout_s=10)
     finally:
         client.close()
 
@@ -154,7 +162,7 @@ def cmd_explorer(args) -> None:
         with _role("explorer", config):
             asyncio.run(Explorer(config, args.id).run())
     except KeyboardInterrupt:
-        pass
+        sys.exit(EXIT_SIGTERM)  # not the learner's Shutdown: a supervisor restarts it
     finally:
         from rlpipe.sampling import shutdown_engines
 

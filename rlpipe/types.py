@@ -282,6 +282,8 @@ class Ready(msgspec.Struct, tag="ready", omit_defaults=True):
 
 class Shutdown(msgspec.Struct, tag="shutdown", omit_defaults=True):
     reason: str = ""
+    run_id: str = ""
+    """The run whose learner asks; the buffer and explorers ignore a Shutdown of another run."""
 
 
 class BatchRequest(msgspec.Struct, tag="batch_request", omit_defaults=True):

@@ -215,18 +215,34 @@ def test_batches_in_seq_order_and_idempotent(new_buffer):
 def test_serve_time_drops_counted_once_by_reason(new_buffer):
     buf = new_buffer(max_staleness=1)
     buf.add_many([group("old", version=0, incarnation=1), group("ok", version=1, incarnation=1),
-                  group("future", version=5, incarnation=1), group("dead", version=2, incarnation=7)])
+                  group("future", version=5, incarnation=1), group("dead", version=2, incarnation=1)])
     mixed = group("mixed", version=2, incarnation=1)
     mixed.trajectories[0].policy_versions = [-1, -1, 0, 2]  # its oldest action token is v0: too old
     buf.add(mixed)
     batch = buf.batch(request(0, learner_version=2, incarnation=1))
-    assert [g.group_id for g in batch.groups] == ["ok"] and batch.seqs == [2]
-    assert batch.dropped == {"stale": 4}
+    assert [g.group_id for g in batch.groups] == ["ok", "dead"] and batch.seqs == [2, 4]
+    assert batch.dropped == {"stale": 3}  # old and mixed too old, future newer than the learner
     assert buf.batch(request(0, learner_version=2, incarnation=1)) == batch  # re-request: not counted twice
+    # Learner incarnation 2 (a restart from a checkpoint) never trains incarnation 1's groups.
+    again = buf.batch(request(0, learner_version=2, incarnation=2))
+    assert again.groups == [] and again.dropped == {"stale": 5}
     stats = new_buffer(max_staleness=1).stats()  # persisted
-    assert stats["stale_reasons"] == {"too_old": 2, "future_version": 1, "other_incarnation": 1}
-    assert stats["dropped"] == {"stale": 4} and stats["in_store"] == 1
+    assert stats["stale_reasons"] == {"too_old": 2, "future_version": 1, "other_incarnation": 2}
+    assert stats["dropped"] == {"stale": 5} and stats["in_store"] == 0
     check_accounting(stats)
+
+
+def test_a_replaced_learner_drops_nothing_of_its_successor(new_buffer):
+    # A zombie learner (say on a host cut off from the launcher) asks after its successor has
+    # started: it is refused once the buffer knows the successor, and before that, it stops at
+    # the successor's groups instead of dropping them as "other_incarnation".
+    buf = new_buffer(max_staleness=1)
+    buf.add_many([group("mine", version=1, incarnation=1), group("successor", version=1, incarnation=2)])
+    batch = buf.batch(request(0, learner_version=1, incarnation=1))
+    assert batch.seqs == [1] and batch.dropped == {}
+    assert buf.batch(request(1, learner_version=1, incarnation=1)).seqs == []
+    assert [g.group_id for g in buf.batch(request(1, learner_version=1, incarnation=2)).groups] == ["successor"]
+    assert buf.refusal(request(0, incarnation=1)) == "old_incarnation"
 
 
 def test_requests_of_other_runs_and_replaced_learners_are_refused(new_buffer):
@@ -378,8 +394,11 @@ def test_serve_acknowledges_every_group_and_accounts_for_every_frame(tmp_path):
                 after = batch.seqs[-1] if batch.seqs else after
                 if not batch.seqs and batch.dropped.get("stale") == 1:
                     break
-        assert learner.request(request(0, run_id="run-b"), timeout_s=0.5) is None  # refused, counted
-        assert learner.request(Shutdown(reason="done"), timeout_s=5) == Shutdown(reason="buffer stopped")
+        refused = learner.request(request(0, run_id="run-b"), timeout_s=5.0)  # refused, counted, told why
+        assert isinstance(refused, Shutdown) and refused.reason.startswith("refused: other_run")
+        # Only this run's learner may stop the buffer: another run's Shutdown is counted, not obeyed.
+        assert learner.request(Shutdown(reason="stop", run_id="run-b"), timeout_s=0.5) is None
+        assert learner.request(Shutdown(reason="done", run_id="run-a"), timeout_s=5) == Shutdown(reason="buffer stopped")
     thread.join(10)
     raw.close(linger=0)
     for client in explorers:
@@ -389,7 +408,7 @@ def test_serve_acknowledges_every_group_and_accounts_for_every_frame(tmp_path):
     assert sorted(ids) == sorted(good)  # each good group served exactly once, in seq order
     assert (stats["received"], stats["accepted"], stats["duplicates"]) == (24, 21, 1)
     assert stats["dropped"] == {"invalid": 1, "env_error": 1, "other_run": 1, "stale": 1}
-    assert stats["rejected"] == {"unexpected": 1, "not_msgpack": 1, "schema": 1, "framing": 1, "other_run": 1}
+    assert stats["rejected"] == {"unexpected": 1, "not_msgpack": 1, "schema": 1, "framing": 1, "other_run": 2}
     check_accounting(stats)
     assert read_stats(tmp_path / "buffer") | {"store_bytes": 0} == stats | {"store_bytes": 0}
 
@@ -485,3 +504,31 @@ def test_cli_buffer_writes_its_stats_while_running_and_on_sigterm(tmp_path):
     assert (stats["received"], stats["accepted"], stats["dropped"]) == (3, 2, {"invalid": 1}), err.decode()[-2000:]
     assert stats["run_id"] == json.loads((tmp_path / "r" / "run.json").read_text())["run_id"]
     assert not list(stats_file.parent.glob(".buffer_stats.json*"))  # written atomically, nothing left over
+
+
+def test_dedup_memory_is_bounded_per_explorer(new_buffer):
+    import sqlite3
+
+    from rlpipe.pipeline import store
+
+    keep = 8
+    original = store.DEDUP_PER_EXPLORER
+    store.Store.forget_decisions.__defaults__ = (keep,)
+    try:
+        buf = new_buffer()
+        quiet = group("quiet-0", incarnation=1)
+        quiet.explorer_id = "quiet"
+        buf.add(quiet)
+        for i in range(40):  # a busy explorer decides many groups meanwhile
+            g = group(f"busy-{i}", incarnation=1)
+            g.explorer_id = "busy"
+            buf.add(g)
+        with sqlite3.connect(buf.store.path) as db:
+            rows = dict(db.execute("SELECT explorer, COUNT(*) FROM decisions GROUP BY explorer").fetchall())
+        assert rows == {"busy": keep, "quiet": 1}  # bounded, and the quiet explorer keeps its own
+        assert buf.add(quiet) == "duplicate"  # still known after 40 others
+        recent = group("busy-39", incarnation=1)
+        recent.explorer_id = "busy"
+        assert buf.add(recent) == "duplicate"
+    finally:
+        store.Store.forget_decisions.__defaults__ = (original,)

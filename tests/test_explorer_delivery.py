@@ -238,6 +238,20 @@ def test_outbox_counts_survive_reopening_and_read_only_stats(tmp_path):
     again.close()
 
 
+def test_a_group_that_does_not_encode_fails_alone(tmp_path):
+    import numpy as np
+
+    box = Outbox(tmp_path)
+    bad = msgspec.structs.replace(group(0), trajectories=[msgspec.structs.replace(
+        group(0).trajectories[0], metrics={"score": np.int64(3)})])  # an env returned a numpy scalar
+    box.put(bad)
+    box.put(group(1))
+    first = box.oldest()
+    assert first.group_id == "g0000" and first.failed and first.error.startswith("schema: the group does not encode")
+    assert box.stats()["finished"] == 2 and box.unacked == 2  # counted, and the explorer goes on
+    box.close()
+
+
 def test_sender_resends_until_acknowledged_and_a_restart_resends_the_outbox(tmp_path):
     address = transport.tcp_address()
     box = Outbox(tmp_path)

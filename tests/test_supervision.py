@@ -137,3 +137,42 @@ def test_a_directory_holding_a_run_is_refused_without_resume(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already holds a run (run.json)" in err and "--resume" in err
     assert not (config.run_dir / "logs").exists()  # nothing was started
+
+
+def test_a_role_that_ran_healthy_gets_its_budget_back(tmp_path, cleanup):
+    sup = supervisor(tmp_path, {"buffer": "crash_once"}, healthy_s=1.0)
+    cleanup(sup)
+    assert watch(sup, 1.5) is None and sup.roles["buffer"].restarts_here == 1
+    assert watch(sup, 2.0) is None  # the restarted buffer has now run longer than healthy_s
+    assert sup.roles["buffer"].restarts_here == 0
+    assert launch.read_restarts(sup.run_dir) == {"buffer": 1}  # the count of what happened stays
+
+
+def test_roles_die_with_their_launcher(tmp_path):
+    # A launcher killed outright (SIGKILL, the OOM killer) must not leave roles holding the
+    # run's store, ports and explorer ids.
+    script = f"""
+import sys
+from rlpipe.pipeline.config import RunConfig
+from rlpipe.pipeline import launch
+config = RunConfig(name="orphan", runs_dir={str(tmp_path)!r})
+(config.run_dir / "logs").mkdir(parents=True)
+sup = launch.Supervisor(config, "unused.toml", [], resume=False)
+for role in sup.roles.values():
+    role.command = [sys.executable, "-c", "import time; time.sleep(600)"]
+    sup.start(role)
+print(" ".join(str(r.proc.pid) for r in sup.roles.values()), flush=True)
+import time; time.sleep(600)
+"""
+    import subprocess
+
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in launcher.stdout.readline().split()]
+    assert len(pids) == 3 and all(os.path.exists(f"/proc/{p}") for p in pids)
+    launcher.kill()
+    launcher.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    alive = lambda: [p for p in pids if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]  # noqa: E731
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive()

@@ -98,6 +98,7 @@ class Examined:
     incarnation: int
     version: int  # the oldest action token's policy version (accepted groups)
     body: bytes | memoryview | None  # the msgpack TrajectoryGroup to store
+    explorer_id: str = ""
 
     @property
     def keyed(self) -> bool:
@@ -157,7 +158,7 @@ class ExperienceBuffer:
         with store.transaction():
             for item in items:
                 reason = self._identity_reason(item) or item.reason
-                if item.keyed and not store.decide(item.group_id, reason or "accepted"):
+                if item.keyed and not store.decide(item.group_id, reason or "accepted", item.explorer_id[:MAX_GROUP_ID]):
                     store.bump("duplicates")
                     outcomes.append("duplicate")
                     continue
@@ -174,6 +175,8 @@ class ExperienceBuffer:
                 store.set("last_seq", seq)
                 store.bump("accepted")
                 outcomes.append("accepted")
+            for explorer in {item.explorer_id[:MAX_GROUP_ID] for item in items if item.keyed}:
+                store.forget_decisions(explorer)  # keeps the dedup table bounded
         return outcomes
 
     def reject(self, reason: str) -> None:
@@ -183,7 +186,8 @@ class ExperienceBuffer:
 
     def _examined(self, group, problem: str | None, body) -> Examined:
         reason, detail, version = judge(group, problem, self.drop_no_signal)
-        return Examined(group.group_id, reason, detail, group.run_id, group.incarnation, version, body)
+        return Examined(group.group_id, reason, detail, group.run_id, group.incarnation, version, body,
+                        group.explorer_id if isinstance(group.explorer_id, str) else "")
 
     def _identity_reason(self, item: Examined) -> str | None:
         if item.run_id and self.run_id and item.run_id != self.run_id:
@@ -225,8 +229,14 @@ class ExperienceBuffer:
             if compacted:
                 store.compact(durable)
                 store.set("durable_seq", durable)
-            while len(served) < limit and (rows := store.candidates(after, limit - len(served))):
+            replaced = False
+            while not replaced and len(served) < limit and (rows := store.candidates(after, limit - len(served))):
                 for seq, version, incarnation in rows:
+                    if 0 < request.incarnation < incarnation:
+                        # A newer learner's group: the requester has been replaced (a zombie on
+                        # another host). It gets nothing more, and the group is kept for the new one.
+                        replaced = True
+                        break
                     if (why := self._serve_reason(version, incarnation, request)) is not None:
                         store.forget(seq)
                         store.bump(f"stale:{why}")
@@ -307,9 +317,15 @@ def _answer(server: RequestServer, buf: ExperienceBuffer, limit: int) -> tuple[t
         match server.codec.decode(frame):
             case BatchRequest() as request:
                 if (why := buf.refusal(request)) is not None:
-                    server.codec.reject(why)  # no answer: a stranger's request is not served
+                    # Counted, and answered with the reason: a learner of another run, or one
+                    # whose incarnation was replaced, stops at once instead of timing out.
+                    server.codec.reject(why)
+                    server.reply(to, Shutdown(reason=f"refused: {why}: this buffer serves run {buf.run_id!r}, "
+                                                     f"learner incarnation {buf.store.get('learner_incarnation')}"))
                 else:
                     server.reply(to, buf.batch(request))
+            case Shutdown(run_id=run_id) if buf.run_id and run_id != buf.run_id:
+                server.codec.reject("other_run")  # only this run's learner may stop the buffer
             case Shutdown(reason=reason):
                 return to, reason
             case None:

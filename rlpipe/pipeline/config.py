@@ -207,8 +207,8 @@ class BufferConfig(Config):
 class SupervisionConfig(Config):
     """How `rlpipe run` keeps roles alive. A role that dies (crash, kill, or no heartbeat for
     heartbeat_timeout_s) is restarted after a backoff that doubles from backoff_s up to
-    max_backoff_s, at most max_restarts times per role over the run; then the run stops with
-    the role's error. A role that fails with an error restarting cannot fix (an adapter the
+    max_backoff_s, at most max_restarts times in a row (healthy_s of running resets the count);
+    then the run stops with the role's error. A role that fails with an error restarting cannot fix (an adapter the
     engine cannot load, an engine that cannot start, a bad config: exit code 3) stops the run
     at once. Restarts are counted in run_dir/restarts.json (`rlpipe stats`)."""
 
@@ -217,7 +217,12 @@ class SupervisionConfig(Config):
     max_backoff_s: float = 30.0
     heartbeat_timeout_s: float = 60.0
     """A role whose heartbeat file (logs/<role>.heartbeat, touched every second by a thread
-    of the role) is older than this is taken for hung (stopped, deadlocked) and killed."""
+    of the role) is older than this is taken for frozen (SIGSTOP, a hang that holds the GIL)
+    and killed. A role whose main loop waits on something that never comes is not caught here:
+    every such wait has its own timeout instead (batches, acks, weights, engine start)."""
+    healthy_s: float = 600.0
+    """A role that has run this long since its last (re)start gets its restart budget and
+    backoff back: ten crashes spread over weeks do not stop a long-running service."""
 
 
 class Addresses(Config):
@@ -278,6 +283,11 @@ def check(config: RunConfig) -> RunConfig:
         raise ValueError("groups_per_batch and explorer.concurrency must be >= 1")
     if config.explorer.max_unacked < 1 or config.explorer.max_engine_restarts < 0:
         raise ValueError("explorer.max_unacked must be >= 1 and explorer.max_engine_restarts >= 0")
+    from rlpipe.pipeline.store import DEDUP_PER_EXPLORER
+
+    if config.explorer.max_unacked > DEDUP_PER_EXPLORER:  # the buffer would forget decisions an outbox may still ask about
+        raise ValueError(f"explorer.max_unacked must be <= {DEDUP_PER_EXPLORER}, the decisions the buffer "
+                         f"remembers per explorer (rlpipe/pipeline/store.py)")
     for name in ("ack_timeout_s", "engine_start_timeout_s", "weight_load_timeout_s", "first_weights_timeout_s"):
         if not getattr(config.explorer, name) > 0:
             raise ValueError(f"explorer.{name} must be > 0 seconds")

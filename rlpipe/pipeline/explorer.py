@@ -25,7 +25,7 @@ waits for a batch that cannot fill. With several explorers each counts alone; th
 staleness check stays the guarantee and counts what it drops.
 
 Following the learner: every WeightUpdate names its run and the learner incarnation (learner
-starts). An update of another incarnation is loaded whatever its version (a restarted learner
+starts). An update of a newer incarnation is loaded whatever its version (a restarted learner
 resumes from its checkpoint, so versions can repeat or go back), and admission restarts from
 its version; within an incarnation only newer versions are loaded. Updates of another run
 are ignored (logged once). Each group carries the run id and the incarnation whose adapter
@@ -52,6 +52,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -150,7 +151,7 @@ class Explorer:
                     target = m
             if target is not None:
                 await self._load(target, engine_started)
-            shutdown = next((m for m in messages if isinstance(m, Shutdown)), None)
+            shutdown = next((m for m in messages if isinstance(m, Shutdown) and m.run_id in ("", self.run_id)), None)
             if shutdown is not None:
                 log.info("%s: shutdown requested (%s)", self.id, shutdown.reason)
                 self._stop.set()
@@ -160,9 +161,9 @@ class Explorer:
                 return
 
     def _wanted(self, update: WeightUpdate, newer_than: WeightUpdate | None) -> bool:
-        """Take an update of another learner incarnation whatever its version (a restarted
-        learner's versions can repeat or go back), a newer version of the same one, and
-        nothing from another run."""
+        """Take an update of a newer learner incarnation whatever its version (a restarted
+        learner's versions can repeat or go back), a newer version of the same one, nothing
+        from a replaced incarnation and nothing from another run."""
         if update.run_id and update.run_id != self.run_id:
             if update.run_id not in self._other_runs:
                 self._other_runs.add(update.run_id)
@@ -171,7 +172,8 @@ class Explorer:
             self.stats["updates_other_run"] = self.stats.get("updates_other_run", 0.0) + 1
             return False
         current = newer_than or (self.sampler.update if self.version >= 0 else None)
-        return current is None or update.incarnation != current.incarnation or update.version > current.version
+        # A newer incarnation whatever its version; never back to an older (replaced) one.
+        return current is None or (update.incarnation, update.version) > (current.incarnation, current.version)
 
     async def _load(self, update: WeightUpdate, engine_started: asyncio.Task) -> None:
         await engine_started  # raises the engine's start error, if any
@@ -291,6 +293,9 @@ class Explorer:
         cfg = self.config
         loop = asyncio.get_running_loop()
         id_lock = await asyncio.to_thread(_hold_id, self.dir, self.id)
+        # Adapter files a killed predecessor left between writing and loading them: the engine
+        # keeps its own copies, so nothing here is needed any more.
+        shutil.rmtree(self.dir / "adapters", ignore_errors=True)
         self.outbox = await loop.run_in_executor(self._db, Outbox, self.dir)
         self.position = (self.outbox.state("dataset_batch"), self.outbox.state("dataset_offset"))
         if self.outbox.unacked or self.position != (0, 0):

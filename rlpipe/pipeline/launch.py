@@ -185,7 +185,8 @@ class Supervisor:
         failure_file(self.run_dir, role.name).unlink(missing_ok=True)
         heartbeat_file(self.run_dir, role.name).unlink(missing_ok=True)
         with open(self.run_dir / "logs" / f"{role.name}.log", "ab") as log_file:
-            role.proc = subprocess.Popen(role.command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            role.proc = subprocess.Popen(role.command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         role.started = time.monotonic()
         role.restart_at = None
         _write_json(self.run_dir / "pids.json", {r: p.pid for r, p in self.procs.items()})
@@ -202,6 +203,8 @@ class Supervisor:
                 continue
             code = role.proc.poll()
             if code is None:
+                if role.restarts_here and now - role.started > sup.healthy_s:
+                    role.restarts_here = 0  # healthy again: a full budget, the shortest backoff
                 if self._hung(role, now, sup.heartbeat_timeout_s):
                     print(f"role {role.name}: no heartbeat for {sup.heartbeat_timeout_s:.0f} s: killing it", file=sys.stderr)
                     role.why.append("no heartbeat")
@@ -326,6 +329,17 @@ def run_to_end(config: RunConfig, filename: str, replace: bool = False) -> list[
     if code != 0:
         raise SystemExit(f"the pipeline failed (exit code {code}); see {config.run_dir / 'logs'}")
     return read_metrics(config.run_dir / "metrics.jsonl")
+
+
+def _die_with_parent() -> None:
+    """In a role's process, before exec: SIGTERM it when the launcher dies (even by SIGKILL),
+    so no role outlives `rlpipe run` holding the run's store, ports and explorer ids (Linux)."""
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _wait_all(procs: dict[str, subprocess.Popen], timeout_s: float) -> None:

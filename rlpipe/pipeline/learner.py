@@ -28,10 +28,11 @@ import torch
 from rlpipe import checkpoint
 from rlpipe.pipeline import identity, transport
 from rlpipe.pipeline.config import RunConfig, import_callable, resolve_train_unembed
+from rlpipe.pipeline.errors import Unrecoverable
 from rlpipe.hyperparams import get_lr
 from rlpipe.metrics import MetricsWriter, mean_of
 from rlpipe.training import TrainingClient
-from rlpipe.types import (AdamParams, Batch, BatchRequest, Datum, LoraConfig, ModelInput,
+from rlpipe.types import (AdamParams, Batch, BatchRequest, Datum, LoraConfig, ModelInput, Shutdown,
                           TrajectoryGroup, WeightUpdate)
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class Learner:
                 })
                 self.metrics.write(record)
                 control.poll(0)
-            control.shutdown("learner finished")
+            control.shutdown("learner finished", run_id=self.run_id)
             # Explorers stop at once on Shutdown; give their last pushes time to reach the
             # buffer before the buffer is told to stop (so every pushed group is counted),
             # and meanwhile tell any explorer that registers late to stop too.
@@ -217,6 +218,9 @@ class Learner:
                                    max_groups=cfg.groups_per_batch - len(groups), run_id=self.run_id,
                                    incarnation=self.incarnation, durable_seq=self.durable_seq)
             reply = requests.request(request, timeout_s=5.0)
+            if isinstance(reply, Shutdown):  # the buffer refuses this learner (another run, a replaced incarnation)
+                raise Unrecoverable(f"the buffer at {cfg.addresses.batches} {reply.reason}; this learner is run "
+                                    f"{self.run_id!r}, incarnation {self.incarnation}")
             if isinstance(reply, Batch):
                 groups += reply.groups
                 seqs += reply.seqs
@@ -261,8 +265,12 @@ class Learner:
         tmp = latest.with_suffix(".tmp")
         tmp.write_text(json.dumps({"path": path, "step": self.client.step, "after_seq": self.after_seq,
                                    "groups_trained": self.groups_trained, "incarnation": self.incarnation}))
+        checkpoint.fsync_tree(path)
+        checkpoint.fsync_tree(tmp)
         os.replace(tmp, latest)  # atomic: a crash leaves the previous checkpoint in force
-        # Only now may the buffer forget what this checkpoint has trained (compaction).
+        checkpoint.fsync_tree(self.dir / LATEST)  # the rename itself, in the directory
+        # Only now may the buffer forget what this checkpoint has trained (compaction): the
+        # checkpoint is on disk, so no crash can take the learner back behind durable_seq.
         self.durable_seq = self.after_seq
         prune(self.dir / "state", "step-", self.config.learner.keep_checkpoints, keep=Path(path).name)
 

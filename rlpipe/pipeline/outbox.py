@@ -72,9 +72,18 @@ class Outbox:
         """Called after each commit (wakes the sender)."""
 
     def put(self, group: TrajectoryGroup) -> None:
-        """Commit a finished group and count it; durable when this returns. A group too large
-        for any buffer to take is committed as a failed group saying so (counted there)."""
-        payload = self._encoder.encode(group)
+        """Commit a finished group and count it; durable when this returns. A group that does
+        not encode, or is too large for any buffer to take, is committed as a failed group
+        saying so (counted there as env_error)."""
+        try:
+            payload = self._encoder.encode(group)
+        except (TypeError, ValueError, OverflowError) as err:
+            # An env that returned what msgpack cannot hold (numpy scalars, text that is not
+            # UTF-8, ints past 64 bits) fails its group, counted; it must not fail the explorer.
+            error = f"schema: the group does not encode: {type(err).__name__}: {err}"
+            log.error("group %s: %s", group.group_id, error)
+            group = msgspec.structs.replace(group, trajectories=[], failed=True, error=error, explorer_stats={})
+            payload = self._encoder.encode(group)
         if len(payload) > self.max_message_bytes:
             error = f"oversize: the group encodes to {len(payload)} bytes, over max_message_bytes={self.max_message_bytes}"
             log.error("group %s: %s", group.group_id, error)

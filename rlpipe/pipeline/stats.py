@@ -7,11 +7,13 @@ checkpoint (steps, groups trained) and the launcher's restarts.json.
 
 The delivery guarantee, as figures: every group an explorer finished is either received by
 the buffer (then accepted, or dropped with a reason) or still in its explorer's outbox, to
-be sent again. So at every moment
+be sent again. So whenever the run is at rest (finished, stopped or crashed)
 
     finished == received + waiting          received == accepted + sum(dropped[r] for r != "stale")
 
-and `lost` (finished - received - waiting) is 0. "stale" groups were accepted first and then
+and `lost` (finished - received - waiting) is 0. The second holds at every commit (the
+buffer's counters change in the transaction that decides a group); while the run goes, the
+figures are separate snapshots, so `lost` may show a group or two in flight. "stale" groups were accepted first and then
 never trained (too old, from the future, from another learner incarnation: stale_reasons).
 """
 

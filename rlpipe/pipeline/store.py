@@ -7,9 +7,11 @@ fsync per round too), and SQLite brings what the log lacked: deduplication that 
 restarts and compaction (a primary key on the group id), compaction by DELETE, and counters
 that change in the same transaction as the data.
 
-    decisions(group_id PRIMARY KEY, outcome)   every distinct group ever received and what was
-                                               decided ("accepted" or the drop reason); kept
-                                               after compaction, so a re-send is always known
+    decisions(group_id PRIMARY KEY, outcome, explorer, n)
+                                               the groups received and what was decided
+                                               ("accepted" or the drop reason), kept after
+                                               compaction: the newest DEDUP_PER_EXPLORER of
+                                               each explorer (see there)
     payloads(seq PRIMARY KEY, version, incarnation, body)
                                                accepted groups not yet compacted or dropped at
                                                serve time; body is the msgpack TrajectoryGroup
@@ -41,11 +43,19 @@ PAGE_SIZE = 65536  # a 4k-token group (~60 KB) fits one page: 2.6k groups/s agai
 WAL_PAGES = 64  # checkpoint the WAL into the database every 64 pages (4 MiB)...
 WAL_LIMIT_BYTES = 8 << 20  # ...and truncate a WAL file that grew past this after a checkpoint
 VACUUM_MIN_FREE_PAGES = 64  # give freed pages back to the file system once this many (4 MiB) are free
+DEDUP_PER_EXPLORER = 4096
+"""Decisions remembered per explorer id, for deduplication. An explorer re-sends only groups
+still in its outbox, which holds at most explorer.max_unacked (256 by default; checked against
+this when a config is read), sent oldest first, one at a time: an older decision can never be
+asked about again. So the table stays bounded (about 60 bytes a decision) however long the
+run, and an explorer that is away for days keeps its own window: others cannot push it out."""
 STALE_REASONS = ("too_old", "future_version", "other_incarnation")
 """Why an accepted group was never served: all counted as dropped["stale"]."""
 
 _SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS decisions (group_id TEXT PRIMARY KEY, outcome TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS decisions (group_id TEXT PRIMARY KEY, outcome TEXT NOT NULL, explorer TEXT NOT NULL,
+                                      n INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS decisions_by_explorer ON decisions (explorer, n);
 CREATE TABLE IF NOT EXISTS payloads (seq INTEGER PRIMARY KEY, version INTEGER NOT NULL,
                                      incarnation INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
@@ -128,10 +138,21 @@ class Store:
 
     # ------------------------------------------------------------------ groups
 
-    def decide(self, group_id: str, outcome: str) -> bool:
+    def decide(self, group_id: str, outcome: str, explorer: str = "") -> bool:
         """Record the first decision about a group id; False if it was decided before."""
-        return self.db.execute("INSERT INTO decisions VALUES (?, ?) ON CONFLICT DO NOTHING",
-                               (group_id, outcome)).rowcount == 1
+        n = self.get("decisions") + 1
+        if self.db.execute("INSERT INTO decisions VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                           (group_id, outcome, explorer, n)).rowcount != 1:
+            return False
+        self.set("decisions", n)
+        return True
+
+    def forget_decisions(self, explorer: str, keep: int = DEDUP_PER_EXPLORER) -> int:
+        """Forget all but the newest `keep` decisions about this explorer's groups."""
+        return self.db.execute(
+            "DELETE FROM decisions WHERE explorer = ? AND n < (SELECT MIN(n) FROM "
+            "(SELECT n FROM decisions WHERE explorer = ? ORDER BY n DESC LIMIT ?))",
+            (explorer, explorer, keep)).rowcount
 
     def put(self, seq: int, version: int, incarnation: int, body: bytes | memoryview) -> None:
         self.db.execute("INSERT INTO payloads VALUES (?, ?, ?, ?)", (seq, version, incarnation, body))

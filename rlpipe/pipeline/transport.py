@@ -315,10 +315,10 @@ class ControlServer(_Closing):
         self._sync()
         return handled
 
-    def shutdown(self, reason: str = "") -> None:
+    def shutdown(self, reason: str = "", run_id: str = "") -> None:
         """Tell every registered peer to stop, and from now on any peer that shows up (a
         Ready or heartbeat seen by a later poll()): one that registers late is not left running."""
-        self._shutdown_frame = self.codec.encode(Shutdown(reason=reason))
+        self._shutdown_frame = self.codec.encode(Shutdown(reason=reason, run_id=run_id))
         for ident in list(self.peers):
             self._try_send(ident, self._shutdown_frame)
 
