@@ -364,8 +364,3 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def buffer_stats(config: RunConfig) -> dict:
-    path = config.run_dir / "buffer_stats.json"
-    return json.loads(path.read_text()) if path.exists() else {}
