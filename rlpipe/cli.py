@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     tiny = sub.add_parser("tiny-model", help="build (once) and print the path of the embedded tiny model")
     tiny.set_defaults(run=cmd_tiny)
     args = parser.parse_args(argv)
+    if args.command in ("buffer", "learner", "explorer"):
+        from rlpipe.pipeline.launch import die_with_launcher
+
+        die_with_launcher()
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: for hangs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args.run(args)

@@ -159,7 +159,8 @@ config = RunConfig(name="orphan", runs_dir={str(tmp_path)!r})
 (config.run_dir / "logs").mkdir(parents=True)
 sup = launch.Supervisor(config, "unused.toml", [], resume=False)
 for role in sup.roles.values():
-    role.command = [sys.executable, "-c", "import time; time.sleep(600)"]
+    role.command = [sys.executable, "-c", "from rlpipe.pipeline.launch import die_with_launcher; "
+                                          "die_with_launcher(); import time; time.sleep(600)"]
     sup.start(role)
 print(" ".join(str(r.proc.pid) for r in sup.roles.values()), flush=True)
 import time; time.sleep(600)

@@ -41,6 +41,7 @@ GRACE_S = 15.0
 POLL_S = 0.5
 HEARTBEAT_S = 1.0
 RESTARTS_FILE = "restarts.json"
+LAUNCHER_ENV = "RLPIPE_LAUNCHER_PID"
 
 
 def failure_file(run_dir: Path, role: str) -> Path:
@@ -186,7 +187,7 @@ class Supervisor:
         heartbeat_file(self.run_dir, role.name).unlink(missing_ok=True)
         with open(self.run_dir / "logs" / f"{role.name}.log", "ab") as log_file:
             role.proc = subprocess.Popen(role.command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+                                         env={**os.environ, LAUNCHER_ENV: str(os.getpid())})
         role.started = time.monotonic()
         role.restart_at = None
         _write_json(self.run_dir / "pids.json", {r: p.pid for r, p in self.procs.items()})
@@ -331,14 +332,18 @@ def run_to_end(config: RunConfig, filename: str, replace: bool = False) -> list[
     return read_metrics(config.run_dir / "metrics.jsonl")
 
 
-def _die_with_parent() -> None:
-    """In a role's process, before exec: SIGTERM it when the launcher dies (even by SIGKILL),
-    so no role outlives `rlpipe run` holding the run's store, ports and explorer ids (Linux)."""
+def die_with_launcher() -> None:
+    """Called first thing by a role that `rlpipe run` started (it names itself in LAUNCHER_ENV):
+    the role gets SIGTERM when the launcher dies, even by SIGKILL, so no role outlives it holding
+    the run's store, ports and explorer ids (Linux). Done in the role rather than in a
+    preexec_fn, which can deadlock in a launcher that has threads (the demo's warm-up)."""
+    launcher = os.environ.pop(LAUNCHER_ENV, None)  # not for the role's own children
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
     import ctypes
 
-    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the launcher died before the line above
+    if os.getppid() != int(launcher):  # the launcher died before the line above
         os.kill(os.getpid(), signal.SIGTERM)
 
 
