@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlpipe.metrics import read_metrics
@@ -166,7 +166,6 @@ class Role:
     restarts_here: int = 0
     """Restarts by this launcher (the budget); restarts.json also keeps earlier launches'."""
     finished: bool = False
-    why: list[str] = field(default_factory=list)
 
 
 class Supervisor:
@@ -208,7 +207,6 @@ class Supervisor:
                     role.restarts_here = 0  # healthy again: a full budget, the shortest backoff
                 if self._hung(role, now, sup.heartbeat_timeout_s):
                     print(f"role {role.name}: no heartbeat for {sup.heartbeat_timeout_s:.0f} s: killing it", file=sys.stderr)
-                    role.why.append("no heartbeat")
                     _signal_group(role.proc, signal.SIGKILL)
                 continue
             if code == 0:
