@@ -16,25 +16,12 @@ from pathlib import Path
 import pytest
 
 from rlpipe.metrics import read_metrics
-from tests.test_pipeline import assert_no_orphans, rlpipe, write_config
+from tests.test_pipeline import assert_no_orphans, rlpipe, run_until_stopped, write_config
 
 pytest.importorskip("vllm", reason="the explorer's engine failures are vLLM's")
 
 STOP_AFTER_FAILURE_S = 20  # from the failing role's error to `rlpipe run` returning
 TOTAL_S = 60
-
-
-def run_failing(config, *args, timeout_s: float = 300) -> tuple[int, str, float]:
-    """`rlpipe run config args...`: (exit code, console output, seconds it took)."""
-    start = time.monotonic()
-    proc = rlpipe("run", config, *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-        pytest.fail(f"the run did not stop:\n{out.decode()[-3000:]}")
-    return proc.returncode, out.decode(), time.monotonic() - start
 
 
 def seconds_since_failure(run_dir, role: str) -> float:
@@ -45,8 +32,8 @@ def seconds_since_failure(run_dir, role: str) -> float:
 def test_adapter_the_explorer_cannot_load_stops_the_run(tmp_path):
     # A real misconfiguration: the explorer's engine takes adapters up to rank 8, the learner trains rank 16.
     config = write_config(tmp_path, "rank", steps=5)
-    code, out, took = run_failing(config, "--set", "learner.rank=16", "--set", "explorer.max_lora_rank=8",
-                                  "--set", "explorer.max_model_len=512")
+    code, out, took = run_until_stopped(config, "--set", "learner.rank=16", "--set", "explorer.max_lora_rank=8",
+                                        "--set", "explorer.max_model_len=512", timeout_s=300)
     run_dir = tmp_path / "rank"
     stopped_after = seconds_since_failure(run_dir, "explorer")
     assert code == 1, out[-3000:]
@@ -88,7 +75,7 @@ def cpu_vllm() -> bool:
 def test_engine_that_cannot_start_stops_the_run(tmp_path):
     model = build_head_dim_16_model(tmp_path / "head-dim-16")
     config = write_config(tmp_path, "hd16", steps=5)
-    code, out, took = run_failing(config, "--set", f"base_model={model}")
+    code, out, took = run_until_stopped(config, "--set", f"base_model={model}", timeout_s=300)
     stopped_after = seconds_since_failure(tmp_path / "hd16", "explorer")
     assert code == 1, out[-3000:]
     assert f"role explorer failed: Unrecoverable: EngineStartError: vLLM cannot run {model} on CPU: its attention head_dim is 16" in out

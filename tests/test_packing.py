@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlpipe import ServiceClient, forward, packing, types
-from tests.test_training import grads, rl_datum
+from tests.test_training import assert_equal, grads, rl_datum
 
 LOSS = "ppo"  # clipping makes the gradient depend on every logprob, not just its sum
 
@@ -25,15 +25,6 @@ def reference(client, data, loss_fn=LOSS):
     client.model.zero_grad(set_to_none=True)
     singles = [client.forward_backward([d], loss_fn).result() for d in data]
     return singles, grads(client)
-
-
-def assert_equal(batch, batch_grads, singles, single_grads):
-    assert batch.metrics["loss:sum"] == pytest.approx(sum(s.metrics["loss:sum"] for s in singles), rel=1e-10)
-    for b, s in zip(batch.loss_fn_outputs, singles):
-        np.testing.assert_allclose(b["logprobs"].to_numpy(), s.loss_fn_outputs[0]["logprobs"].to_numpy(), atol=1e-6)
-    assert batch_grads.keys() == single_grads.keys() and batch_grads
-    for name in batch_grads:
-        torch.testing.assert_close(batch_grads[name], single_grads[name], rtol=1e-9, atol=1e-12)
 
 
 @pytest.fixture(scope="module")

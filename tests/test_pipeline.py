@@ -57,16 +57,23 @@ def rlpipe(*args, **kwargs) -> subprocess.Popen:
                             start_new_session=True, **kwargs)
 
 
-def run_to_end(config: Path, timeout_s: float = 600) -> subprocess.CompletedProcess:
-    proc = rlpipe("run", config, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def run_until_stopped(config, *args, timeout_s: float = 600) -> tuple[int, str, float]:
+    """`rlpipe run config args...`: (exit code, console output, seconds it took)."""
+    start = time.monotonic()
+    proc = rlpipe("run", config, *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
-        pytest.fail(f"run did not finish:\n{out.decode()[-3000:]}")
-    assert proc.returncode == 0, out.decode()[-3000:]
-    return out.decode()
+        pytest.fail(f"the run did not stop:\n{out.decode()[-3000:]}")
+    return proc.returncode, out.decode(), time.monotonic() - start
+
+
+def run_to_end(config: Path, timeout_s: float = 600) -> str:
+    code, out, _ = run_until_stopped(config, timeout_s=timeout_s)
+    assert code == 0, out[-3000:]
+    return out
 
 
 def assert_no_orphans(run_dir: Path) -> None:

@@ -85,6 +85,15 @@ def test_forward_temperature_scales_logits(client):
     np.testing.assert_allclose(out.loss_fn_outputs[0]["logprobs"].to_numpy(), expected[:, 0].numpy(), atol=1e-5)
 
 
+def assert_equal(batch, batch_grads, singles, single_grads):
+    assert batch.metrics["loss:sum"] == pytest.approx(sum(s.metrics["loss:sum"] for s in singles), rel=1e-10)
+    for b, s in zip(batch.loss_fn_outputs, singles):
+        np.testing.assert_allclose(b["logprobs"].to_numpy(), s.loss_fn_outputs[0]["logprobs"].to_numpy(), atol=1e-6)
+    assert batch_grads.keys() == single_grads.keys() and batch_grads
+    for name in batch_grads:
+        torch.testing.assert_close(batch_grads[name], single_grads[name], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo", "cispo", "dro"])
 def test_packed_equals_sum_of_single_datum_calls(service, tiny_model_path, loss_fn):
     # float64, so that "equal" can be checked tightly rather than up to fp32 summation order
@@ -95,12 +104,7 @@ def test_packed_equals_sum_of_single_datum_calls(service, tiny_model_path, loss_
     client.model.zero_grad(set_to_none=True)
     singles = [client.forward_backward([d], loss_fn).result() for d in data]
     single_grads = grads(client)  # accumulated over the single calls
-    assert packed.metrics["loss:sum"] == pytest.approx(sum(s.metrics["loss:sum"] for s in singles), rel=1e-10)
-    for p, s in zip(packed.loss_fn_outputs, singles):
-        np.testing.assert_allclose(p["logprobs"].to_numpy(), s.loss_fn_outputs[0]["logprobs"].to_numpy(), atol=1e-6)
-    assert packed_grads.keys() == single_grads.keys() and packed_grads
-    for name in packed_grads:
-        torch.testing.assert_close(packed_grads[name], single_grads[name], rtol=1e-9, atol=1e-12)
+    assert_equal(packed, packed_grads, singles, single_grads)
 
 
 def test_packing_and_padding_agree(service, tiny_model_path):
