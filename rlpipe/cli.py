@@ -5,6 +5,7 @@
     rlpipe learner CONFIG.toml [--resume]                        another host:
     rlpipe explorer CONFIG.toml --connect HOST                   (explorer -> HOST's buffer and learner)
     rlpipe stats RUN_DIR [--json]                                the run's accounting, across restarts
+    rlpipe serve --model DIR [--model NAME=DIR] --dir STATE_DIR  Tinker's HTTP API for the tinker SDK
     rlpipe demo                                                  SFT warm-up + async RL on arithmetic
     rlpipe tiny-model                                            build/print the embedded model
 """
@@ -189,6 +190,18 @@ def cmd_tiny(args) -> None:
     print(default_model_path())
 
 
+def cmd_serve(args) -> None:
+    from rlpipe.serve import parse_models, serve
+
+    options = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    if args.max_tokens_per_micro_batch:
+        options["max_tokens_per_micro_batch"] = args.max_tokens_per_micro_batch
+    engine = {"max_loaded_adapters": args.max_loaded_adapters, "max_lora_rank": args.max_lora_rank}
+    serve(parse_models(args.model), args.dir, args.host, args.port, args.api_key, training_options=options,
+          sampler_backend=args.sampler, engine_options=engine, max_body_bytes=args.max_body_mb << 20,
+          session_timeout_s=args.session_timeout_s)
+
+
 def cmd_demo(args) -> None:
     from rlpipe.demo import main as demo_main
 
@@ -212,6 +225,23 @@ def main(argv: list[str] | None = None) -> None:
         if name == "explorer":
             p.add_argument("--connect", metavar="HOST", help="the buffer's and learner's host (default ports)")
             p.add_argument("--id", default=None, help="explorer name (default: random)")
+    srv = sub.add_parser("serve", help="serve Tinker's HTTP API (official tinker SDK, tinker-cookbook) on local models")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--model", action="append", required=True, metavar="DIR|NAME=DIR",
+                     help="a local Hugging Face model directory to serve (repeatable); NAME is what clients pass as base_model")
+    srv.add_argument("--dir", required=True, help="state directory: checkpoints, sampler weights, the registry")
+    srv.add_argument("--api-key", default=None, help="require this X-API-Key (default: accept any)")
+    srv.add_argument("--sampler", choices=("vllm", "local"), default=None, help="sampling backend (default: vllm where installed)")
+    srv.add_argument("--device", default=None, help="training device (default cuda where available, else cpu)")
+    srv.add_argument("--dtype", default=None, help="base weights dtype (default bfloat16 on CUDA, float32 elsewhere)")
+    srv.add_argument("--max-tokens-per-micro-batch", type=int, default=0)
+    srv.add_argument("--max-loaded-adapters", type=int, default=8, help="sampler adapters kept loaded per engine")
+    srv.add_argument("--session-timeout-s", type=float, default=900.0,
+                     help="unload the models of a session silent (no heartbeat) this long")
+    srv.add_argument("--max-body-mb", type=int, default=256, help="larger request bodies get 413")
+    srv.add_argument("--max-lora-rank", type=int, default=32, help="largest LoRA rank the sampler serves")
+    srv.set_defaults(run=cmd_serve)
     demo = sub.add_parser("demo", help="SFT warm-up, then async RL on arithmetic; prints accuracy before/after")
     demo.add_argument("--steps", type=int, default=None, help="RL steps (default from the demo config)")
     demo.add_argument("--runs-dir", default="runs")
@@ -224,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     tiny = sub.add_parser("tiny-model", help="build (once) and print the path of the embedded tiny model")
     tiny.set_defaults(run=cmd_tiny)
     args = parser.parse_args(argv)
-    if args.command in ("buffer", "learner", "explorer"):
+    if args.command in ("buffer", "learner", "explorer", "serve"):
         from rlpipe.pipeline.launch import die_with_launcher
 
         die_with_launcher()

@@ -7,7 +7,7 @@ the caller's job, through `weights` and `advantages`.
 Notation: lp = learner logprobs (carry the gradient), sampling_lp = the sampler's recorded
 logprobs (`inputs["logprobs"]`), r = exp(lp - sampling_lp), A = advantages.
 
-    cross_entropy        -sum w * lp
+    cross_entropy        -sum w * lp            (any real w, negative too)
     importance_sampling  -sum w * r * A
     ppo                  -sum w * min(r * A, clip(r, lo, hi) * A)
     cispo                -sum w * sg(clip(r, lo, hi)) * lp * A
@@ -114,8 +114,9 @@ def _validated_inputs(name: str, spec: LossSpec, logprobs_T: Tensor, inputs: Inp
         if torch.isinf(value).any():
             raise ValueError(f"{name}: {key} contains inf")
         out[key] = value
-    # Negative weights would be contributing tokens that the weight > 0 diagnostics skip.
-    if "weights" in out and (out["weights"] < 0).any():
+    # Negative weights would be contributing tokens that the RL diagnostics (weight > 0) skip.
+    # Cross-entropy takes any weight: Tinker's forward_backward_custom sends -dLoss/dlogprobs.
+    if "weights" in out and name != "cross_entropy" and (out["weights"] < 0).any():
         raise ValueError(f"{name}: weights contains negative values")
     return out
 
@@ -171,7 +172,7 @@ def compute_loss(
 
     if loss_fn == "cross_entropy":
         # where(), not a product, so a -inf logprob on a weight-0 token cannot turn into NaN.
-        loss = torch.where(counted_T, weights_T * spec.fn(logprobs_T, inputs_T, cfg), 0.0).sum()
+        loss = torch.where(weights_T != 0, weights_T * spec.fn(logprobs_T, inputs_T, cfg), 0.0).sum()
         return loss, {"loss:sum": loss.item()}
 
     log_ratio_T = logprobs_T.detach() - inputs_T["logprobs"]

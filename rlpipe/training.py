@@ -11,9 +11,10 @@ import concurrent.futures
 import itertools
 import json
 import logging
+import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import msgspec
 import numpy as np
@@ -26,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rlpipe import attention, checkpoint, packing
 from rlpipe.forward import ForwardPass, default_layout, enable_gradient_checkpointing
-from rlpipe.futures import APIFuture
+from rlpipe.futures import APIFuture, CallTimeout
 from rlpipe.losses import LOSSES, check_inputs, compute_loss
 from rlpipe.types import (
     AdamParams,
@@ -47,23 +48,35 @@ log = logging.getLogger(__name__)
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
 
-def lora_target_modules(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
-    """Leaf names of the Linear layers LoRA goes on, found by where they sit in the model."""
-    names: set[str] = set()
+def target_groups(model: torch.nn.Module) -> dict[str, set[str]]:
+    """Leaf names of the Linear layers LoRA can go on, by group ("attn", "mlp", "unembed"),
+    found by where they sit in the (unwrapped) model."""
+    groups: dict[str, set[str]] = {"attn": set(), "mlp": set(), "unembed": set()}
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or "." not in name:
             continue
         parents, leaf = name.split(".")[:-1], name.rsplit(".", 1)[-1]
-        if lora.train_attn and any("attn" in p or "attention" in p for p in parents):
-            names.add(leaf)
-        if lora.train_mlp and any(p in ("mlp", "feed_forward", "ffn") for p in parents):
-            names.add(leaf)
-    if lora.train_unembed:
-        head = model.get_output_embeddings()
-        names.update(n for n, m in model.named_modules() if m is head)
+        if any("attn" in p or "attention" in p for p in parents):
+            groups["attn"].add(leaf)
+        if any(p in ("mlp", "feed_forward", "ffn") for p in parents):
+            groups["mlp"].add(leaf)
+    head = model.get_output_embeddings()
+    groups["unembed"].update(n for n, m in model.named_modules() if m is head)
+    return groups
+
+
+def lora_targets(groups: dict[str, set[str]], lora: LoraConfig) -> list[str]:
+    names = set()
+    for group, wanted in (("attn", lora.train_attn), ("mlp", lora.train_mlp), ("unembed", lora.train_unembed)):
+        if wanted:
+            names |= groups[group]
     if not names:
         raise ValueError("LoRA targets nothing: enable at least one of train_mlp, train_attn, train_unembed")
     return sorted(names)
+
+
+def lora_target_modules(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
+    return lora_targets(target_groups(model), lora)
 
 
 def tied_embeddings(model: torch.nn.Module) -> bool:
@@ -104,6 +117,89 @@ class _RestoreGrads:
         return False
 
 
+class SharedBase:
+    """One base model in memory, shared by every training client (LoRA adapter) made on it:
+    many users' adapters cost their LoRA weights and optimizer state, not a copy of the base.
+
+    All work on the model runs on one thread, so the clients' calls interleave but never
+    overlap, each in its own client's order; every call first makes its client's adapter the
+    active one. The other adapters' gradients stay where they are until their own optim_step."""
+
+    def __init__(self, base_model: str, *, device: str | None = None, dtype: str | None = None,
+                 gradient_checkpointing: bool = False):
+        """device: default cuda where available, else cpu. dtype: of the base weights, default
+        bfloat16 on CUDA and float32 elsewhere; LoRA weights and optimizer state stay float32.
+        gradient_checkpointing: recompute each decoder layer in backward (less memory, ~30% more compute)."""
+        self.base_model = str(base_model)
+        if not (Path(self.base_model) / "config.json").exists():
+            raise FileNotFoundError(f"base_model {self.base_model!r} is not a local Hugging Face model directory")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = getattr(torch, dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
+        self.gradient_checkpointing = gradient_checkpointing
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        config = AutoConfig.from_pretrained(self.base_model)
+        self.softcap = attention.attention_softcap(config)
+        self._base = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype, **attention.load_options(config))
+        self.vocab_size = self._base.get_output_embeddings().weight.shape[0]
+        self.tied = tied_embeddings(self._base)
+        self.targets = target_groups(self._base)
+        self.model = None  # the PeftModel, once the first adapter is added
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlpipe-train")
+        self._names = itertools.count()
+
+    def run(self, fn, *args, timeout_s: float = 3600.0):
+        """fn(*args) on the model's thread, waited for (behind every call queued before it)."""
+        future = self.executor.submit(fn, *args)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            if future.done():
+                raise
+            raise CallTimeout(f"the model thread of {self.base_model} did not run {fn.__name__} within {timeout_s:.0f} s") from None
+
+    def add_adapter(self, lora: LoraConfig) -> str:
+        """A new LoRA adapter on the model, initialised from lora.seed; its name. Model thread only."""
+        if lora.train_unembed and self.tied:
+            log.info("%s ties its embeddings: LoRA on lm_head trains the output projection only", self.base_model)
+        config = PeftLoraConfig(r=lora.rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                target_modules=lora_targets(self.targets, lora), bias="none")
+        n = next(self._names)
+        name = "default" if n == 0 else f"adapter{n}"
+        if lora.seed is not None:
+            torch.manual_seed(lora.seed)
+        with warnings.catch_warnings():
+            # peft warns about LoRA on a tied lm_head; see tied_embeddings() for why it is sound here.
+            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+            if self.model is None:
+                # autocast_adapter_dtype: LoRA weights (and so Adam's state) in float32 over a bf16 base.
+                self.model = get_peft_model(self._base, config, adapter_name=name, autocast_adapter_dtype=True).to(self.device)
+                self.model.eval()  # no dropout anywhere: logprobs must match the sampler's
+                if self.gradient_checkpointing:
+                    enable_gradient_checkpointing(self.model)
+            else:
+                self.model.add_adapter(name, config, autocast_adapter_dtype=True)
+                self.model.to(self.device)
+        self.activate(name)
+        return name
+
+    def activate(self, name: str) -> None:
+        if self.model.active_adapter != name:
+            self.model.set_adapter(name)
+
+    def adapter_params(self, name: str) -> list[torch.Tensor]:
+        return [p for n, p in self.model.named_parameters() if f".{name}." in n]
+
+    def remove_adapter(self, name: str) -> None:
+        """Model thread only."""
+        for p in self.adapter_params(name):
+            p.grad = None
+        if len(self.model.peft_config) > 1:
+            self.model.delete_adapter(name)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
 class TrainingClient:
     def __init__(
         self,
@@ -111,6 +207,7 @@ class TrainingClient:
         lora: LoraConfig,
         checkpoint_dir: str | Path,
         *,
+        shared: SharedBase | None = None,
         device: str | None = None,
         dtype: str | None = None,
         layout: str | None = None,
@@ -119,64 +216,54 @@ class TrainingClient:
         gradient_checkpointing: bool = False,
         call_timeout_s: float = 3600.0,
     ):
-        """device: default cuda where available, else cpu. dtype: of the base weights, default
-        bfloat16 on CUDA and float32 elsewhere; LoRA weights and optimizer state stay float32.
+        """shared: the SharedBase to put this client's adapter on (rlpipe serve: many clients,
+        one copy of the base); None loads a base of its own, with device, dtype and
+        gradient_checkpointing as SharedBase takes them.
         layout: "rows", "padded" or "varlen" (rlpipe.packing), default per device
         (rlpipe.forward.default_layout), with row_tokens the row width of "rows".
         max_tokens_per_micro_batch: split each forward_backward into micro-batches of at most
-        this many tokens (pads included) and accumulate their gradients; 0 = one piece.
-        gradient_checkpointing: recompute each decoder layer in backward (less memory, ~30% more compute)."""
+        this many tokens (pads included) and accumulate their gradients; 0 = one piece."""
         if lora.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {lora.rank}")
         if max_tokens_per_micro_batch < 0:
             raise ValueError(f"max_tokens_per_micro_batch must be >= 0, got {max_tokens_per_micro_batch}")
-        self.base_model = str(base_model)
+        if shared is not None and os.path.realpath(shared.base_model) != os.path.realpath(str(base_model)):
+            raise ValueError(f"the shared base is {shared.base_model}, not {base_model}")
+        self.base = shared or SharedBase(base_model, device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+        self._owns_base = shared is None
+        self.base_model = self.base.base_model
         self.lora = lora
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = getattr(torch, dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
+        self.device, self.dtype = self.base.device, self.base.dtype
+        self.tokenizer, self.vocab_size = self.base.tokenizer, self.base.vocab_size
         self.call_timeout_s = call_timeout_s
         self.step = 0
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlpipe-train")
         self._sampler_versions = itertools.count(1)
-
-        if not (Path(self.base_model) / "config.json").exists():
-            raise FileNotFoundError(f"base_model {self.base_model!r} is not a local Hugging Face model directory")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        config = AutoConfig.from_pretrained(self.base_model)
-        softcap = attention.attention_softcap(config)
-        if softcap and layout == "varlen":
+        if self.base.softcap and layout == "varlen":
             raise ValueError(f"{self.base_model} soft-caps attention logits; the varlen layout cannot: use layout='rows'")
-        base = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype, **attention.load_options(config))
-        self.vocab_size = base.get_output_embeddings().weight.shape[0]
-        targets = lora_target_modules(base, lora)
-        if lora.train_unembed and tied_embeddings(base):
-            log.info("%s ties its embeddings: LoRA on lm_head trains the output projection only", self.base_model)
-        peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                     target_modules=targets, bias="none")
-        if lora.seed is not None:
-            torch.manual_seed(lora.seed)
-        with warnings.catch_warnings():
-            # peft warns about LoRA on a tied lm_head; see tied_embeddings() for why it is sound here.
-            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
-            # autocast_adapter_dtype: LoRA weights (and so Adam's state) in float32 over a bf16 base.
-            self.model = get_peft_model(base, peft_config, autocast_adapter_dtype=True).to(self.device)
-        self.model.eval()  # no dropout anywhere: logprobs must match the sampler's
-        if gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self.adapter = self.base.run(self._attach, lora, layout, row_tokens, max_tokens_per_micro_batch)
+
+    def _attach(self, lora: LoraConfig, layout, row_tokens, max_tokens) -> str:
+        name = self.base.add_adapter(lora)
+        self.model = self.base.model
+        self._params = self.base.adapter_params(name)
         self.optimizer = self._new_optimizer()
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        auto_layout, auto_row = default_layout(self.device, softcap=bool(softcap))
+        auto_layout, auto_row = default_layout(self.device, softcap=bool(self.base.softcap))
         self.forward_pass = ForwardPass(
             self.model, pad_id=pad_id, layout=layout or auto_layout,
-            row_tokens=auto_row if row_tokens is None else row_tokens, max_tokens=max_tokens_per_micro_batch,
+            row_tokens=auto_row if row_tokens is None else row_tokens, max_tokens=max_tokens,
         )
+        return name
 
     # ------------------------------------------------------------------ plumbing
 
     def _submit(self, what: str, fn, *args) -> APIFuture:
-        return APIFuture(self._executor.submit(fn, *args), what, self.call_timeout_s)
+        def call():
+            self.base.activate(self.adapter)
+            return fn(*args)
+
+        return APIFuture(self.base.executor.submit(call), what, self.call_timeout_s)
 
     def _new_optimizer(self) -> torch.optim.AdamW:
         return torch.optim.AdamW(self._params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
@@ -276,9 +363,9 @@ class TrainingClient:
         """The adapter as the two files of a PEFT adapter directory, in memory: what
         save_weights_for_sampler writes and what the learner sends to the explorers."""
         # save_embedding_layers=False: LoRA on lm_head must not drag the base lm_head along.
-        state = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        state = get_peft_model_state_dict(self.model, adapter_name=self.adapter, save_embedding_layers=False)
         weights = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, metadata={"format": "pt"})
-        config = self.model.peft_config["default"].to_dict()
+        config = self.model.peft_config[self.adapter].to_dict()
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()} | {"inference_mode": True}
         return {checkpoint.ADAPTER_CONFIG: json.dumps(config, indent=2, default=str).encode(),
                 checkpoint.ADAPTER_WEIGHTS: weights}
@@ -297,7 +384,7 @@ class TrainingClient:
         if msgspec.structs.replace(meta.lora, seed=self.lora.seed) != self.lora:  # seed only sets the init
             raise ValueError(f"checkpoint {path} has LoRA config {meta.lora}, this client has {self.lora}")
         weights = load_file(path / "adapter" / checkpoint.ADAPTER_WEIGHTS, device=str(self.device))
-        result = set_peft_model_state_dict(self.model, weights)
+        result = set_peft_model_state_dict(self.model, weights, adapter_name=self.adapter)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"checkpoint {path} has weights this model lacks: {result.unexpected_keys[:3]}")
         self.optimizer = self._new_optimizer()
@@ -366,7 +453,8 @@ class TrainingClient:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The LoRA weights by name (a copy), for tests and weight comparisons."""
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, save_embedding_layers=False).items()}
+        state = get_peft_model_state_dict(self.model, adapter_name=self.adapter, save_embedding_layers=False)
+        return {k: v.detach().clone() for k, v in state.items()}
 
     # The _async variants submit now (so order is kept) and hand back the awaitable future.
     async def forward_async(self, *args, **kwargs) -> APIFuture[ForwardBackwardOutput]:
@@ -394,4 +482,9 @@ class TrainingClient:
         return self.save_weights_for_sampler(*args, **kwargs)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        """Frees the adapter (and the base, if it is this client's own). Idempotent."""
+        if self._owns_base:
+            self.base.close()
+        elif self.adapter is not None:
+            self.base.run(self.base.remove_adapter, self.adapter)
+        self.adapter = None

@@ -253,12 +253,14 @@ class GroupAck(msgspec.Struct, tag="group_ack", omit_defaults=True):
 
 class WeightUpdate(msgspec.Struct, tag="weights", omit_defaults=True):
     """A new sampler adapter: the two files of its PEFT adapter directory, as bytes (the
-    learner never writes them to disk for this; the explorer writes them once, for vLLM)."""
+    learner never writes them to disk for this; the explorer writes them once, for vLLM),
+    or, from a learner training through a Tinker endpoint (learner.backend = "tinker"),
+    the tinker:// path of its sampler weights on that endpoint instead of the bytes."""
 
     version: int
-    adapter_config: bytes
+    adapter_config: bytes = b""
     """adapter_config.json"""
-    adapter_weights: bytes
+    adapter_weights: bytes = b""
     """adapter_model.safetensors"""
     step: int = 0
     created_at: float = 0.0
@@ -268,6 +270,9 @@ class WeightUpdate(msgspec.Struct, tag="weights", omit_defaults=True):
     """Counts learner starts in this run (1, 2, ...). A restarted learner resumes from its
     checkpoint, so its versions can repeat or go back: an explorer takes any update of a new
     incarnation, whatever its version."""
+    sampler_path: str | None = None
+    """tinker://.../sampler_weights/... (save_weights_for_sampler on the Tinker endpoint), which
+    explorers with explorer.sampler = "tinker" sample with; None with adapter bytes."""
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", omit_defaults=True):

@@ -96,3 +96,26 @@ def reference_logprobs(tiny_model_path):
         return lp.gather(1, torch.tensor(list(completion))[:, None])[:, 0].tolist()
 
     return score
+
+
+# --------------------------------------------------------------------------- rlpipe serve (rlpipe/serve)
+
+
+@pytest.fixture(scope="session")
+def tinker_server(tiny_model_path, tmp_path_factory):
+    """ONE `rlpipe serve` process for the test session (its vLLM engine starts on first use),
+    with the official tinker SDK pointed at it through TINKER_BASE_URL / TINKER_API_KEY."""
+    pytest.importorskip("tinker", reason="the tinker SDK is not installed")
+    from tests.serve_helpers import ServeProcess
+
+    server = ServeProcess(tiny_model_path, tmp_path_factory.mktemp("serve") / "state", "--max-body-mb", "16")
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.client_env()}
+    os.environ.update(server.client_env())
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

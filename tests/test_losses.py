@@ -417,3 +417,12 @@ def test_bad_logprobs_raise(lp):
     _, inputs = random_batch(T=4, with_weights=False)
     with pytest.raises(ValueError, match=r"logprobs_T must be a 1-D float tensor"):
         compute_loss("ppo", lp, inputs)
+
+
+def test_cross_entropy_takes_negative_weights_as_tinker_custom_losses_send_them():
+    lp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    w = torch.tensor([0.5, -2.0, 0.0])
+    loss, metrics = compute_loss("cross_entropy", lp, {"target_tokens": torch.tensor([1, 2, 3]), "weights": w})
+    assert loss.item() == pytest.approx(-(0.5 * -1.0 + -2.0 * -2.0)) == metrics["loss:sum"]
+    loss.backward()
+    assert torch.equal(lp.grad, -w)

@@ -57,8 +57,10 @@ class ExplorerConfig(Config):
 
     concurrency: int = 16
     """Groups rolled out at the same time (asyncio tasks sharing one sampler)."""
-    sampler: Literal["auto", "vllm", "local"] = "auto"
-    """auto = vLLM where installed, else the local torch sampler."""
+    sampler: Literal["auto", "vllm", "local", "tinker"] = "auto"
+    """auto = vLLM where installed, else the local torch sampler. "tinker" = through the Tinker
+    endpoint the learner trains on (tinker_base_url): the official SDK's SamplingClient on the
+    sampler path of each WeightUpdate, no engine here; needs learner.backend = "tinker"."""
     temperature: float = 1.0
     """Sampling temperature, in (0, 2]. The learner scores tokens at the same temperature.
     0 (greedy) is refused: RL needs samples from a distribution, see check()."""
@@ -133,6 +135,13 @@ class ExplorerConfig(Config):
 
 
 class LearnerConfig(Config):
+    backend: Literal["local", "tinker"] = "local"
+    """local = rlpipe's TrainingClient in the learner process (peft on learner.device).
+    "tinker" = the official tinker SDK's TrainingClient on a Tinker endpoint (`rlpipe serve`
+    or any other; tinker_base_url / tinker_api_key): the model runs there, base_model names
+    it as the endpoint knows it, and the learner publishes tinker:// sampler paths, not
+    adapter bytes (so explorer.sampler must be "tinker" too). The learner's device, dtype,
+    layout, micro-batch and eval_sampler settings do not apply."""
     steps: int = 40
     rank: int = 16
     train_attn: bool = True
@@ -250,6 +259,16 @@ class RunConfig(Config):
     buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
     addresses: Addresses = msgspec.field(default_factory=Addresses)
     supervision: SupervisionConfig = msgspec.field(default_factory=SupervisionConfig)
+    tinker_base_url: str = ""
+    """The Tinker endpoint of learner.backend / explorer.sampler = "tinker", e.g.
+    "http://127.0.0.1:8000" for `rlpipe serve`; "" = the SDK's TINKER_BASE_URL (else Tinker's own)."""
+    tinker_api_key: str = ""
+    """"" = the SDK's TINKER_API_KEY, the better place for a secret (run_dir/config.json shows a
+    key set here as "***"). Any "tml-..." key does for `rlpipe serve` without --api-key."""
+    tinker_timeout_s: float = 600.0
+    """The longest one call to the Tinker endpoint may take (making a client, forward_backward,
+    optim_step, a save, a load) before the role fails; samples are bounded by
+    explorer.episode_timeout_s."""
 
     @property
     def run_dir(self) -> Path:
@@ -264,7 +283,12 @@ class RunConfig(Config):
 
 
 def vocab_size(model_path: str) -> int:
-    config = json.loads((Path(model_path) / "config.json").read_text())
+    if not Path(model_path).is_dir():  # a hub name, as a Tinker endpoint knows its models: from the HF cache
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path).to_dict()
+    else:
+        config = json.loads((Path(model_path) / "config.json").read_text())
     return int(config.get("vocab_size") or config["text_config"]["vocab_size"])
 
 
@@ -291,6 +315,7 @@ def check(config: RunConfig) -> RunConfig:
     for name in ("ack_timeout_s", "engine_start_timeout_s", "weight_load_timeout_s", "first_weights_timeout_s"):
         if not getattr(config.explorer, name) > 0:
             raise ValueError(f"explorer.{name} must be > 0 seconds")
+    check_tinker(config)
 
     # The explorer's sampling and engine settings (vllm itself is not imported here).
     import re
@@ -328,7 +353,7 @@ def check(config: RunConfig) -> RunConfig:
     if explorer.max_lora_rank and explorer.max_lora_rank not in VLLM_LORA_RANKS:
         raise ValueError(f"explorer.max_lora_rank must be one of the ranks vLLM supports, {VLLM_LORA_RANKS} "
                          f"(or 0 = from learner.rank), got {explorer.max_lora_rank}")
-    if explorer.sampler != "local" and not explorer.max_lora_rank and config.learner.rank > VLLM_LORA_RANKS[-1]:
+    if explorer.sampler in ("auto", "vllm") and not explorer.max_lora_rank and config.learner.rank > VLLM_LORA_RANKS[-1]:
         raise ValueError(f"learner.rank {config.learner.rank} is above the largest LoRA rank vLLM serves ({VLLM_LORA_RANKS[-1]})")
     for name in explorer.engine_args:
         if name in ENGINE_ARGS_SET_BY_RLPIPE:
@@ -336,6 +361,34 @@ def check(config: RunConfig) -> RunConfig:
             raise ValueError(f"explorer.engine_args must not set {name!r}: "
                              + (f"use {instead} instead" if instead else "rlpipe sets it itself"))
     return config
+
+
+def check_tinker(config: RunConfig) -> None:
+    """learner.backend and explorer.sampler "tinker" go together: the explorers sample the
+    sampler paths that only a learner on a Tinker endpoint publishes, and that learner
+    publishes no adapter bytes for a local engine to load."""
+    backend, sampler = config.learner.backend, config.explorer.sampler
+    if sampler == "tinker" and backend != "tinker":
+        raise ValueError(
+            f'explorer.sampler = "tinker" needs learner.backend = "tinker" (got {backend!r}): the explorers sample '
+            "the tinker:// sampler weights that a learner training on the Tinker endpoint publishes; a local learner "
+            'publishes adapter bytes, which only explorer.sampler = "vllm", "local" or "auto" load')
+    if backend == "tinker" and sampler != "tinker":
+        raise ValueError(
+            f'learner.backend = "tinker" needs explorer.sampler = "tinker" (got {sampler!r}): that learner publishes '
+            "tinker:// sampler paths on the endpoint, not adapter bytes a local engine could load")
+    if backend == "tinker":
+        if not config.tinker_timeout_s > 0:
+            raise ValueError(f"tinker_timeout_s must be > 0 seconds, got {config.tinker_timeout_s}")
+        if config.tinker_base_url and not config.tinker_base_url.startswith(("http://", "https://")):
+            raise ValueError(f"tinker_base_url must be an http:// or https:// URL, got {config.tinker_base_url!r}")
+        if config.tinker_api_key and not config.tinker_api_key.startswith(("tml-", "eyJ")):
+            raise ValueError("tinker_api_key must start with \"tml-\" (or be a JWT), as the tinker SDK requires")
+
+
+def redacted(config: RunConfig) -> RunConfig:
+    """The config with its API key hidden, for what a run writes to disk."""
+    return msgspec.structs.replace(config, tinker_api_key="***") if config.tinker_api_key else config
 
 
 def resolve_train_unembed(config: RunConfig) -> bool:
@@ -374,7 +427,19 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig
     try:
         return check(msgspec.convert(raw, RunConfig))
     except msgspec.ValidationError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ValueError(f"{path}: {err}{_choices(str(err))}") from None
+
+
+def _choices(message: str) -> str:
+    """", one of (...)" for msgspec's "Invalid enum value 'x' - at `$.learner.backend`"."""
+    import typing
+
+    if not message.startswith("Invalid enum value") or "`$." not in message:
+        return ""
+    node: Any = RunConfig
+    for name in message.rsplit("`$.", 1)[1].rstrip("`").split("."):
+        node = typing.get_type_hints(node).get(name) if isinstance(node, type) else None
+    return f", want one of {typing.get_args(node)}" if typing.get_origin(node) is Literal else ""
 
 
 def dump(config: RunConfig) -> bytes:

@@ -32,7 +32,9 @@ are ignored (logged once). Each group carries the run id and the incarnation who
 sampled its first turn.
 
 The sampling engine starts as soon as the explorer does, while the learner builds its model
-and publishes the first adapter. An engine that dies is restarted in place and the current
+and publishes the first adapter (with explorer.sampler = "tinker" there is no engine: the
+explorer samples through the tinker SDK on the sampler path each WeightUpdate names,
+rlpipe/pipeline/tinker_backend.py). An engine that dies is restarted in place and the current
 adapter reloaded (explorer_sampler.py, at most explorer.max_engine_restarts times); groups
 that were rolling out on it are rolled out again, not delivered as failures.
 
@@ -98,10 +100,16 @@ class Explorer:
         self._other_runs: set[str] = set()
         backend = default_backend() if config.explorer.sampler == "auto" else config.explorer.sampler
         e = config.explorer
-        self.sampler = ExplorerSampler(
-            self.model, backend, engine_options(config, backend), name=self.id, adapter_dir=self.dir / "adapters",
-            start_timeout_s=e.engine_start_timeout_s, load_timeout_s=e.weight_load_timeout_s,
-            request_timeout_s=e.episode_timeout_s, max_restarts=e.max_engine_restarts, on_restart=self._engine_restarted)
+        if backend == "tinker":  # no engine here: the official SDK's SamplingClient on the Tinker endpoint
+            from rlpipe.pipeline.tinker_explorer import TinkerExplorerSampler
+
+            self.sampler = TinkerExplorerSampler(config, name=self.id, request_timeout_s=e.episode_timeout_s,
+                                                 max_restarts=e.max_engine_restarts, on_restart=self._engine_restarted)
+        else:
+            self.sampler = ExplorerSampler(
+                self.model, backend, engine_options(config, backend), name=self.id, adapter_dir=self.dir / "adapters",
+                start_timeout_s=e.engine_start_timeout_s, load_timeout_s=e.weight_load_timeout_s,
+                request_timeout_s=e.episode_timeout_s, max_restarts=e.max_engine_restarts, on_restart=self._engine_restarted)
         use_device(config.explorer.device)  # before anything starts a CUDA context
 
     @property

@@ -59,10 +59,7 @@ class ExplorerSampler:
         self.start_s = 0.0
         self._lock = asyncio.Lock()  # one engine start, restart or adapter load at a time
         self._closed = False
-        self._busy_since: float | None = None
-        self._busy_total = 0.0
-        self._in_flight = 0
-        self._t0 = time.monotonic()
+        self.busy = BusyTime()
 
     # ------------------------------------------------------------------ engine
 
@@ -142,6 +139,10 @@ class ExplorerSampler:
         await self.restart(engine, why)
 
     async def _load(self, update: WeightUpdate) -> None:
+        if not update.adapter_weights:
+            raise Unrecoverable(f"{self.name}: WeightUpdate version {update.version} carries no adapter weights"
+                                + (f" but the Tinker sampler path {update.sampler_path}: sample it with "
+                                   'explorer.sampler = "tinker"' if update.sampler_path else ""))
         engine = self.engine
         engine.check_alive()
         target = self.adapter_dir / f"v{update.version:06d}-i{update.incarnation}"
@@ -155,7 +156,7 @@ class ExplorerSampler:
             shutil.rmtree(target, ignore_errors=True)  # the engine keeps its own copy of each version
         self.client = SamplingClient(engine, adapter, update.version, self.request_timeout_s)
         if self.version < 0:
-            self._t0 = time.monotonic()  # the busy fraction counts from the first adapter
+            self.busy.restart()  # the busy fraction counts from the first adapter
         self.version, self.incarnation, self.update = update.version, update.incarnation, update
 
     # ------------------------------------------------------------------ sampling
@@ -170,18 +171,35 @@ class ExplorerSampler:
         client = client or self.client
         if client is None:
             raise EngineDeadError(f"{self.name}: the sampling engine is being restarted")
-        if self._in_flight == 0:
-            self._busy_since = time.monotonic()
-        self._in_flight += 1
-        try:
+        with self.busy:
             return await client.sample_async(prompt, num_samples, sampling_params)
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._busy_total += time.monotonic() - self._busy_since
 
     def busy_frac(self) -> float:
-        busy = self._busy_total + (time.monotonic() - self._busy_since if self._in_flight else 0.0)
+        return self.busy.fraction()
+
+
+class BusyTime:
+    """The fraction of wall time with at least one request in flight: `with busy:` around each."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self._t0, self._since, self._total, self._in_flight = time.monotonic(), 0.0, 0.0, 0
+
+    def __enter__(self):
+        if self._in_flight == 0:
+            self._since = time.monotonic()
+        self._in_flight += 1
+
+    def __exit__(self, *exc):
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._total += time.monotonic() - self._since
+        return False
+
+    def fraction(self) -> float:
+        busy = self._total + (time.monotonic() - self._since if self._in_flight else 0.0)
         return busy / max(time.monotonic() - self._t0, 1e-9)
 
 

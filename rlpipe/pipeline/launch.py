@@ -32,7 +32,7 @@ from pathlib import Path
 
 from rlpipe.metrics import read_metrics
 from rlpipe.pipeline import identity
-from rlpipe.pipeline.config import RunConfig, dump, load
+from rlpipe.pipeline.config import RunConfig, dump, load, redacted
 from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE
 
 ROLES = ("buffer", "learner", "explorer")
@@ -115,13 +115,18 @@ def _wait_groups_gone(pgids: list[int], timeout_s: float) -> None:
 
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of a process group, read from /proc (Linux)."""
+    return live_processes(group=pgid)
+
+
+def live_processes(*, group: int | None = None, parent: int | None = None) -> list[int]:
+    """Live (not zombie) processes of a process group, or children of a process (Linux /proc)."""
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # gone while we looked
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        if fields[0] != "Z" and (group is None or int(fields[2]) == group) and (parent is None or int(fields[1]) == parent):
             members.append(int(stat.parent.name))
     return members
 
@@ -257,7 +262,7 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
         return 2
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     identity.run_id(run_dir)  # made once, before any role needs it
-    (run_dir / "config.json").write_bytes(dump(config))
+    (run_dir / "config.json").write_bytes(dump(redacted(config)))
     metrics_path = run_dir / "metrics.jsonl"
     seen = len(read_metrics(metrics_path))
     supervisor = Supervisor(config, config_path, sets, resume)

@@ -6,6 +6,10 @@
         every sync_interval steps: WeightUpdate(version = step, adapter bytes) -> explorers
         every checkpoint_every steps: save_state + the buffer position
 
+With learner.backend = "tinker" the client is the official tinker SDK's on a Tinker endpoint
+(rlpipe/pipeline/tinker_backend.py): the WeightUpdate carries the tinker:// sampler path of
+save_weights_for_sampler instead of the bytes, and checkpoints are tinker:// paths.
+
 The policy version is the optimizer step count, so "u - v" in the staleness rule is counted
 in optimizer steps.
 """
@@ -26,14 +30,23 @@ import numpy as np
 import torch
 
 from rlpipe import checkpoint
+from rlpipe.hyperparams import get_lr
+from rlpipe.metrics import MetricsWriter, mean_of
 from rlpipe.pipeline import identity, transport
 from rlpipe.pipeline.config import RunConfig, import_callable, resolve_train_unembed
 from rlpipe.pipeline.errors import Unrecoverable
-from rlpipe.hyperparams import get_lr
-from rlpipe.metrics import MetricsWriter, mean_of
 from rlpipe.training import TrainingClient
-from rlpipe.types import (AdamParams, Batch, BatchRequest, Datum, LoraConfig, ModelInput, Shutdown,
-                          TrajectoryGroup, WeightUpdate)
+from rlpipe.types import (
+    AdamParams,
+    Batch,
+    BatchRequest,
+    Datum,
+    LoraConfig,
+    ModelInput,
+    Shutdown,
+    TrajectoryGroup,
+    WeightUpdate,
+)
 
 log = logging.getLogger(__name__)
 LATEST = "latest.json"
@@ -101,9 +114,15 @@ class Learner:
         lc = config.learner
         lora = LoraConfig(rank=lc.rank, seed=config.seed, train_attn=lc.train_attn, train_mlp=lc.train_mlp,
                           train_unembed=resolve_train_unembed(config))
-        self.client = TrainingClient(model, lora, self.dir, device=lc.device or None, dtype=lc.dtype or None,
-                                     layout=lc.layout or None, max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
-                                     gradient_checkpointing=lc.gradient_checkpointing)
+        self.tinker = lc.backend == "tinker"
+        if self.tinker:
+            from rlpipe.pipeline.tinker_learner import TinkerTrainingClient
+
+            self.client = TinkerTrainingClient(config, lora, self.dir)
+        else:
+            self.client = TrainingClient(model, lora, self.dir, device=lc.device or None, dtype=lc.dtype or None,
+                                         layout=lc.layout or None, max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
+                                         gradient_checkpointing=lc.gradient_checkpointing)
         self.after_seq = 0
         self.durable_seq = 0
         """The buffer position of the newest checkpoint: a restart asks again from there."""
@@ -189,6 +208,8 @@ class Learner:
             fetcher.shutdown(wait=True)
             control.close()
             self.metrics.close()
+            if self.tinker:
+                self.client.close()  # the SDK session on the endpoint
 
     def _wait_batch(self, future: concurrent.futures.Future, control) -> tuple[Batch, list[Datum]]:
         """The prefetched batch; meanwhile the control socket keeps answering explorers."""
@@ -253,6 +274,12 @@ class Learner:
         start = time.monotonic()
         created = time.time()
         version = self.client.step
+        if self.tinker:  # the explorers sample these weights on the endpoint
+            path = self.client.save_weights_for_sampler(f"v{version:06d}").result().path
+            log.info("published version %d: %s", version, path)
+            control.publish(WeightUpdate(version=version, sampler_path=path, step=version, created_at=created,
+                                         run_id=self.run_id, incarnation=self.incarnation))
+            return time.monotonic() - start
         files = self.client.get_sampler_weights().result()
         control.publish(WeightUpdate(version=version, adapter_config=files[checkpoint.ADAPTER_CONFIG],
                                      adapter_weights=files[checkpoint.ADAPTER_WEIGHTS], step=version, created_at=created,
@@ -265,21 +292,29 @@ class Learner:
         tmp = latest.with_suffix(".tmp")
         tmp.write_text(json.dumps({"path": path, "step": self.client.step, "after_seq": self.after_seq,
                                    "groups_trained": self.groups_trained, "incarnation": self.incarnation}))
-        checkpoint.fsync_tree(path)
+        if not self.tinker:  # a tinker:// checkpoint is the endpoint's to keep
+            checkpoint.fsync_tree(path)
         checkpoint.fsync_tree(tmp)
         os.replace(tmp, latest)  # atomic: a crash leaves the previous checkpoint in force
         checkpoint.fsync_tree(self.dir / LATEST)  # the rename itself, in the directory
         # Only now may the buffer forget what this checkpoint has trained (compaction): the
         # checkpoint is on disk, so no crash can take the learner back behind durable_seq.
         self.durable_seq = self.after_seq
-        prune(self.dir / "state", "step-", self.config.learner.keep_checkpoints, keep=Path(path).name)
+        if self.tinker:
+            self.client.prune_states(self.config.learner.keep_checkpoints, keep=path)
+        else:
+            prune(self.dir / "state", "step-", self.config.learner.keep_checkpoints, keep=Path(path).name)
 
     def _eval(self) -> dict[str, float]:
         from rlpipe.evaluators import greedy_eval, nll_eval
 
         cfg = self.config
         out = nll_eval(self.client, self.nll_data) if self.nll_data else {}
-        if self.eval_items:
+        if self.eval_items and self.tinker:  # sampled on the endpoint
+            path = self.client.save_weights_for_sampler(f"eval-{self.client.step:06d}").result().path
+            out |= self.client.greedy_eval(path, self.eval_items, max_tokens=cfg.explorer.max_tokens,
+                                           policy_version=self.client.step)
+        elif self.eval_items:
             path = self.client.save_weights_for_sampler(f"eval-{self.client.step:06d}").result().path
             prune(Path(path).parent, "eval-", cfg.learner.keep_checkpoints, keep=Path(path).name)
             options = {}

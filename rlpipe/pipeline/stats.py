@@ -32,8 +32,8 @@ def explorer_dirs(run_dir: Path) -> list[Path]:
 
 
 def run_stats(run_dir: str | Path) -> dict:
-    from rlpipe.pipeline.store import read_stats, seen_group_ids
     from rlpipe.pipeline.outbox import read_outbox_stats, unacked_ids
+    from rlpipe.pipeline.store import read_stats, seen_group_ids
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

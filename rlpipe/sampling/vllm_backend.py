@@ -346,6 +346,7 @@ class VLLMEngine:
             logprobs=None if request.logprobs_only else 0,  # 0: just the sampled token's logprob
             prompt_logprobs=0 if request.prompt_logprobs else None,
             detokenize=bool(d.stop_strings),  # text is only needed to match stop strings
+            include_stop_str_in_output=True,  # the sequence keeps every sampled token, stop string included
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         final = None

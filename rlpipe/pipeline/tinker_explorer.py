@@ -1,0 +1,183 @@
+"""explorer.sampler = "tinker": the explorer's sampler over the official tinker SDK, on the
+tinker:// sampler path each WeightUpdate carries (see tinker_backend.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from rlpipe.pipeline.errors import Unrecoverable
+from rlpipe.pipeline.explorer_sampler import BusyTime
+from rlpipe.pipeline.tinker_backend import (
+    call,
+    call_async,
+    check_reachable,
+    endpoint,
+    from_tinker_sample,
+    is_user_error,
+    refused,
+    service_client,
+    to_tinker_input,
+    to_tinker_params,
+    wait_api_future,
+)
+from rlpipe.sampling import EngineDeadError
+from rlpipe.types import ModelInput, SampleResponse, SamplingParams, WeightUpdate
+
+log = logging.getLogger(__name__)
+
+
+class TinkerEndpointError(EngineDeadError):
+    """The endpoint failed a sampling request (not as bad input): handled like a death of
+    the explorer's engine (the sampling client is made again, at most max_restarts times)."""
+
+
+class TinkerSampler:
+    """rlpipe's sampling-client shape over an SDK SamplingClient."""
+
+    def __init__(self, client, policy_version: int, timeout_s: float, where: str):
+        self.client, self.policy_version = client, policy_version
+        self.timeout_s, self.where = timeout_s, where
+        self.alive = True
+        """False once the endpoint failed a request of this client (see TinkerEndpointError)."""
+
+    async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams) -> SampleResponse:
+        try:
+            future = self.client.sample(to_tinker_input(prompt), num_samples, to_tinker_params(sampling_params))
+            response = await wait_api_future(future, self.timeout_s, "sample", self.where)
+        except (asyncio.CancelledError, TimeoutError):
+            raise
+        except Exception as err:
+            if is_user_error(err):
+                raise ValueError(f"the Tinker endpoint refused a sample request: {type(err).__name__}: {err}") from err
+            self.alive = False
+            raise TinkerEndpointError(f"the Tinker endpoint ({self.where}) failed a sample request: "
+                                      f"{type(err).__name__}: {err}") from err
+        return from_tinker_sample(response, self.policy_version)
+
+
+class TinkerExplorerSampler:
+    """The explorer's sampler (the interface of explorer_sampler.ExplorerSampler) over a
+    Tinker endpoint: each WeightUpdate names a sampler path (tinker://.../sampler_weights/...)
+    and a sampling client is made on it; requests in flight finish on the previous one. Before
+    the first update, the base model is sampled (policy version -1). "engine" is the current
+    TinkerSampler: an endpoint failure marks it dead and restart() makes a new client."""
+
+    def __init__(self, config, *, name: str, request_timeout_s: float, max_restarts: int,
+                 on_restart: Callable[[int], None] | None = None):
+        self.config = config
+        self.model = config.model_path()
+        self.name = name
+        self.where = endpoint(config)
+        self.timeout_s = config.tinker_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.max_restarts = max_restarts
+        self.on_restart = on_restart
+        self.service = None
+        self.engine: TinkerSampler | None = None
+        """The sampling client of the current update (or of the base model before the first)."""
+        self.version = -1
+        self.incarnation = 0
+        self.update: WeightUpdate | None = None
+        self.restarts = 0
+        self.start_s = 0.0
+        self._lock = asyncio.Lock()
+        self.busy = BusyTime()
+
+    async def _new_client(self, model_path: str | None, version: int, what: str) -> TinkerSampler:
+        if model_path is not None:
+            make = lambda: self.service.create_sampling_client(model_path=model_path).result()
+        else:
+            make = lambda: self.service.create_sampling_client(base_model=self.model).result()
+        try:
+            client = await call_async(make, self.timeout_s, what, self.where)
+        except TimeoutError:
+            raise
+        except Exception as err:
+            raise refused(err, f"{self.name}: {what}", self.where) from err
+        return TinkerSampler(client, version, self.request_timeout_s, self.where)
+
+    async def start(self) -> None:
+        """Connect: a sampling client on the base model, so a wrong endpoint, key or base model
+        fails the role now (Unrecoverable when refused), not at the first rollout."""
+        async with self._lock:
+            started = time.monotonic()
+            try:
+                await asyncio.to_thread(check_reachable, self.config)
+                self.service = service_client(self.config)
+                base = await self._new_client(None, -1, f"create_sampling_client(base_model={self.model!r})")
+            except Unrecoverable:
+                raise
+            except Exception as err:
+                raise Unrecoverable(f"{self.name}: cannot sample through the Tinker endpoint ({self.where}): "
+                                    f"{type(err).__name__}: {err}") from err
+            if self.engine is None:
+                self.engine = base
+            self.start_s = time.monotonic() - started
+            log.info("%s: sampling %s through the Tinker endpoint %s (ready in %.1f s)", self.name, self.model,
+                     self.where, self.start_s)
+
+    async def load(self, update: WeightUpdate) -> None:
+        if not update.sampler_path:
+            raise Unrecoverable(f"{self.name}: explorer.sampler = \"tinker\" needs the learner's sampler path, but "
+                                f"WeightUpdate version {update.version} carries none: is the learner running with "
+                                "learner.backend = \"tinker\"?")
+        async with self._lock:
+            self.engine = await self._new_client(update.sampler_path, update.version,
+                                                 f"create_sampling_client(model_path={update.sampler_path!r})")
+            if self.version < 0:
+                self.busy.restart()  # the busy fraction counts from the first adapter
+            self.version, self.incarnation, self.update = update.version, update.incarnation, update
+        log.info("%s: sampling with %s (version %d)", self.name, update.sampler_path, update.version)
+
+    async def restart(self, dead, why: str) -> None:
+        """The endpoint failed a request of `dead`: a new sampling client on the same weights,
+        at most max_restarts times in the explorer's life; then EngineDeadError."""
+        async with self._lock:
+            if dead is None or self.engine is not dead or dead.alive:
+                return  # another group already replaced it
+            if self.restarts >= self.max_restarts:
+                raise EngineDeadError(
+                    f"{self.name}: the Tinker endpoint failed ({why}) and its sampling client was already made "
+                    f"again {self.restarts} time(s), the most explorer.max_engine_restarts = {self.max_restarts} allows")
+            self.restarts += 1
+            log.warning("%s: the Tinker endpoint failed (%s); a new sampling client (restart %d of at most %d)",
+                        self.name, why, self.restarts, self.max_restarts)
+            if self.on_restart is not None:
+                self.on_restart(self.restarts)
+            path = self.update.sampler_path if self.update is not None else None
+            self.engine = await self._new_client(path, self.version, f"create_sampling_client({path or self.model!r})")
+
+    async def watch(self) -> None:
+        """Nothing to watch: the endpoint's health shows in its answers."""
+        await asyncio.Event().wait()
+
+    def shutdown(self) -> None:
+        self.engine = None
+        service, self.service = self.service, None
+        if service is not None:
+            try:
+                call(lambda: service.close("success").result(), 10.0, "close the session", self.where)
+            except Exception as err:  # noqa: BLE001
+                log.warning("%s: could not close the Tinker session: %s: %s", self.name, type(err).__name__, err)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    @property
+    def client(self) -> TinkerSampler | None:
+        return self.engine
+
+    async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
+                           client: TinkerSampler | None = None) -> SampleResponse:
+        client = client or self.engine
+        if client is None:
+            raise EngineDeadError(f"{self.name}: not connected to the Tinker endpoint yet")
+        with self.busy:
+            return await client.sample_async(prompt, num_samples, sampling_params)
+
+    def busy_frac(self) -> float:
+        return self.busy.fraction()
