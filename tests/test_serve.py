@@ -412,3 +412,22 @@ def test_a_restarted_server_still_serves_its_paths(tinker_server, service, tiny_
         assert {state, sampler} <= paths
         r = _post(tinker_server, "/get_info", json={"model_id": tc.model_id})
         assert r.status_code == 404 and "create_training_client_from_state" in r.json()["error"]
+
+
+def test_the_local_sampler_and_no_api_key(tiny_model_path, tmp_path):
+    """`--sampler local` (no vLLM) and a server without --api-key (any tml- key is taken)."""
+    from tests.serve_helpers import ServeProcess
+
+    server = ServeProcess(tiny_model_path, tmp_path / "state", "--sampler", "local", api_key=None)
+    server.start()
+    try:
+        with tinker.ServiceClient(base_url=server.url, api_key="tml-anything") as svc:
+            tc = new_client(svc, tiny_model_path, seed=15, rank=4)
+            sc = ready(tc.save_weights_and_get_sampling_client())
+            out = sc.sample(T.ModelInput.from_ints([5, 6, 7]), 2, T.SamplingParams(max_tokens=5, seed=1)).result()
+            for seq in out.sequences:
+                full = [5, 6, 7] + list(seq.tokens)
+                lp = logprobs_of(tc.forward([sft_datum(full)], "cross_entropy").result())[0][2:]
+                np.testing.assert_allclose(seq.logprobs, lp, rtol=0, atol=1e-3)
+    finally:
+        assert server.stop() == []

@@ -8,7 +8,7 @@ import asyncio
 import collections
 import logging
 
-from rlpipe.sampling import AdapterEvictedError, create_sampling_client
+from rlpipe.sampling import AdapterEvictedError, create_sampling_client, default_backend
 from rlpipe.sampling.client import SamplingClient
 from rlpipe.serve.futures import NotFound, UserError
 from rlpipe.types import ModelInput, SampleResponse, SamplingParams
@@ -22,8 +22,10 @@ class Samplers:
     def __init__(self, registry, trainers, backend: str | None, engine_options: dict):
         self.registry = registry
         self.trainers = trainers  # for base model names -> directories
-        self.backend = backend
+        self.backend = backend or default_backend()
         self.engine_options = dict(engine_options)
+        if self.backend != "vllm":  # the local sampler serves any rank
+            self.engine_options.pop("max_lora_rank", None)
         self.clients: collections.OrderedDict[str, SamplingClient] = collections.OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -31,10 +33,9 @@ class Samplers:
         """Refuse an adapter the sampler could not serve, before any training time is spent on it:
         a rank over the engine's max_lora_rank, or LoRA on lm_head where vLLM has none (it has it
         for Llama and Qwen3 only)."""
-        from rlpipe.sampling import default_backend
         from rlpipe.sampling.vllm_support import lm_head_lora
 
-        if (self.backend or default_backend()) != "vllm":
+        if self.backend != "vllm":
             return
         limit = self.engine_options.get("max_lora_rank", 32)
         if lora.rank > limit:
