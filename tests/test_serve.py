@@ -270,6 +270,7 @@ def test_bad_input_gets_4xx_or_a_user_error_and_the_server_goes_on(tinker_server
                                    headers={"Content-Encoding": "zstd"}), 413),
         ("/forward_backward", dict(content=_sparse_body(a.model_id)), 400),
         ("/optim_step", dict(json={"model_id": a.model_id, "seq_id": 98, "optimizer_params": ["adamw"]}), 400),
+        ("/save_weights", dict(json={"model_id": a.model_id, "seq_id": 96, "path": "x", "ttl_seconds": "soon"}), 400),
         ("/create_model", dict(json={"session_id": session, "model_seq_id": 98, "base_model": tiny_model_path,
                                      "lora_config": {"rank": 64}}), 400),  # over the sampler's max_lora_rank
         ("/asample", dict(json={"sampling_session_id": "nope", "prompt": {"chunks": []}, "target_prompt_logprobs": {}}), 404),

@@ -118,7 +118,7 @@ def register(app: FastAPI, s) -> None:
         model_id = field(body, "model_id", str)
         client = s.trainers.client(model_id)
         name = checkpoint.check_name(field(body, "path", str))
-        overwrite, ttl = bool(body.get("overwrite")), body.get("ttl_seconds")
+        overwrite, ttl = bool(body.get("overwrite")), field(body, "ttl_seconds", (int, float), required=False)
 
         async def job():
             if not overwrite and (client.checkpoint_dir / "state" / name).exists():
@@ -172,7 +172,7 @@ def register(app: FastAPI, s) -> None:
         body = await read_json(request)
         model_id = field(body, "model_id", str)
         client = s.trainers.client(model_id)
-        name, ttl = body.get("path"), body.get("ttl_seconds")
+        name, ttl = body.get("path"), field(body, "ttl_seconds", (int, float), required=False)
         row = s.registry.model(model_id)
         if name is not None:
             name = checkpoint.check_name(field(body, "path", str))
@@ -201,12 +201,13 @@ def register(app: FastAPI, s) -> None:
         name = checkpoint.check_name(field(body, "path", str))
 
         recipients = field(body, "age_encryption_recipients", list, required=False)
+        ttl = field(body, "ttl_seconds", (int, float), required=False)
 
         async def job():
             files = await client.get_sampler_weights().result_async()
             path = s.registry.model_dir(model_id) / "external_weights" / name
             await asyncio.to_thread(_write_export, path, files, recipients)
-            return {"path": s.registry.add_checkpoint(model_id, "external", name, path, body.get("ttl_seconds")),
+            return {"path": s.registry.add_checkpoint(model_id, "external", name, path, ttl),
                     "size_bytes": dir_size(path), "type": "save_weights_external"}
 
         return future_reply(s.trainers.submit(model_id, body.get("seq_id"), "save_weights_external", job))
