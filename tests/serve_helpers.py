@@ -62,17 +62,19 @@ class ServeProcess:
 
     def stop(self, timeout_s: float = 30.0) -> list[int]:
         """SIGTERM, as a service manager stops it; the processes of the server's group still
-        alive 5 s after it exited (its vLLM engine, ...), killed before returning."""
+        alive 5 s after it exited (its vLLM engine, ...), killed before returning (also when
+        the server had died already)."""
         from rlpipe.pipeline.launch import group_members
 
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return []
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
         deadline = time.monotonic() + 5
         while (left := group_members(self.proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.2)

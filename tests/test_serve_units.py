@@ -2,6 +2,7 @@
 seq_id order, tinker:// paths, and the protobuf decoding of bad bodies."""
 
 import asyncio
+import subprocess
 
 import numpy as np
 import pytest
@@ -100,4 +101,8 @@ async def test_silent_sessions_lose_their_models_and_expired_checkpoints_go(tmp_
     assert server.trainers.session_of == {} and "s1" not in server.last_seen
     assert not (tmp_path / "old").exists() and (tmp_path / "new").exists()
     assert [c["name"] for c in server.registry.checkpoints("s1:train:0")] == ["new"]
+    bystander = subprocess.Popen(["sleep", "30"])  # an app in a process of others: their children stay
     await server.close()
+    assert bystander.poll() is None
+    bystander.kill()
+    bystander.wait()

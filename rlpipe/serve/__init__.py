@@ -41,7 +41,10 @@ def serve(models: dict[str, str], state_dir: str, host: str = "127.0.0.1", port:
     from rlpipe.serve.app import Server, create_app
 
     server = Server(models, Path(state_dir), training_options=training_options, sampler_backend=sampler_backend,
-                    engine_options=engine_options, hold_s=hold_s, session_timeout_s=session_timeout_s)
+                    engine_options=engine_options, hold_s=hold_s, session_timeout_s=session_timeout_s,
+                    # In the app's shutdown, not after uvicorn.run returns: on SIGTERM uvicorn
+                    # re-raises the signal once the app has shut down, and the process dies there.
+                    on_close=stop_children)
     app = create_app(server, api_key=api_key, max_body_bytes=max_body_bytes)
     log.info("serving %s on http://%s:%d (state in %s)", ", ".join(models), host, port, state_dir)
     try:

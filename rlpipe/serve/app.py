@@ -33,15 +33,17 @@ log = logging.getLogger(__name__)
 class Server:
     def __init__(self, bases: dict[str, str], state_dir: Path, *, training_options: dict | None = None,
                  sampler_backend: str | None = None, engine_options: dict | None = None, hold_s: float = 25.0,
-                 session_timeout_s: float = 900.0):
+                 session_timeout_s: float = 900.0, on_close=None):
         """session_timeout_s: a session without heartbeat (the SDK sends one every 10 s) for this
-        long is over: its live models are unloaded, as when it finishes."""
+        long is over: its live models are unloaded, as when it finishes. on_close: called (in a
+        thread) last when the app shuts down; `rlpipe serve` stops its child processes there."""
         self.registry = Registry(state_dir)
         self.futures = Futures(hold_s=hold_s)
         self.trainers = Trainers(self.registry, self.futures, bases, training_options or {})
         self.samplers = Samplers(self.registry, self.trainers, sampler_backend, engine_options or {})
         self.bases = bases
         self.session_timeout_s = session_timeout_s
+        self.on_close = on_close
         self.last_seen: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
 
@@ -78,11 +80,8 @@ class Server:
             task.cancel()
         await self.trainers.close()
         self.registry.close()
-        # Here, not after uvicorn.run returns: on SIGTERM uvicorn re-raises the signal once the
-        # app has shut down, and the process dies before any later cleanup.
-        from rlpipe.serve import stop_children
-
-        await asyncio.to_thread(stop_children)
+        if self.on_close is not None:
+            await asyncio.to_thread(self.on_close)
 
 def create_app(server: Server, api_key: str | None = None, max_body_bytes: int = 256 << 20) -> FastAPI:
     s = server
