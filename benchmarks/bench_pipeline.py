@@ -86,9 +86,9 @@ def main() -> None:
                 rest = step - sum(parts.values()) - ckpt
                 print(f"{name:>14} {records[0]['time_end'] - start:8.1f}s {step:7.3f} {parts['time/wait_batch_s']:6.3f} "
                       f"{parts['time/train_s']:6.3f} {parts['sync/publish_s']:8.4f} {ckpt:6.4f} {rest:6.3f} "
-                      f"{median(steady, 'tokens/trained_per_s'):12.0f} {median(steady, 'learner/idle_frac'):6.1%} "
-                      f"{steady[-1].get('explorer/sampler_busy_frac', float('nan')):6.1%} "
-                      f"{median(steady, 'explorer/weight_sync_latency_s'):8.3f}s "
+                      f"{median(steady, 'tokens/trained_per_s'):12.0f} {median(steady, 'time/learner_idle_frac'):6.1%} "
+                      f"{steady[-1].get('time/sampler_busy_frac', float('nan')):6.1%} "
+                      f"{median(steady, 'sync/weight_latency_s'):8.3f}s "
                       f"{explorer.get('engine_start_s', float('nan')):6.1f}s", flush=True)
     print("columns: seconds; 'rest' = step minus wait, train, publish and checkpoint (metrics, control messages); "
           "'idle' = learner waiting for batches; 'busy' = sampler busy; 'engine' = the explorer's engine start")

@@ -109,7 +109,7 @@ def main() -> None:
           f"tokens trained per step {statistics.median(r['tokens/trained'] for r in records):.0f}")
     print(f"  publishing the adapter: {series(records, 'sync/publish_s', 2)} s")
     print(f"weight sync latency (learner saves -> explorer samples with it): "
-          f"{series(records, 'explorer/weight_sync_latency_s', 2)} s")
+          f"{series(records, 'sync/weight_latency_s', 2)} s")
     total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     for role, mb in sorted(peaks.items()):
         print(f"peak RSS {role:9s} {mb / 1024:6.2f} GB")

@@ -300,7 +300,7 @@ def run_rlpipe(runs_dir: Path, init: str, steps: int) -> dict:
     records = launch.run_to_end(config, "compare_config.json", replace=True)
     end = time.time()
     last = records[-1]
-    dropped = {k: v for k, v in last.items() if k.startswith("dropped/")}
+    dropped = {k: v for k, v in last.items() if k.startswith("buffer/dropped_")}
     adapter = latest_checkpoint(config.run_dir)["path"] + "/adapter"
     return {
         "name": "rlpipe", "launch": start, "end": end,
@@ -310,7 +310,7 @@ def run_rlpipe(runs_dir: Path, init: str, steps: int) -> dict:
         "reward": None,  # the rewards of the groups the buffer drops are not logged
         "correct_signal": [r.get("env/correct") for r in records],
         "groups_sampled": sum(r.get("groups", 0) for r in records) + int(sum(dropped.values())),
-        "groups_no_signal": int(dropped.get("dropped/no_signal", 0)), "dropped": dropped,
+        "groups_no_signal": int(dropped.get("buffer/dropped_no_signal", 0)), "dropped": dropped,
         "adapter": adapter, "trainable": sum(v.numel() for v in load_file(f"{adapter}/adapter_model.safetensors").values()),
         "load": [load_start, os.getloadavg()[0]],
     }

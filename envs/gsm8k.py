@@ -1,9 +1,12 @@
 """GSM8K-format grade-school math word problems, answered in one assistant turn.
 
-Data: a JSONL file with one {"question": ..., "answer": ...} object per line, where the
-answer is a worked solution ending in "#### N" (the GSM8K format; "<<48/2=24>>" calculator
-annotations may appear and are ignored). `SAMPLE_PATH` is a small file of 30 problems written
-for rlpipe's tests; for training, pass the path of your own copy of GSM8K.
+Data: a .jsonl, .json (JSON Lines or one array) or .parquet file of rows {"question": ...,
+"answer": ...}, where the answer is a worked solution ending in "#### N" (the GSM8K format;
+"<<48/2=24>>" calculator annotations may appear and are ignored), read through Hugging Face
+`datasets` (rlpipe.data_files: offline, nothing left in the cache). Other columns are ignored,
+so the files of the Hugging Face GSM8K dataset load as they are. A bad row is refused with its
+1-based row number. `SAMPLE_PATH` is a small file of 30 problems written for rlpipe's tests;
+for training, pass the path of your own copy of GSM8K.
 
 The model's answer is read from "#### N" or "\\boxed{N}" (the last one wins), which also
 earns the format term; without either, the last number in the text is still graded for
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from rlpipe.data_files import load_rows, row_error
 from rlpipe.env import StepResult
 from rlpipe.types import ModelInput
 
@@ -81,7 +85,8 @@ class Problem:
 
 def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
     """Objects of a JSONL file (blank lines skipped), each checked for the required string
-    fields; errors name the file and line."""
+    fields; errors name the file and line. (GSM8K problems load through rlpipe.data_files;
+    this stays for envs/search.py and envs/tool_use.py.)"""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
@@ -106,12 +111,20 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
 
 
 def load_problems(path: str | Path = SAMPLE_PATH) -> list[Problem]:
+    """The problems of a GSM8K-format .jsonl / .json / .parquet file, in file order."""
     problems = []
-    for row in read_jsonl(path, ("question", "answer")):
+    for number, row in enumerate(load_rows(path, ("question", "answer")), 1):
+        for key in ("question", "answer"):
+            if row[key] is None:
+                raise row_error(path, number, f"missing {key!r}")
+            if not isinstance(row[key], str):
+                raise row_error(path, number, f"{key!r} is a {type(row[key]).__name__}, not a string")
+            if not row[key].strip():
+                raise row_error(path, number, f"empty {key!r}")
         final = row["answer"].rsplit("####", 1)
         answer = parse_number(final[1]) if len(final) == 2 else None
         if answer is None:
-            raise ValueError(f"{path}:{row['_line']}: the answer has no final '#### <number>' line")
+            raise row_error(path, number, "the answer has no final '#### <number>' line")
         problems.append(Problem(row["question"].strip(), row["answer"], answer))
     return problems
 

@@ -32,11 +32,12 @@ import os
 import time
 from pathlib import Path
 
+from rlpipe import console
+from rlpipe.datums import supervised_datum
+from rlpipe.metrics import window_mean
 from rlpipe.pipeline import launch, transport
 from rlpipe.pipeline.config import RunConfig
-from rlpipe.datums import supervised_datum
 from rlpipe.pipeline.learner import latest_checkpoint
-from rlpipe.metrics import window_mean
 from rlpipe.warmup import sft_warm_up
 
 
@@ -48,7 +49,7 @@ def parse_args(argv):
     p.add_argument("--name", default="math_rl")
     p.add_argument("--sampler", choices=("auto", "vllm", "local"), default="auto")
     p.add_argument("--base-model", default="", help="local HF model dir (default: the embedded tiny model)")
-    p.add_argument("--gsm8k", default=None, metavar="PATH", help="train on a GSM8K-format JSONL instead")
+    p.add_argument("--gsm8k", default=None, metavar="PATH", help="train on a GSM8K-format .jsonl/.json/.parquet file instead")
     p.add_argument("--difficulty", type=int, default=1, help="arithmetic difficulty (1-4)")
     p.add_argument("--groups-per-batch", type=int, default=8)
     p.add_argument("--group-size", type=int, default=16)
@@ -125,8 +126,17 @@ def sampled_eval(model: str, adapter: str | None, config: RunConfig, samples: in
     return run_rollout_eval(model, adapter, builders, params, backend=config.learner.eval_sampler, max_turns=1)
 
 
-def main(argv=None) -> dict:
+def main(argv=None, stop_engines: bool = False) -> dict:
+    """stop_engines: shut the evaluation engine down at the end (as a script; a test session shares it)."""
+    from rlpipe.pipeline.launch import launcher_output
+
     args = parse_args(argv)
+    # SFT and evaluations run here, in the launcher: engine output to the run's log, results to the console.
+    with launcher_output(Path(args.runs_dir) / args.name, stop_engines=stop_engines):
+        return run(args)
+
+
+def run(args) -> dict:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the roles log to runs/<name>/logs
     config = make_config(args)
     model = config.model_path()
@@ -134,12 +144,12 @@ def main(argv=None) -> dict:
     out: dict = {"sft_steps": args.sft_steps}
     if args.sft_steps:
         config.learner.init_from = sft_warm_up(config, lambda tok: sft_data(tok, args), args.sft_steps)
-        print(f"SFT warm-up: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
+        console.say(f"SFT warm-up: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
     if not args.gsm8k:
         adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None
         out["eval_before"] = heldout_accuracy(model, adapter, config)
         sampled_before = sampled_eval(model, adapter, config)
-        print(f"held-out greedy accuracy before RL: {out['eval_before']:.1%}")
+        console.say(f"held-out greedy accuracy before RL: {out['eval_before']:.1%}")
 
     records = launch.run_to_end(config, "math_rl_config.json", replace=True)
     out.update(steps=len(records), run_dir=str(config.run_dir), seconds=time.time() - t0,
@@ -153,19 +163,19 @@ def main(argv=None) -> dict:
         for key in ("reward", "correct", "format"):
             out[f"sampled_{key}_before"] = sampled_before[f"eval/{key}"]
             out[f"sampled_{key}_after"] = sampled_after[f"eval/{key}"]
-    print(f"RL ({len(records)} async steps): train reward {out['reward_first']:.3f} -> {out['reward_last']:.3f}, "
+    console.say(f"RL ({len(records)} async steps): train reward {out['reward_first']:.3f} -> {out['reward_last']:.3f}, "
           f"correct {out['correct_first']:.1%} -> {out['correct_last']:.1%}, format {out['format_first']:.1%} -> "
           f"{out['format_last']:.1%} (first vs last quarter of the steps)")
     if "eval_after" in out:
-        print(f"held-out greedy accuracy: {out['eval_before']:.1%} -> {out['eval_after']:.1%}; "
+        console.say(f"held-out greedy accuracy: {out['eval_before']:.1%} -> {out['eval_after']:.1%}; "
               f"NLL per token of the right answers after RL: {out['eval_nll_after']:.3f}")
-        print("held-out, 4 samples each at temperature {:g}: reward {:.3f} -> {:.3f}, correct {:.1%} -> {:.1%}, "
+        console.say("held-out, 4 samples each at temperature {:g}: reward {:.3f} -> {:.3f}, correct {:.1%} -> {:.1%}, "
               "format {:.1%} -> {:.1%}".format(config.explorer.temperature, *(
                   out[f"sampled_{k}_{w}"] for k in ("reward", "correct", "format") for w in ("before", "after"))))
     (Path(out["run_dir"]) / "summary.json").write_text(json.dumps(out, indent=1))
-    print(f"total {out['seconds']:.0f} s; everything the run wrote (summary.json: these figures) is in {config.run_dir}")
+    console.say(f"total {out['seconds']:.0f} s; everything the run wrote (summary.json: these figures) is in {config.run_dir}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    main(stop_engines=True)

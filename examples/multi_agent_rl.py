@@ -29,7 +29,7 @@ checkpoint (`rlpipe.evaluators.rollout_eval`). Per player: eval/unreadable and e
 (this player's move was unreadable / illegal, unreadable included: half the share of games
 ended that way), eval/moves (game length). The training metrics (metrics.jsonl) describe the
 *trained* games only: draws give both sides 0, carry no signal and are dropped before
-training (dropped/no_signal), so every trained game was decided by a win or an illegal move.
+training (buffer/dropped_no_signal), so every trained game was decided by a win or an illegal move.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ import os
 import random
 import time
 from pathlib import Path
+
+from rlpipe import console
 
 MAX_TURNS = 5  # X moves at most 5 times, O 4; a full game is under 600 tokens
 
@@ -131,19 +133,28 @@ def play_eval(config, adapter: str | None, n_games: int) -> dict[str, float]:
     return run_rollout_eval(model, adapter, builders, params, backend=config.learner.eval_sampler, max_turns=MAX_TURNS)
 
 
-def main(argv=None) -> dict:
+def main(argv=None, stop_engines: bool = False) -> dict:
+    """stop_engines: shut the evaluation engine down at the end (as a script; a test session shares it)."""
+    from rlpipe.pipeline.launch import launcher_output
+
+    args = parse_args(argv)
+    # SFT and evaluations run here, in the launcher: engine output to the run's log, results to the console.
+    with launcher_output(Path(args.runs_dir) / args.name, stop_engines=stop_engines):
+        return run(args)
+
+
+def run(args) -> dict:
     from rlpipe.pipeline import launch
     from rlpipe.pipeline.learner import latest_checkpoint
     from rlpipe.metrics import window_mean
     from rlpipe.warmup import sft_warm_up
 
-    args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     config = make_config(args)
     t0 = time.time()
     if args.sft_steps:
         config.learner.init_from = sft_warm_up(config, lambda tok: transcripts(tok, n_games=100), args.sft_steps, batch_size=8)
-        print(f"SFT warm-up on scripted legal games: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
+        console.say(f"SFT warm-up on scripted legal games: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
     adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None
     before = play_eval(config, adapter, args.eval_games) if args.eval_games else {}
     records = launch.run_to_end(config, "multi_agent_rl_config.json", replace=True)
@@ -156,18 +167,18 @@ def main(argv=None) -> dict:
         for key in ("eval/illegal", "eval/unreadable", "eval/unreadable_per_move", "eval/moves", "eval/draw"):
             name = key.split("/")[1]
             out[f"eval_{name}_before"], out[f"eval_{name}_after"] = before[key], after[key]
-            print(f"{key:>24}: {before[key]:.3f} -> {after[key]:.3f}  ({args.eval_games} self-play games, "
+            console.say(f"{key:>24}: {before[key]:.3f} -> {after[key]:.3f}  ({args.eval_games} self-play games, "
                   "before vs after RL)")
     out["seconds"] = time.time() - t0
-    for key in ("env/illegal", "env/moves", "dropped/no_signal"):
+    for key in ("env/illegal", "env/moves", "buffer/dropped_no_signal"):
         name = key.split("/")[1]
-        value = lambda r, k=key: r.get(k, 0.0)  # noqa: E731  (dropped/no_signal is absent until a drop)
+        value = lambda r, k=key: r.get(k, 0.0)  # noqa: E731  (buffer/dropped_no_signal is absent until a drop)
         out[f"{name}_first"], out[f"{name}_last"] = window_mean(records, value, True), window_mean(records, value, False)
-        print(f"{key:>24}: {out[f'{name}_first']:.3f} -> {out[f'{name}_last']:.3f}  (first vs last quarter of the steps)")
+        console.say(f"{key:>24}: {out[f'{name}_first']:.3f} -> {out[f'{name}_last']:.3f}  (first vs last quarter of the steps)")
     (Path(out["run_dir"]) / "summary.json").write_text(json.dumps(out, indent=1))
-    print(f"total {out['seconds']:.0f} s; everything the run wrote (summary.json: these figures) is in {config.run_dir}")
+    console.say(f"total {out['seconds']:.0f} s; everything the run wrote (summary.json: these figures) is in {config.run_dir}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    main(stop_engines=True)

@@ -2,11 +2,16 @@
 
     python examples/sft_chat.py                  # the embedded tiny model, 1-2 minutes on 2 CPU cores
     python examples/sft_chat.py --model DIR      # any local Hugging Face causal LM with a chat template
+    python examples/sft_chat.py --data chats.jsonl --model DIR   # your conversations (.jsonl/.json/.parquet)
 
-The data is a small generated chat set: a user asks a sum, then asks to keep adding, and
-sometimes says thanks. The renderer turns each conversation into tokens plus weights that
-are 1 exactly on the assistant turns (content and end-of-turn token), so the printed NLL is
-per assistant token. At the end the trained adapter answers a held-out follow-up question.
+The default data is a small generated chat set: a user asks a sum, then asks to keep adding,
+and sometimes says thanks. `--data FILE` trains on the conversations of a file instead, rows
+{"messages": [{"role": ..., "content": ...}, ...]} (roles system/user/assistant/tool), read
+through Hugging Face `datasets` (rlpipe.data_files); a tenth of them (at most 48) is held out
+for the NLL, and a bad row stops the script before training with its 1-based row number.
+The renderer turns each conversation into tokens plus weights that are 1 exactly on the
+assistant turns (content and end-of-turn token), so the printed NLL is per assistant token.
+At the end the trained adapter answers a held-out follow-up question.
 """
 
 import argparse
@@ -16,6 +21,7 @@ import time
 import numpy as np
 
 from rlpipe import ServiceClient, types
+from rlpipe.data_files import load_conversations, row_error
 from rlpipe.evaluators import nll_eval
 from rlpipe.hyperparams import get_lr
 from rlpipe.renderers import conversation_to_datum, get_renderer
@@ -38,6 +44,19 @@ def make_chat(rng: random.Random) -> list[dict]:
     return chat
 
 
+def file_datums(renderer, path: str, max_length: int | None = None) -> tuple[list[list[dict]], list[types.Datum]]:
+    """(conversations, their Datums) from a chat file; a conversation the renderer refuses
+    (no assistant turn, say) is reported with its row number."""
+    chats = load_conversations(path)
+    datums = []
+    for number, chat in enumerate(chats, 1):
+        try:
+            datums.append(conversation_to_datum(renderer, chat, "all_assistant", max_length))
+        except ValueError as err:
+            raise row_error(path, number, str(err)) from err
+    return chats, datums
+
+
 def weights(datum: types.Datum):
     return datum.loss_fn_inputs["weights"].to_numpy()
 
@@ -45,6 +64,10 @@ def weights(datum: types.Datum):
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="local HF model dir (default: the embedded tiny model)")
+    parser.add_argument("--data", default=None, metavar="FILE",
+                        help="conversations to train on: .jsonl/.json/.parquet rows {\"messages\": [...]} "
+                             "(default: generated sums)")
+    parser.add_argument("--max-length", type=int, default=None, help="truncate conversations to this many tokens")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
@@ -57,12 +80,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     lr = args.lr or get_lr(model)
     client = ServiceClient(args.checkpoint_dir).create_lora_training_client(model, rank=args.rank, seed=0)
     renderer = get_renderer(client.get_tokenizer())
-    rng = random.Random(0)
     # all_assistant: every assistant turn is a target, not only the last one, so one
     # conversation teaches the first answer and each follow-up.
-    train = [conversation_to_datum(renderer, make_chat(rng), "all_assistant") for _ in range(1000)]
-    held_out_chats = [make_chat(random.Random(10_000 + i)) for i in range(48)]
-    held_out = [conversation_to_datum(renderer, c, "all_assistant") for c in held_out_chats]
+    if args.data:
+        chats, datums = file_datums(renderer, args.data, args.max_length)
+        if len(chats) < 2:
+            raise ValueError(f"{args.data}: {len(chats)} conversation; at least 2 are needed (one is held out)")
+        # A fixed shuffle before the split, so a file sorted by topic still holds out a mix.
+        keep = np.random.default_rng(0).permutation(len(chats))
+        n_held = min(48, max(1, len(chats) // 10))
+        held_out_chats = [chats[i] for i in keep[:n_held]]
+        held_out = [datums[i] for i in keep[:n_held]]
+        train = [datums[i] for i in keep[n_held:]]
+    else:
+        rng = random.Random(0)
+        train = [conversation_to_datum(renderer, make_chat(rng), "all_assistant", args.max_length)
+                 for _ in range(1000)]
+        held_out_chats = [make_chat(random.Random(10_000 + i)) for i in range(48)]
+        held_out = [conversation_to_datum(renderer, c, "all_assistant", args.max_length) for c in held_out_chats]
+    if len(train) < args.batch_size:
+        raise ValueError(f"{len(train)} training conversations, fewer than --batch-size {args.batch_size}")
     print(f"model {model}\nLoRA rank {args.rank}, lr {lr:.2e}, {len(train)} chats, "
           f"{client.get_info().trainable_params} trainable params")
 
@@ -88,14 +125,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     end_nll = nll_eval(client, held_out)["eval/nll"]
 
     # Ask the trained model the follow-up of a held-out chat: the prompt is the history up to
-    # the second assistant turn, rendered exactly as in training.
-    chat = held_out_chats[0]
-    turn = [i for i, m in enumerate(chat) if m["role"] == "assistant"][1]
-    sampler = client.save_weights_and_get_sampling_client("final", backend="local")
-    prompt = renderer.build_generation_prompt(chat[:turn])
-    params = types.SamplingParams(max_tokens=24, temperature=0.0, stop=renderer.stop_sequences)
-    reply, ended = renderer.parse_response(sampler.sample(prompt, 1, params).result().sequences[0].tokens)
-    print(f"{chat[turn - 1]['content']!r} -> {reply['content']!r} (expected {chat[turn]['content']!r}, ended={ended})")
+    # the second assistant turn (the first in a chat that has one only), rendered exactly as
+    # in training. A chat opening with an assistant turn has no prompt to ask with.
+    for chat in held_out_chats:
+        turns = [i for i, m in enumerate(chat) if m["role"] == "assistant" and i > 0]
+        if turns:
+            turn = turns[min(1, len(turns) - 1)]
+            sampler = client.save_weights_and_get_sampling_client("final", backend="local")
+            prompt = renderer.build_generation_prompt(chat[:turn])
+            params = types.SamplingParams(max_tokens=24, temperature=0.0, stop=renderer.stop_sequences)
+            reply, ended = renderer.parse_response(sampler.sample(prompt, 1, params).result().sequences[0].tokens)
+            print(f"{chat[turn - 1]['content']!r} -> {reply['content']!r} "
+                  f"(expected {chat[turn]['content']!r}, ended={ended})")
+            break
     print(f"held-out NLL/assistant token {start_nll:.3f} -> {end_nll:.3f}")
     return {"nll_before": start_nll, "nll_after": end_nll}
 

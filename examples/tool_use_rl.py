@@ -31,7 +31,7 @@ The before/after figures come from `rlpipe.evaluators.rollout_eval` on tasks dra
 another seed (with operands up to 9 there are only 128 distinct questions, so they overlap
 the training ones; what is measured is the format, which does not depend on the numbers).
 Groups whose rewards are all equal carry no signal; the buffer drops them (counted as
-dropped/no_signal) and the explorer rolls out others. `--keep-no-signal` trains on every
+buffer/dropped_no_signal) and the explorer rolls out others. `--keep-no-signal` trains on every
 group (zero advantages where rewards are equal): only good for checking the plumbing.
 
 The tool set is the calculator alone with a one-line description, to keep episodes short on
@@ -50,6 +50,8 @@ import random
 import sys
 import time
 from pathlib import Path
+
+from rlpipe import console
 
 HERE = Path(__file__).resolve().parent
 
@@ -188,13 +190,22 @@ def well_formed(record: dict) -> float:
     return 1.0 - record["env/tool_errors"] / record["env/turns"]
 
 
-def main(argv=None) -> dict:
+def main(argv=None, stop_engines: bool = False) -> dict:
+    """stop_engines: shut the evaluation engine down at the end (as a script; a test session shares it)."""
+    from rlpipe.pipeline.launch import launcher_output
+
+    args = parse_args(argv)
+    # SFT and evaluations run here, in the launcher: engine output to the run's log, results to the console.
+    with launcher_output(Path(args.runs_dir) / args.name, stop_engines=stop_engines):
+        return run(args)
+
+
+def run(args) -> dict:
     from rlpipe.pipeline import launch
     from rlpipe.pipeline.learner import latest_checkpoint
     from rlpipe.metrics import window_mean
     from rlpipe.warmup import sft_warm_up
 
-    args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     # The roles are separate processes: they import the dataset factory from this folder.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
@@ -211,29 +222,29 @@ def main(argv=None) -> dict:
         sft_tasks = make_tasks(256, seed=7, max_operand=args.max_operand)
         config.learner.init_from = sft_warm_up(
             config, lambda tok: transcripts(tok, sft_tasks, args.max_turns), args.sft_steps, batch_size=8)
-        print(f"SFT warm-up on scripted transcripts: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
+        console.say(f"SFT warm-up on scripted transcripts: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
     adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None
     before = tool_eval(config, adapter, args) if args.eval_tasks else {}
     records = launch.run_to_end(config, "tool_use_rl_config.json", replace=True)
     out = {"steps": len(records), "run_dir": str(run_dir),
-           "no_signal_dropped": records[-1].get("dropped/no_signal", 0.0) if records else 0.0}
+           "no_signal_dropped": records[-1].get("buffer/dropped_no_signal", 0.0) if records else 0.0}
     if args.eval_tasks:
         after = tool_eval(config, latest_checkpoint(run_dir)["path"] + "/adapter", args)
         for key in ("eval/reward", "eval/format", "eval/answered", "eval/tool_errors", "eval/correct"):
             name = key.split("/")[1]
             out[f"eval_{name}_before"], out[f"eval_{name}_after"] = before[key], after[key]
-            print(f"{key:>16}: {before[key]:.3f} -> {after[key]:.3f}  ({args.eval_tasks} held-out tasks x 2, "
+            console.say(f"{key:>16}: {before[key]:.3f} -> {after[key]:.3f}  ({args.eval_tasks} held-out tasks x 2, "
                   "before vs after RL)")
     out["seconds"] = time.time() - t0
     for name, fn in (("reward", lambda r: r["reward/mean"]), ("well_formed", well_formed),
                      ("answered", lambda r: r["env/answered"]), ("correct", lambda r: r["env/correct"]),
                      ("turns", lambda r: r["env/turns"])):
         out[f"{name}_first"], out[f"{name}_last"] = window_mean(records, fn, True), window_mean(records, fn, False)
-        print(f"{name:>12}: {out[f'{name}_first']:.3f} -> {out[f'{name}_last']:.3f}  (first vs last quarter of the steps)")
+        console.say(f"{name:>12}: {out[f'{name}_first']:.3f} -> {out[f'{name}_last']:.3f}  (first vs last quarter of the steps)")
     (Path(out["run_dir"]) / "summary.json").write_text(json.dumps(out, indent=1))
-    print(f"total {out['seconds']:.0f} s; everything the run wrote (summary.json: these figures) is in {run_dir}")
+    console.say(f"total {out['seconds']:.0f} s; everything the run wrote (summary.json: these figures) is in {run_dir}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    main(stop_engines=True)

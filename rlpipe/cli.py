@@ -5,6 +5,9 @@
     rlpipe learner CONFIG.toml [--resume]                        another host:
     rlpipe explorer CONFIG.toml --connect HOST                   (explorer -> HOST's buffer and learner)
     rlpipe stats RUN_DIR [--json]                                the run's accounting, across restarts
+    rlpipe status RUN_DIR [--json]                               roles alive?, step, metrics, checkpoint, errors
+    rlpipe plot RUN_DIR [--out FILE.png]                         the run's curves on one page
+    rlpipe export RUN_DIR [--step N] (--merged OUT | --peft OUT) a merged HF model, or the adapter alone
     rlpipe serve --model DIR [--model NAME=DIR] --dir STATE_DIR  Tinker's HTTP API for the tinker SDK
     rlpipe demo                                                  SFT warm-up + async RL on arithmetic
     rlpipe tiny-model                                            build/print the embedded model
@@ -39,27 +42,61 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def _config(args):
+    import msgspec
+
     from rlpipe.pipeline.config import load, resolve_train_unembed
 
-    overrides = _parse_sets(args.set)
-    if getattr(args, "connect", None):
-        overrides.update(_connect_overrides(args.connect))
     try:
-        config = load(args.config, overrides)
-        if args.command in ("run", "explorer"):  # the learner resolves it itself when it starts
+        config = load(args.config, _parse_sets(args.set))
+        if args.command in ("buffer", "learner", "explorer"):  # `rlpipe run` hands its roles the addresses it picked
+            addresses = config.addresses.resolved()
+            if getattr(args, "connect", None):
+                addresses = _connect(addresses, args.connect)
+            config = msgspec.structs.replace(config, addresses=addresses)
+        if args.command == "explorer":  # the learner resolves it itself when it starts, `rlpipe run` before the roles
             resolve_train_unembed(config)  # what the sampler cannot serve is refused now, not after a step
         return config
     except (ValueError, FileNotFoundError) as err:  # a bad config: its message, not a traceback
-        raise SystemExit(f"rlpipe: bad config {args.config}: {err}") from None
+        message = str(err).removeprefix(f"{args.config}: ")
+        raise SystemExit(f"rlpipe: bad config {args.config}: {message}{_did_you_mean(message)}") from None
 
 
-def _connect_overrides(host: str) -> dict:
-    from rlpipe.pipeline.config import Addresses
+def _did_you_mean(message: str) -> str:
+    """"; did you mean learner.steps?" for msgspec's "Object contains unknown field `stesp`"."""
+    import difflib
+    import re
+    import typing
 
-    defaults = Addresses()
+    from rlpipe.pipeline.config import Config, RunConfig
+
+    match = re.search(r"unknown field `([^`]+)`", message)
+    if match is None:
+        return ""
+    keys: dict[str, list[str]] = {}
+
+    def walk(cls, prefix: str) -> None:
+        for name, hint in typing.get_type_hints(cls).items():
+            if isinstance(hint, type) and issubclass(hint, Config):
+                walk(hint, f"{prefix}{name}.")
+            else:
+                keys.setdefault(name, []).append(prefix + name)
+
+    walk(RunConfig, "")
+    close = difflib.get_close_matches(match.group(1), keys, n=2, cutoff=0.6)
+    dotted = [d for name in close for d in keys[name]]
+    if not dotted:
+        return "; every key is documented in rlpipe/pipeline/config.py"
+    where = lambda d: f"{d.rsplit('.', 1)[1]} under [{d.rsplit('.', 1)[0]}]" if "." in d else f"{d} at the top"  # noqa: E731
+    return f"; did you mean {' or '.join(where(d) for d in dotted)} (--set {dotted[0]}=...)?"
+
+
+def _connect(addresses, host: str):
+    """The buffer's and learner's addresses on HOST, with the configured (or default) ports."""
+    import msgspec
+
     port = lambda address: address.rsplit(":", 1)[1]  # noqa: E731
-    return {"addresses.experience": f"tcp://{host}:{port(defaults.experience)}",
-            "addresses.control": f"tcp://{host}:{port(defaults.control)}"}
+    return msgspec.structs.replace(addresses, experience=f"tcp://{host}:{port(addresses.experience)}",
+                                   control=f"tcp://{host}:{port(addresses.control)}")
 
 
 EXIT_SIGTERM = 128 + signal.SIGTERM
@@ -174,7 +211,7 @@ def cmd_run(args) -> None:
     from rlpipe.pipeline.launch import run
 
     config = _config(args)
-    sys.exit(run(config, args.config, args.set, resume=args.resume))
+    sys.exit(run(config, args.config, args.set, resume=args.resume, quiet=args.quiet))
 
 
 def cmd_stats(args) -> None:
@@ -202,6 +239,24 @@ def cmd_serve(args) -> None:
           session_timeout_s=args.session_timeout_s)
 
 
+def cmd_plot(args) -> None:
+    from rlpipe.plot import main as plot_main
+
+    plot_main(args)
+
+
+def cmd_status(args) -> None:
+    from rlpipe.status import main as status_main
+
+    status_main(args)
+
+
+def cmd_export(args) -> None:
+    from rlpipe.export import main as export_main
+
+    export_main(args)
+
+
 def cmd_demo(args) -> None:
     from rlpipe.demo import main as demo_main
 
@@ -222,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         p.set_defaults(run=fn)
         if name in ("run", "learner"):
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        if name == "run":
+            p.add_argument("--quiet", action="store_true", help="no progress display, only errors and the end")
         if name == "explorer":
             p.add_argument("--connect", metavar="HOST", help="the buffer's and learner's host (default ports)")
             p.add_argument("--id", default=None, help="explorer name (default: random)")
@@ -245,7 +302,23 @@ def main(argv: list[str] | None = None) -> None:
     demo = sub.add_parser("demo", help="SFT warm-up, then async RL on arithmetic; prints accuracy before/after")
     demo.add_argument("--steps", type=int, default=None, help="RL steps (default from the demo config)")
     demo.add_argument("--runs-dir", default="runs")
+    demo.add_argument("--quiet", action="store_true", help="no progress display, only the results")
     demo.set_defaults(run=cmd_demo)
+    plot = sub.add_parser("plot", help="draw a run's curves (reward, accuracy, loss, KL, staleness, throughput) to a PNG")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None, help="the PNG to write (default RUN_DIR/curves.png)")
+    plot.set_defaults(run=cmd_plot)
+    status = sub.add_parser("status", help="a run's roles (alive?), step, latest metrics, newest checkpoint, last errors")
+    status.add_argument("run_dir")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(run=cmd_status)
+    export = sub.add_parser("export", help="write a run's adapter merged into the base model, or the adapter alone")
+    export.add_argument("run_dir")
+    export.add_argument("--step", type=int, default=None, help="the checkpoint of this learner step (default: newest)")
+    what = export.add_mutually_exclusive_group(required=True)
+    what.add_argument("--merged", metavar="OUT", help="a plain Hugging Face model directory, adapter merged in")
+    what.add_argument("--peft", metavar="OUT", help="the PEFT adapter alone")
+    export.set_defaults(run=cmd_export)
     stats = sub.add_parser("stats", help="a run's accounting across all restarts: groups finished, accepted, "
                                          "dropped by reason, lost; steps; restarts")
     stats.add_argument("run_dir")
@@ -253,14 +326,30 @@ def main(argv: list[str] | None = None) -> None:
     stats.set_defaults(run=cmd_stats)
     tiny = sub.add_parser("tiny-model", help="build (once) and print the path of the embedded tiny model")
     tiny.set_defaults(run=cmd_tiny)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its line")
+    for command in sub.choices.values():  # also after the command: `rlpipe run x.toml --debug`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.command in ("buffer", "learner", "explorer", "serve"):
         from rlpipe.pipeline.launch import die_with_launcher
 
         die_with_launcher()
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: for hangs
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args.run(args)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command in ("buffer", "learner", "explorer", "serve") or args.debug:
+        args.run(args)  # a role's errors go to its log with their traceback (_role)
+        return
+    try:
+        args.run(args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # one line for a person; the traceback with --debug
+        log.debug("rlpipe %s failed", args.command, exc_info=True)
+        from rlpipe import console
+
+        console.warn(f"rlpipe {args.command}: {type(err).__name__}: {err}  (--debug shows the traceback)")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

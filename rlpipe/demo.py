@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from rlpipe import console
 from rlpipe.pipeline import launch
 from rlpipe.pipeline.config import RunConfig
 from rlpipe.pipeline.learner import latest_checkpoint
@@ -56,17 +57,24 @@ def accuracy(model: str, adapter: str | None) -> float:
 
 
 def main(args) -> None:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the roles log to runs/demo/logs
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # quieter role logs
     config = demo_config(args.runs_dir, args.steps)
+    # The SFT warm-up and the evaluations run here, in the launcher: their engine output goes
+    # to the log file, the results to the console.
+    with launch.launcher_output(config.run_dir, stop_engines=True):
+        run_demo(config, quiet=args.quiet)
+
+
+def run_demo(config: RunConfig, quiet: bool = False) -> None:
     model = config.model_path()
-    print(f"tiny model: {model}")
+    console.say(f"tiny model: {model}")
     t0 = time.time()
     init = sft_warm_up(config, sft_data, SFT_STEPS)
     config.learner.init_from = init
     before = accuracy(model, f"{init}/adapter")
-    print(f"SFT warm-up ({SFT_STEPS} steps): held-out greedy accuracy {before:.1%}  ({time.time() - t0:.0f} s)")
-    records = launch.run_to_end(config, "demo_config.json", replace=True)
+    console.say(f"SFT warm-up ({SFT_STEPS} steps): held-out greedy accuracy {before:.1%}  ({time.time() - t0:.0f} s)")
+    records = launch.run_to_end(config, "demo_config.json", replace=True, quiet=quiet)
     after = accuracy(model, latest_checkpoint(config.run_dir)["path"] + "/adapter")
-    print(f"RL ({len(records)} steps, async, max_staleness {config.max_staleness}): "
-          f"train reward {records[0]['reward/mean']:.3f} -> {records[-1]['reward/mean']:.3f}")
-    print(f"held-out greedy accuracy: {before:.1%} -> {after:.1%}   total {time.time() - t0:.0f} s")
+    console.say(f"RL ({len(records)} steps, async, max_staleness {config.max_staleness}): "
+                f"train reward {records[0]['reward/mean']:.3f} -> {records[-1]['reward/mean']:.3f}")
+    console.say(f"held-out greedy accuracy: {before:.1%} -> {after:.1%}   total {time.time() - t0:.0f} s")

@@ -5,6 +5,10 @@ full-vocabulary logits are reduced to the target logprob (logit - logsumexp) at 
 under gradients the chunk is checkpointed, so backward recomputes its logits instead of
 keeping them. Peak memory for logits is one chunk, not the batch (with a 150k vocabulary a
 4k-token micro-batch would otherwise hold 2.4 GB of fp32 logits).
+
+The same chunk also gives each token's exact entropy (of the distribution at the sampling
+temperature), detached: a diagnostic that costs a few elementwise passes over logits the
+chunk holds anyway, never a tensor of the batch's full logits.
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ class ForwardPass:
         return packing.plan(lengths, self.layout, row_tokens=self.row_tokens, max_tokens=self.max_tokens)
 
     def logprobs(self, batch: packing.MicroBatch, tokens: list[np.ndarray], targets: list[np.ndarray],
-                 temperature: float) -> torch.Tensor:
-        """Target logprobs of the micro-batch's real tokens, datum after datum (batch.datums order)."""
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target logprobs, entropies) of the micro-batch's real tokens, datum after datum
+        (batch.datums order). The logprobs carry gradients when grad is enabled; the entropies
+        never do."""
         x = packing.build(batch, tokens, targets, self.pad_id, self.device, varlen=self.layout == "varlen")
         kwargs = {}
         if x.cu_seqlens is not None:
@@ -74,16 +80,21 @@ class ForwardPass:
         chunk = max(1, LOGITS_BUDGET_BYTES // (4 * self.vocab_size))
         if len(hidden) <= chunk:
             return self._target_logprobs(hidden, x.targets, temperature)
-        parts = []
+        logprobs, entropies = [], []
         for start in range(0, len(hidden), chunk):
             h, t = hidden[start : start + chunk], x.targets[start : start + chunk]
             if torch.is_grad_enabled():
-                parts.append(checkpoint(self._target_logprobs, h, t, temperature, use_reentrant=False))
+                # Backward runs the chunk again to recompute its logits; only this first call's
+                # outputs are kept, so each entropy is counted once.
+                lp, entropy = checkpoint(self._target_logprobs, h, t, temperature, use_reentrant=False)
             else:
-                parts.append(self._target_logprobs(h, t, temperature))
-        return torch.cat(parts)
+                lp, entropy = self._target_logprobs(h, t, temperature)
+            logprobs.append(lp)
+            entropies.append(entropy)
+        return torch.cat(logprobs), torch.cat(entropies)
 
-    def _target_logprobs(self, x: torch.Tensor, targets: torch.Tensor, temperature: float, head: bool = True) -> torch.Tensor:
+    def _target_logprobs(self, x: torch.Tensor, targets: torch.Tensor, temperature: float,
+                         head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.head(x) if head else x
         # bf16 logits would round logprobs far beyond the sampler mismatch we want to see.
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -91,7 +102,10 @@ class ForwardPass:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         if temperature != 1.0:
             logits = logits / temperature
-        return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        logsumexp = torch.logsumexp(logits, dim=-1)
+        with torch.no_grad():  # H = logsumexp - sum(p * logits), with one temporary of the chunk's size
+            entropy = logsumexp - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - logsumexp, entropy
 
     def _head_matches_model(self) -> bool:
         """Body + head must give the model's own logits; a family that does more to its logits

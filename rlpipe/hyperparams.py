@@ -14,12 +14,15 @@ fine-tune called "my-llama-distill" may well be a Qwen). Families without a fitt
 get the Llama one (FALLBACK_FAMILY: most open dense decoders share Llama's architecture) with
 a logged warning, so a learner never fails to start over a rule of thumb; pass family= or set
 learner.learning_rate to choose.
+
+scheduled_lr turns that rate into the rate of each step (learner.lr_schedule).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -57,3 +60,31 @@ def model_family(model: str, model_type: str | None) -> str:
                 "rate yourself (learner.learning_rate) or pass family= to choose", model_type, model,
                 FALLBACK_FAMILY, EXPONENTS[FALLBACK_FAMILY])
     return FALLBACK_FAMILY
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(step: int, lr: float, *, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 0,
+                 min_ratio: float = 0.0) -> float:
+    """The learning rate of update number `step` (0 = the first) under a schedule peaking at lr.
+
+    Warm-up (either schedule): the first warmup_steps updates climb a line from 0, update k
+    taking lr * (k + 1) / warmup_steps, so the last of them is at lr and none is wasted at 0.
+    Then "constant" stays at lr, and "cosine" falls along half a cosine from lr to
+    min_ratio * lr, reaching it at step total_steps: the update after the last one of a run
+    of total_steps, as transformers' cosine schedule does (the last update is just above it)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+    if step < 0 or warmup_steps < 0:
+        raise ValueError(f"step and warmup_steps must be >= 0, got {step} and {warmup_steps}")
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
+    if schedule == "cosine" and total_steps < 1:
+        raise ValueError(f"the cosine schedule needs total_steps >= 1, got {total_steps}")
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))

@@ -17,6 +17,18 @@ The RL losses take an optional `weights` (default ones) and two optional correct
 truncated IS (`tis_cap` = C multiplies each term by the detached min(r, C) / r) and masked
 IS (`mis_low`, `mis_high` zero the weight of tokens whose r lies outside [a, b]).
 
+They also take an optional KL penalty against a reference model (TRL GRPO's beta, verl's
+kl_loss with the low-variance "k3" estimator): with `ref_logprobs` = ref and config `kl_coef`,
+
+    loss += kl_coef * sum over counted tokens of kw * k3,   k3 = exp(ref - lp) - (ref - lp) - 1
+
+where kw is the optional input `kl_weights` (default: `weights`). k3 is never negative, is 0
+where lp == ref, and its gradient 1 - exp(ref - lp) pulls lp towards ref. The KL term ignores
+the IS corrections (it compares the learner with the reference, not with the sampler). A
+caller that folds its normalisation into `advantages` (rlpipe's learner divides them by the
+batch's action-token count) passes the same normalisation in `kl_weights`, so both terms are
+per-token means. `kl_ref:mean` reports k3 over the counted tokens whenever ref_logprobs is given.
+
 Diagnostics cover the "counted" tokens, those with weight > 0, including tokens that MIS
 masks (the point is to watch the sampler/learner mismatch, masked or not). With no counted
 token the ratio statistics report 1.0 (the on-policy value) and every mean reports 0.0.
@@ -73,18 +85,20 @@ def dro_loss(logprobs_T: Tensor, inputs: Inputs, config: Config) -> Tensor:
 
 
 _RL_INPUTS = ("target_tokens", "logprobs", "advantages")
-_CORRECTIONS = ("tis_cap", "mis_low", "mis_high")
+_RL_OPTIONAL = ("weights", "ref_logprobs", "kl_weights")
+_CORRECTIONS = ("tis_cap", "mis_low", "mis_high", "kl_coef")  # every RL loss takes these (all off when absent)
 _CLIP = ("clip_low_threshold", "clip_high_threshold")
 
 LOSSES: dict[str, LossSpec] = {
     "cross_entropy": LossSpec(cross_entropy_loss, ("target_tokens", "weights"), (), ()),
-    "importance_sampling": LossSpec(importance_sampling_loss, _RL_INPUTS, ("weights",), _CORRECTIONS),
-    "ppo": LossSpec(ppo_loss, _RL_INPUTS, ("weights",), _CLIP + _CORRECTIONS),
-    "cispo": LossSpec(cispo_loss, _RL_INPUTS, ("weights",), _CLIP + _CORRECTIONS),
-    "dro": LossSpec(dro_loss, _RL_INPUTS, ("weights",), ("beta",) + _CORRECTIONS),
+    "importance_sampling": LossSpec(importance_sampling_loss, _RL_INPUTS, _RL_OPTIONAL, _CORRECTIONS),
+    "ppo": LossSpec(ppo_loss, _RL_INPUTS, _RL_OPTIONAL, _CLIP + _CORRECTIONS),
+    "cispo": LossSpec(cispo_loss, _RL_INPUTS, _RL_OPTIONAL, _CLIP + _CORRECTIONS),
+    "dro": LossSpec(dro_loss, _RL_INPUTS, _RL_OPTIONAL, ("beta",) + _CORRECTIONS),
 }
 
-# beta = 0.05 is a mild pull towards the sampler; corrections have no default (absent = off).
+# beta = 0.05 is a mild pull towards the sampler; corrections and kl_coef have no default
+# (absent = off).
 DEFAULTS: dict[str, float] = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2, "beta": 0.05}
 
 
@@ -116,8 +130,9 @@ def _validated_inputs(name: str, spec: LossSpec, logprobs_T: Tensor, inputs: Inp
         out[key] = value
     # Negative weights would be contributing tokens that the RL diagnostics (weight > 0) skip.
     # Cross-entropy takes any weight: Tinker's forward_backward_custom sends -dLoss/dlogprobs.
-    if "weights" in out and name != "cross_entropy" and (out["weights"] < 0).any():
-        raise ValueError(f"{name}: weights contains negative values")
+    for key in ("weights", "kl_weights"):
+        if key in out and name != "cross_entropy" and (out[key] < 0).any():
+            raise ValueError(f"{name}: {key} contains negative values")
     return out
 
 
@@ -138,6 +153,8 @@ def _validated_config(name: str, spec: LossSpec, config: dict | None) -> Config:
             raise ValueError(f"{name}: {msg}")
     if "beta" in cfg and not 0 < cfg["beta"] < math.inf:
         raise ValueError(f"{name}: beta must be a finite number > 0, got {cfg['beta']}")
+    if "kl_coef" in cfg and not 0 <= cfg["kl_coef"] < math.inf:
+        raise ValueError(f"{name}: kl_coef must be a finite number >= 0, got {cfg['kl_coef']}")
     if "tis_cap" in cfg and not 0 < cfg["tis_cap"] < math.inf:
         raise ValueError(f"{name}: tis_cap must be a finite number > 0, got {cfg['tis_cap']}")
     if "mis_low" in cfg or "mis_high" in cfg:
@@ -154,8 +171,13 @@ def check_inputs(loss_fn: str, inputs: dict[str, Tensor], config: dict | None = 
     if spec is None:
         raise ValueError(f"unknown loss_fn {loss_fn!r}; known losses are {sorted(LOSSES)}")
     n = next(iter(inputs.values())).shape[0] if inputs else 0
-    _validated_inputs(loss_fn, spec, torch.zeros(n), inputs)
-    _validated_config(loss_fn, spec, config)
+    _check_kl(loss_fn, _validated_inputs(loss_fn, spec, torch.zeros(n), inputs), _validated_config(loss_fn, spec, config))
+
+
+def _check_kl(name: str, inputs: Inputs, cfg: Config) -> None:
+    if cfg.get("kl_coef", 0.0) > 0 and "ref_logprobs" not in inputs:
+        raise ValueError(f"{name}: kl_coef > 0 needs the input 'ref_logprobs' (the reference model's logprobs of "
+                         "the target tokens); rlpipe's TrainingClient computes them itself when they are absent")
 
 
 def compute_loss(
@@ -167,6 +189,7 @@ def compute_loss(
         raise ValueError(f"unknown loss_fn {loss_fn!r}; known losses are {sorted(LOSSES)}")
     inputs_T = _validated_inputs(loss_fn, spec, logprobs_T, inputs)
     cfg = _validated_config(loss_fn, spec, config)
+    _check_kl(loss_fn, inputs_T, cfg)
     weights_T = inputs_T.get("weights", torch.ones_like(logprobs_T))
     counted_T = weights_T > 0
 
@@ -189,11 +212,26 @@ def compute_loss(
         # min(r, C) / r in log space, so r == inf gives 0 instead of inf / inf.
         terms_T = terms_T * (math.log(cfg["tis_cap"]) - log_ratio_T).clamp(max=0.0).exp()
     loss = torch.where(active_T, weights_T * terms_T, 0.0).sum()
+    kl_metrics = {}
+    if "ref_logprobs" in inputs_T:
+        # Uncounted tokens are computed at lp == ref (k3 = 0), for the same reason as above.
+        ref_T = torch.where(counted_T, inputs_T["ref_logprobs"], logprobs_T.detach())
+        k3_T = _k3(ref_T - logprobs_T)
+        if cfg.get("kl_coef", 0.0) > 0:
+            kl_weights_T = inputs_T.get("kl_weights", weights_T)
+            loss = loss + cfg["kl_coef"] * torch.where(counted_T, kl_weights_T * k3_T, 0.0).sum()
+        k3_N = k3_T.detach()[counted_T]
+        kl_metrics["kl_ref:mean"] = k3_N.double().mean().item() if k3_N.numel() else 0.0
 
-    metrics = {"loss:sum": loss.item()} | _ratio_metrics(ratio_T[counted_T], log_ratio_T[counted_T], cfg)
+    metrics = {"loss:sum": loss.item()} | _ratio_metrics(ratio_T[counted_T], log_ratio_T[counted_T], cfg) | kl_metrics
     if "mis_low" in cfg:
         metrics["mis_masked:sum"] = float(masked_T.sum().item())
     return loss, metrics
+
+
+def _k3(log_ratio_T: Tensor) -> Tensor:
+    """exp(x) - x - 1 for x = log(ref / learner): the low-variance, never negative KL estimator."""
+    return torch.exp(log_ratio_T) - log_ratio_T - 1
 
 
 def _ratio_metrics(ratio_N: Tensor, log_ratio_N: Tensor, cfg: Config) -> dict[str, float]:

@@ -91,6 +91,22 @@ def _split(lp: torch.Tensor, data: list[Datum], indices: list[int]) -> list[torc
     return list(lp.split([data[i].model_input.length for i in indices]))
 
 
+def _scatter(out, parts, data: list[Datum], indices: list[int]) -> None:
+    """Put each micro-batch tensor of parts (None: skipped) into its per-datum list of out."""
+    for per_datum, part in zip(out, parts):
+        if part is not None:
+            for i, piece in zip(indices, _split(part, data, indices)):
+                per_datum[i] = piece
+
+
+def _counted_mean(values_T: torch.Tensor, weights_T: torch.Tensor | None) -> float:
+    """The mean over the counted tokens (weight > 0; all without weights); 0.0 when none, as
+    the losses report an empty mean."""
+    if weights_T is not None:
+        values_T = values_T[weights_T.to(values_T.device) > 0]
+    return values_T.double().mean().item() if values_T.numel() else 0.0
+
+
 def _cat(inputs: list[dict[str, torch.Tensor]], indices) -> dict[str, torch.Tensor]:
     indices = list(indices)
     return {name: torch.cat([inputs[i][name] for i in indices]) for name in inputs[indices[0]]}
@@ -268,21 +284,30 @@ class TrainingClient:
     def _new_optimizer(self) -> torch.optim.AdamW:
         return torch.optim.AdamW(self._params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
 
-    def _micro_batches(self, data: list[Datum], temperature: float):
-        """Yield (datum indices, their target logprobs end to end) per micro-batch; the logprobs
-        carry gradients when grad is enabled, so the caller can backward each one in turn."""
+    def _micro_batches(self, data: list[Datum], temperature: float, with_ref: bool = False):
+        """Yield (datum indices, their target logprobs end to end, their entropies, their
+        reference logprobs or None) per micro-batch; the logprobs carry gradients when grad is
+        enabled, so the caller can backward each one in turn."""
         tokens = [np.asarray(d.model_input.to_ints(), dtype=np.int64) for d in data]
         targets = [d.loss_fn_inputs["target_tokens"].to_numpy().astype(np.int64) for d in data]
         for batch in self.forward_pass.plan([len(t) for t in tokens]):
-            yield batch.datums, self.forward_pass.logprobs(batch, tokens, targets, temperature)
+            ref = self._ref_logprobs(batch, tokens, targets, temperature) if with_ref else None
+            logprobs, entropy = self.forward_pass.logprobs(batch, tokens, targets, temperature)
+            yield batch.datums, logprobs, entropy, ref
 
-    def _logprobs(self, data: list[Datum], temperature: float) -> list[torch.Tensor]:
-        """Per-datum target logprobs without gradients."""
-        out: list[torch.Tensor] = [None] * len(data)  # type: ignore[list-item]
+    def _ref_logprobs(self, batch, tokens, targets, temperature: float) -> torch.Tensor:
+        """The base model's target logprobs, for the KL penalty: this very model with its LoRA
+        switched off (no second copy of the weights). peft's disable_adapter switches off every
+        adapter, so on a SharedBase this is the base for every client too."""
+        with torch.no_grad(), self.model.disable_adapter():
+            return self.forward_pass.logprobs(batch, tokens, targets, temperature)[0]
+
+    def _logprobs(self, data: list[Datum], temperature: float, with_ref: bool = False):
+        """Per-datum (target logprobs, entropies, reference logprobs or None), without gradients."""
+        out = [[None] * len(data) for _ in range(3)]
         with torch.no_grad():
-            for indices, lp in self._micro_batches(data, temperature):
-                for i, part in zip(indices, _split(lp, data, indices)):
-                    out[i] = part
+            for indices, *parts in self._micro_batches(data, temperature, with_ref):
+                _scatter(out, parts, data, indices)
         return out
 
     def _loss(self, data, loss_fn, config, with_grad: bool) -> ForwardBackwardOutput:
@@ -294,21 +319,30 @@ class TrainingClient:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         packing.check_data(data, self.vocab_size, LOSSES[loss_fn].required_inputs)
         inputs = [{name: t.to_torch().to(self.device) for name, t in d.loss_fn_inputs.items()} for d in data]
-        check_inputs(loss_fn, _cat(inputs, range(len(data))), config)  # before any gradient moves
+        batch_inputs = _cat(inputs, range(len(data)))
+        # A KL penalty without given reference logprobs: this client computes them (the base).
+        kl_coef = config.get("kl_coef", 0.0)
+        with_ref = (isinstance(kl_coef, (int, float)) and kl_coef > 0 and "ref_logprobs" not in batch_inputs
+                    and "kl_coef" in LOSSES[loss_fn].config_keys)
+        placeholder = {"ref_logprobs": torch.zeros(len(batch_inputs["target_tokens"]))} if with_ref else {}
+        check_inputs(loss_fn, batch_inputs | placeholder, config)  # before any gradient moves
         if not with_grad:
-            per_datum = self._logprobs(data, temperature)
+            per_datum, entropy, ref = self._logprobs(data, temperature, with_ref)
         else:
-            per_datum = [None] * len(data)
+            per_datum, entropy, ref = [[None] * len(data) for _ in range(3)]
             with self._grads_kept_on_error():
-                for indices, lp in self._micro_batches(data, temperature):
+                for indices, lp, mb_entropy, mb_ref in self._micro_batches(data, temperature, with_ref):
                     # Losses are token sums, so the micro-batch losses add up to the batch loss
                     # and their gradients accumulate to the batch gradient exactly.
-                    loss, _ = compute_loss(loss_fn, lp, _cat(inputs, indices), config)
+                    mb_inputs = _cat(inputs, indices) | ({"ref_logprobs": mb_ref} if with_ref else {})
+                    loss, _ = compute_loss(loss_fn, lp, mb_inputs, config)
                     loss.backward()
-                    for i, part in zip(indices, _split(lp.detach(), data, indices)):
-                        per_datum[i] = part
+                    _scatter((per_datum, entropy, ref), (lp.detach(), mb_entropy, mb_ref), data, indices)
         # Metrics (ratio statistics, ...) are over the whole batch, from the detached logprobs.
-        _, metrics = compute_loss(loss_fn, torch.cat(per_datum), _cat(inputs, range(len(data))), config)
+        if with_ref:
+            batch_inputs["ref_logprobs"] = torch.cat(ref)
+        _, metrics = compute_loss(loss_fn, torch.cat(per_datum), batch_inputs, config)
+        metrics["entropy:mean"] = _counted_mean(torch.cat(entropy), batch_inputs.get("weights"))
         return self._output(loss_fn, per_datum, metrics)
 
     @staticmethod
@@ -320,7 +354,7 @@ class TrainingClient:
         packing.check_data(data, self.vocab_size, ("target_tokens",))
         if len(self.forward_pass.plan([d.model_input.length for d in data])) == 1:
             per_datum = [None] * len(data)
-            for indices, lp in self._micro_batches(data, 1.0):
+            for indices, lp, _, _ in self._micro_batches(data, 1.0):
                 for i, part in zip(indices, _split(lp, data, indices)):
                     per_datum[i] = part
             loss, metrics = _call_custom(fn, data, per_datum)
@@ -329,11 +363,11 @@ class TrainingClient:
         # Several micro-batches: fn sees all logprobs at once, so take its gradient with respect
         # to the logprobs first, then push that gradient through each micro-batch in turn (one
         # extra forward pass, as Tinker does for custom losses).
-        leaves = [lp.requires_grad_() for lp in self._logprobs(data, 1.0)]
+        leaves = [lp.requires_grad_() for lp in self._logprobs(data, 1.0)[0]]
         loss, metrics = _call_custom(fn, data, leaves)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         with self._grads_kept_on_error():
-            for indices, lp in self._micro_batches(data, 1.0):
+            for indices, lp, _, _ in self._micro_batches(data, 1.0):
                 grad = torch.cat([grads[i] if grads[i] is not None else torch.zeros_like(leaves[i]) for i in indices])
                 lp.backward(grad)
         return self._output("custom", [lp.detach() for lp in leaves], {"loss:sum": float(loss.detach()), **metrics})
@@ -402,11 +436,17 @@ class TrainingClient:
     # ------------------------------------------------------------------ public API
 
     def forward(self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None) -> APIFuture[ForwardBackwardOutput]:
-        """Loss and per-datum logprobs without gradients. loss_fn_config may hold
-        "temperature" (divides the logits, to score samples drawn at that temperature)."""
+        """Loss and per-datum logprobs without gradients; loss_fn_config as forward_backward takes it."""
         return self._submit("forward", self._loss, list(data), loss_fn, loss_fn_config, False)
 
     def forward_backward(self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None) -> APIFuture[ForwardBackwardOutput]:
+        """Loss, per-datum logprobs and metrics; the gradient accumulates until optim_step.
+        loss_fn_config holds the loss's keys (rlpipe.losses) and may hold "temperature"
+        (divides the logits, to score samples drawn at that temperature). With "kl_coef" > 0
+        and no "ref_logprobs" input, the client scores the targets under the base model itself
+        (this model with the adapter switched off, micro-batch by micro-batch).
+        Besides the loss's metrics: "entropy:mean", the learner's exact per-token entropy at
+        that temperature over the tokens with weight > 0 (all tokens without weights)."""
         return self._submit("forward_backward", self._loss, list(data), loss_fn, loss_fn_config, True)
 
     def forward_backward_custom(self, data: list[Datum], fn: CustomLossFn) -> APIFuture[ForwardBackwardOutput]:

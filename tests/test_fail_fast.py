@@ -147,3 +147,16 @@ def test_engine_dying_mid_run_stops_the_run(tmp_path):
     assert seconds_since_failure(run_dir, "explorer") < STOP_AFTER_FAILURE_S
     assert len(read_metrics(run_dir / "metrics.jsonl")) < 200
     assert_no_orphans(run_dir)
+
+
+def test_a_dataset_factory_that_cannot_load_stops_the_run_with_its_name(tmp_path):
+    # A typo in dataset.factory: before, the workers' shared generator died with the real error
+    # and the run failed with "coroutine raised StopIteration", restarted max_restarts times.
+    config = write_config(tmp_path, "factory", steps=3, sampler="local", factory="envs.toy:NoSuchDataset")
+    code, out, took = run_until_stopped(config, timeout_s=300)
+    assert code == 1, out[-3000:]
+    assert "role explorer failed: Unrecoverable: dataset.factory 'envs.toy:NoSuchDataset' failed: ValueError: " \
+           "cannot load 'envs.toy:NoSuchDataset'" in out, out[-3000:]
+    assert "StopIteration" not in out and "restart 1/" not in out
+    assert took < TOTAL_S, took
+    assert_no_orphans(tmp_path / "factory")

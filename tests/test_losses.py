@@ -357,8 +357,8 @@ def test_loss_table():
     for name in RL_LOSSES:
         spec = LOSSES[name]
         assert spec.required_inputs == ("target_tokens", "logprobs", "advantages")
-        assert spec.optional_inputs == ("weights",)
-        assert {"tis_cap", "mis_low", "mis_high"} <= set(spec.config_keys)
+        assert spec.optional_inputs == ("weights", "ref_logprobs", "kl_weights")
+        assert {"tis_cap", "mis_low", "mis_high", "kl_coef"} <= set(spec.config_keys)
     assert DEFAULTS == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2, "beta": 0.05}
 
 

@@ -100,9 +100,9 @@ def test_async_run_end_to_end(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     for r in records:
         assert r["staleness/max"] <= 1  # the bound holds for every trained group
-        assert r["groups"] == 4 and r["trajectories"] == 32
+        assert r["buffer/groups"] == 4 and r["buffer/trajectories"] == 32
         assert 0.0 <= r["reward/mean"] <= 1.0 and r["tokens/sampled"] > 0
-        assert "kl_sampler_learner:mean" in r and "ratio:mean" in r
+        assert "kl/sampler_learner" in r and "loss/ratio" in r
     assert records[-1]["explorer/version"] >= 3  # the explorer hot-loaded new adapters
     assert records[-1]["eval/n"] == 12 and 0.0 <= records[-1]["eval/accuracy"] <= 1.0
     assert "eval/accuracy" not in records[0]

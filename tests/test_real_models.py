@@ -27,9 +27,9 @@ def test_tied_qwen3_trains_every_step_with_lora_on_lm_head(tmp_path):
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
-        assert r["groups"] == 4 and r["staleness/max"] == 0
-        assert r["kl_sampler_learner:mean"] < 1e-4, r  # sampler and learner agree on the tied model
-        assert 0.999 < r["ratio:min"] <= r["ratio:max"] < 1.001, r
+        assert r["buffer/groups"] == 4 and r["staleness/max"] == 0
+        assert r["kl/sampler_learner"] < 1e-4, r  # sampler and learner agree on the tied model
+        assert 0.999 < r["loss/ratio_min"] <= r["loss/ratio_max"] < 1.001, r
     assert records[-1]["explorer/version"] == 3  # the explorer hot-loaded each new adapter
     adapter = json.loads((run_dir / "learner" / "state" / "step-000004" / "adapter" / "adapter_config.json").read_text())
     assert "lm_head" in adapter["target_modules"]  # train_unembed was honoured, not dropped

@@ -24,7 +24,7 @@ def check_run(out: dict, steps: int) -> list[dict]:
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert out["steps"] == steps
     for r in records:
-        assert r["staleness/max"] <= 1 and r["tokens/sampled"] > 0 and math.isfinite(r["loss:sum"])
+        assert r["staleness/max"] <= 1 and r["tokens/sampled"] > 0 and math.isfinite(r["loss/sum"])
     buffer = json.loads((run_dir / "buffer_stats.json").read_text())
     assert buffer["dropped"].get("env_error", 0) == 0 and buffer["dropped"].get("invalid", 0) == 0
     return records

@@ -121,8 +121,12 @@ def test_a_frozen_role_is_killed_and_restarted(tmp_path, capsys, cleanup):
 def test_what_a_dead_role_started_goes_with_it(tmp_path, cleanup):
     sup = supervisor(tmp_path, {"explorer": "child"})
     cleanup(sup)
-    time.sleep(0.3)
-    first_child = int((sup.run_dir / "explorer.child").read_text())
+    child_file = sup.run_dir / "explorer.child"
+    deadline = time.monotonic() + 20
+    while not child_file.exists() and time.monotonic() < deadline:  # the role is still starting (a loaded machine)
+        time.sleep(0.05)
+    time.sleep(0.1)
+    first_child = int(child_file.read_text())
     assert watch(sup, 3.0) is None
     assert starts(sup, "explorer") == 2
     # The first explorer's child (think: its vLLM engine core) was killed before the restart.

@@ -143,6 +143,7 @@ class LearnerConfig(Config):
     adapter bytes (so explorer.sampler must be "tinker" too). The learner's device, dtype,
     layout, micro-batch and eval_sampler settings do not apply."""
     steps: int = 40
+    """Learner steps: batches of groups_per_batch groups, each one policy version."""
     rank: int = 16
     train_attn: bool = True
     train_mlp: bool = True
@@ -172,13 +173,49 @@ class LearnerConfig(Config):
     device (rows on CPU, varlen on CUDA: benchmarks/bench_training.py)."""
     loss_fn: Literal["importance_sampling", "ppo", "cispo", "dro"] = "importance_sampling"
     loss_fn_config: dict[str, float] = {}
-    """e.g. {clip_low_threshold = 0.8, clip_high_threshold = 1.2} for ppo, {tis_cap = 2.0}."""
+    """e.g. {clip_low_threshold = 0.8, clip_high_threshold = 1.2} for ppo, {tis_cap = 2.0}.
+    The KL penalty is kl_coef below, not a key here."""
+    kl_coef: float = 0.0
+    """Weight of a KL penalty against the base model (TRL GRPO's beta, verl's kl_loss with the
+    low-variance k3 estimator; 0 = off): loss += kl_coef * mean over the batch's action tokens of
+    k3 = exp(ref - lp) - (ref - lp) - 1, ref being the base model's logprob of the token at the
+    sampling temperature. It is a per-token mean on the same footing as the policy term: the
+    learner gives each datum the input kl_weights = action mask / the batch's action-token count,
+    as it divides the advantages by that count. The base is this very model with the LoRA adapter
+    switched off (no second copy): each step then runs one more forward pass, without gradients.
+    Logged as kl/ref (k3 over the action tokens). Local backend only."""
     learning_rate: float = 0.0
-    """0 = rlpipe.hyperparams.get_lr(base_model)."""
+    """Peak learning rate; 0 = rlpipe.hyperparams.get_lr(base_model)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """The learning rate of each step (rlpipe.hyperparams.scheduled_lr), logged as optim/lr:
+    after lr_warmup_steps steps of linear warm-up from 0, "constant" stays at learning_rate and
+    "cosine" decays along half a cosine to lr_min_ratio * learning_rate at step `steps`. Steps
+    are learner steps (batches): the optimizer steps of one batch (optim_steps_per_batch) share its rate."""
+    lr_warmup_steps: int = 0
+    """Steps of linear warm-up (either schedule); step k of them has learning_rate * (k + 1) / lr_warmup_steps."""
+    lr_min_ratio: float = 0.0
+    """Where the cosine schedule ends, as a fraction of learning_rate, in [0, 1]."""
     grad_clip_norm: float = 1.0
     weight_decay: float = 0.0
+    overlong: Literal["keep", "drop", "zero_advantage"] = "keep"
+    """What to do with truncated samples, those whose episode was cut by a length limit
+    (stop_reason "length": max_tokens reached; "context_limit": no room left in the context):
+    "keep" trains them like the others; "drop" leaves them out of the batch (the per-token
+    normalisation counts only what stays; a batch left empty is skipped without an optimizer
+    step, logged as optim/updates = 0, and still counts as a step); "zero_advantage" trains them
+    with advantage 0 (DAPO's overlong filtering: no reward signal from an unfinished answer;
+    they still count in the normalisation and feel the KL penalty). The fraction of truncated
+    samples is logged as reward/truncated_frac in every mode."""
+    optim_steps_per_batch: int = 1
+    """Split each batch into this many mini-batches of whole groups and take one optimizer step
+    per mini-batch in turn (PPO-style), each normalised by its own action-token count, so that a
+    clipped loss (ppo, cispo) clips real policy change: later mini-batches are scored by the
+    policy the earlier ones moved. 1..groups_per_batch. Metrics cover all mini-batches (ratio
+    mean and clip fraction over all their tokens, ratio min and max over all). Policy versions,
+    `steps`, sync_interval, checkpoints and staleness count learner steps (batches), not optimizer
+    steps (logged as optim/updates per step). Local backend only."""
     sync_interval: int = 1
-    """Publish the adapter to the explorers every this many optimizer steps."""
+    """Publish the adapter to the explorers every this many learner steps (batches)."""
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
     """Keep the newest this many state checkpoints (learner/state/step-*) and evaluation
@@ -234,12 +271,42 @@ class SupervisionConfig(Config):
     backoff back: ten crashes spread over weeks do not stop a long-running service."""
 
 
-class Addresses(Config):
-    """ZeroMQ endpoints. The buffer binds experience and batches, the learner binds control."""
+DEFAULT_ADDRESSES = {"experience": "tcp://127.0.0.1:5601", "batches": "tcp://127.0.0.1:5602",
+                     "control": "tcp://127.0.0.1:5603"}
 
-    experience: str = "tcp://127.0.0.1:5601"
-    batches: str = "tcp://127.0.0.1:5602"
-    control: str = "tcp://127.0.0.1:5603"
+
+class Addresses(Config):
+    """ZeroMQ endpoints. The buffer binds experience and batches, the learner binds control.
+
+    "" (the default) = `rlpipe run` picks free loopback ports for the run and hands them to its
+    roles, so two runs on one machine do not collide; a role started alone (`rlpipe buffer`,
+    `rlpipe learner`, `rlpipe explorer`) then uses DEFAULT_ADDRESSES (ports 5601-5603). Roles on
+    several hosts: set all three, e.g. experience = "tcp://10.0.0.5:5601" (a role binds to the
+    address given; binding beyond loopback must be written here)."""
+
+    experience: str = ""
+    batches: str = ""
+    control: str = ""
+
+    def resolved(self) -> "Addresses":
+        """The addresses with "" replaced by the fixed defaults."""
+        return Addresses(**{k: getattr(self, k) or v for k, v in DEFAULT_ADDRESSES.items()})
+
+
+class LoggingConfig(Config):
+    """Where metrics go and what the console shows. Every run writes run_dir/metrics.jsonl and
+    TensorBoard event files in run_dir/tensorboard (`tensorboard --logdir runs`)."""
+
+    wandb_project: str = ""
+    """Also log to Weights & Biases under this project ("" = off). Needs `pip install wandb`
+    (or rlpipe[trackers]) and a login, or WANDB_MODE=offline."""
+    wandb_entity: str = ""
+    trackio_project: str = ""
+    """Also log to trackio (local-first, a W&B-compatible API) under this project ("" = off).
+    Needs `pip install trackio`."""
+    console_every: int = 0
+    """When the console is not a terminal, print one line every this many steps (0 = about 20
+    lines over the run). On a terminal a live display shows every step."""
 
 
 class RunConfig(Config):
@@ -259,6 +326,7 @@ class RunConfig(Config):
     buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
     addresses: Addresses = msgspec.field(default_factory=Addresses)
     supervision: SupervisionConfig = msgspec.field(default_factory=SupervisionConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     tinker_base_url: str = ""
     """The Tinker endpoint of learner.backend / explorer.sampler = "tinker", e.g.
     "http://127.0.0.1:8000" for `rlpipe serve`; "" = the SDK's TINKER_BASE_URL (else Tinker's own)."""
@@ -305,6 +373,29 @@ def check(config: RunConfig) -> RunConfig:
         )
     if config.groups_per_batch < 1 or config.explorer.concurrency < 1:
         raise ValueError("groups_per_batch and explorer.concurrency must be >= 1")
+    # The learner's algorithm settings (kl_coef, learning-rate schedule, optimizer steps per batch).
+    learner = config.learner
+    if not 0 <= learner.kl_coef < float("inf"):
+        raise ValueError(f"learner.kl_coef must be a finite number >= 0 (0 = no KL penalty), got {learner.kl_coef}")
+    if "kl_coef" in learner.loss_fn_config:
+        raise ValueError("set the KL penalty with learner.kl_coef, not learner.loss_fn_config.kl_coef: the learner "
+                         "also sets the per-token weights that make it a per-token mean")
+    if not 0 <= learner.lr_warmup_steps <= learner.steps:
+        raise ValueError(f"learner.lr_warmup_steps must be in [0, learner.steps = {learner.steps}], got {learner.lr_warmup_steps}")
+    if not 0 <= learner.lr_min_ratio <= 1:
+        raise ValueError(f"learner.lr_min_ratio must be in [0, 1], got {learner.lr_min_ratio}")
+    if not 1 <= learner.optim_steps_per_batch <= config.groups_per_batch:
+        raise ValueError(f"learner.optim_steps_per_batch must be in [1, groups_per_batch = {config.groups_per_batch}] "
+                         f"(mini-batches are made of whole groups), got {learner.optim_steps_per_batch}")
+    if learner.backend == "tinker":
+        # The Tinker API's losses know no KL term; several optimizer steps per batch are built and
+        # tested on the local client only.
+        if learner.kl_coef > 0:
+            raise ValueError('learner.kl_coef > 0 needs learner.backend = "local": the Tinker API\'s losses have no '
+                             "KL penalty against the base model")
+        if learner.optim_steps_per_batch != 1:
+            raise ValueError('learner.optim_steps_per_batch > 1 needs learner.backend = "local"; with "tinker" '
+                             "it must be 1")
     if config.explorer.max_unacked < 1 or config.explorer.max_engine_restarts < 0:
         raise ValueError("explorer.max_unacked must be >= 1 and explorer.max_engine_restarts >= 0")
     from rlpipe.pipeline.store import DEDUP_PER_EXPLORER

@@ -200,13 +200,26 @@ class Explorer:
     # ------------------------------------------------------------------ rollouts
 
     def _builders(self):
-        """The dataset's builders from self.position on; self.position always names the next."""
+        """The dataset's builders from self.position on; self.position always names the next.
+        The dataset is made here, at once: a factory that cannot be loaded or fails is an
+        error restarting cannot fix, said with the factory's name (not, later, as a generator
+        that stopped)."""
         cfg = self.config
-        tokenizer = _tokenizer(self.model)
-        dataset = import_callable(cfg.dataset.factory)(tokenizer, groups_per_batch=cfg.groups_per_batch, **cfg.dataset.args)
+        try:
+            factory = import_callable(cfg.dataset.factory)
+            dataset = factory(_tokenizer(self.model), groups_per_batch=cfg.groups_per_batch, **cfg.dataset.args)
+        except Exception as err:
+            raise Unrecoverable(f"dataset.factory {cfg.dataset.factory!r} failed: {type(err).__name__}: {err}") from err
+        return self._each_builder(dataset)
+
+    def _each_builder(self, dataset):
         start_batch, start_offset = self.position
         for index in itertools.count(start_batch):
-            batch = dataset.get_batch(index)
+            try:
+                batch = dataset.get_batch(index)
+            except Exception as err:
+                raise RuntimeError(f"dataset {self.config.dataset.factory!r}: get_batch({index}) failed: "
+                                   f"{type(err).__name__}: {err}") from err
             for i in range(start_offset if index == start_batch else 0, len(batch)):
                 self.position = (index, i + 1) if i + 1 < len(batch) else (index + 1, 0)
                 yield batch[i]
@@ -226,7 +239,10 @@ class Explorer:
                 await admitted.wait_for(lambda: self._may_start() or self._stop.is_set())
                 if self._stop.is_set():
                     return
-                builder = next(builders)
+                try:
+                    builder = next(builders)
+                except StopIteration:  # the generator ended: another worker saw (and raised) why
+                    raise RuntimeError(f"dataset {self.config.dataset.factory!r} gave no more builders") from None
                 # Queued in order on the outbox thread: a restart starts at the first builder not started.
                 saved = loop.run_in_executor(self._db, lambda p=self.position: self.outbox.set_state(
                     dataset_batch=p[0], dataset_offset=p[1]))

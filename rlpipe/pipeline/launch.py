@@ -19,6 +19,8 @@ unless --resume is given (then every role continues from its durable state).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -27,12 +29,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlpipe import console
 from rlpipe.metrics import read_metrics
 from rlpipe.pipeline import identity
-from rlpipe.pipeline.config import RunConfig, dump, load, redacted
+from rlpipe.pipeline.config import DEFAULT_ADDRESSES, RunConfig, dump, load, redacted, resolve_train_unembed
 from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE
 
 ROLES = ("buffer", "learner", "explorer")
@@ -42,6 +46,9 @@ POLL_S = 0.5
 HEARTBEAT_S = 1.0
 RESTARTS_FILE = "restarts.json"
 LAUNCHER_ENV = "RLPIPE_LAUNCHER_PID"
+LAUNCHER_LOG = "launcher.log"
+"""run_dir/launcher.log: what engines and libraries print in the launcher process (and in
+anything it starts outside the roles, such as the demo's evaluation engine)."""
 
 
 def failure_file(run_dir: Path, role: str) -> Path:
@@ -138,18 +145,6 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def summary_line(record: dict, steps: int) -> str:
-    done = int(record.get("step", 0))
-    bar = "#" * int(20 * done / max(steps, 1))
-    parts = [f"[{bar:<20}] step {done}/{steps}", f"reward {record.get('reward/mean', float('nan')):.3f}"]
-    for key, label in (("env/correct", "correct"), ("loss:sum", "loss"), ("kl_sampler_learner:mean", "kl"),
-                       ("eval/accuracy", "eval acc"), ("staleness/max", "stale"), ("learner/idle_frac", "learner idle"),
-                       ("explorer/sampler_busy_frac", "sampler busy"), ("time/step_s", "s/step")):
-        if record.get(key) is not None:
-            parts.append(f"{label} {record[key]:.3g}")
-    return "  ".join(parts)
-
-
 def read_restarts(run_dir: Path) -> dict[str, int]:
     path = Path(run_dir) / RESTARTS_FILE
     return json.loads(path.read_text()) if path.exists() else {}
@@ -181,6 +176,7 @@ class Supervisor:
         # A restarted learner always resumes from its checkpoint.
         self.learner_resume = role_command("learner", config_path, sets, True)
         self.restarts = read_restarts(self.run_dir)
+        self.note = console.warn
 
     @property
     def procs(self) -> dict[str, subprocess.Popen]:
@@ -211,7 +207,7 @@ class Supervisor:
                 if role.restarts_here and now - role.started > sup.healthy_s:
                     role.restarts_here = 0  # healthy again: a full budget, the shortest backoff
                 if self._hung(role, now, sup.heartbeat_timeout_s):
-                    print(f"role {role.name}: no heartbeat for {sup.heartbeat_timeout_s:.0f} s: killing it", file=sys.stderr)
+                    self.note(f"role {role.name}: no heartbeat for {sup.heartbeat_timeout_s:.0f} s: killing it")
                     _signal_group(role.proc, signal.SIGKILL)
                 continue
             if code == 0:
@@ -229,8 +225,8 @@ class Supervisor:
             role.restarts_here += 1
             self.restarts[role.name] = self.restarts.get(role.name, 0) + 1
             _write_json(self.run_dir / RESTARTS_FILE, self.restarts)
-            print(f"role {role.name} died ({error}): restart {role.restarts_here}/{sup.max_restarts} "
-                  f"in {backoff:.0f} s", file=sys.stderr, flush=True)
+            self.note(f"role {role.name} died ({error}): restart {role.restarts_here}/{sup.max_restarts} "
+                      f"in {backoff:.0f} s")
             if role.name == "learner":
                 role.command = self.learner_resume
             role.restart_at = now + backoff
@@ -246,26 +242,121 @@ class Supervisor:
     def _report(self, role: str, code: int, note: str) -> None:
         log_path = self.run_dir / "logs" / f"{role}.log"
         error = _failure(self.run_dir, role, code)
-        print(f"role {role} failed: {error}{note}", file=sys.stderr)
-        print(f"--- last lines of {log_path} ---\n{_tail(log_path)}\n---", file=sys.stderr)
-        print(f"role {role} failed: {error}{note}; stopping all roles", file=sys.stderr)
+        self.note(f"role {role} failed: {error}{note}")
+        self.note(f"--- last lines of {log_path} ---\n{_tail(log_path)}\n---")
+        self.note(f"role {role} failed: {error}{note}; stopping all roles")
+
+
+@contextlib.contextmanager
+def launcher_output(run_dir: Path, stop_engines: bool = False) -> Iterator[None]:
+    """For work done in the launcher itself (the demo's and recipes' SFT warm-ups and
+    evaluations): what engines print goes to run_dir/launcher.log, results through
+    console.say to the terminal. stop_engines: shut this process's sampling engines down
+    before the terminal is handed back, so their shutdown messages go to the log too
+    (not for a caller that shares an engine beyond this block, such as a test session)."""
+    with console.engine_output_to(Path(run_dir) / LAUNCHER_LOG):
+        try:
+            yield
+        finally:
+            if stop_engines:
+                from rlpipe.sampling import shutdown_engines
+
+                shutdown_engines()
+
+
+def pick_addresses(config: RunConfig) -> dict[str, str]:
+    """Free loopback ports for the addresses the config leaves unset ("" = rlpipe run picks),
+    as --set overrides for the roles."""
+    from rlpipe.pipeline.transport import free_port
+
+    return {f"addresses.{k}": f"tcp://127.0.0.1:{free_port()}" for k in DEFAULT_ADDRESSES if not getattr(config.addresses, k)}
+
+
+def taken_address(config: RunConfig) -> str | None:
+    """The first configured tcp address on this host that something already listens on."""
+    import socket
+
+    for name in DEFAULT_ADDRESSES:
+        address = getattr(config.addresses, name)
+        host, _, port = address.removeprefix("tcp://").rpartition(":")
+        if not address.startswith("tcp://") or not port.isdigit() or host in ("*", "0.0.0.0"):
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, int(port)))
+            except OSError as err:
+                if err.errno == 98:  # EADDRINUSE; other errors (a remote host) are the role's to report
+                    return f"addresses.{name} = {address!r}"
+    return None
 
 
 def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = False,
         timeout_s: float | None = None, quiet: bool = False) -> int:
-    """Start the roles, print a line per learner step, restart roles that die; return 0 when
-    the learner finished, 1 when a role failed for good, 2 when the run directory is taken."""
+    """Start the roles, show the run on the console, restart roles that die; return 0 when
+    the learner finished, 1 when a role failed for good, 2 when the run directory or an
+    address is taken or the config asks what the sampler cannot serve. Engine output goes
+    to run_dir/launcher.log, not the console."""
     run_dir = config.run_dir
     if not resume and (found := holds_a_run(run_dir)):
-        print(f"rlpipe: {run_dir} already holds a run ({', '.join(found)}): pass --resume to continue it, "
-              f"or choose another name or runs_dir", file=sys.stderr)
+        console.warn(f"rlpipe: {run_dir} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                     f"or choose another name or runs_dir")
         return 2
+    if (taken := taken_address(config)) is not None:
+        console.warn(f"rlpipe: {taken} is already in use (another run on this machine?): leave [addresses] unset "
+                     f"so rlpipe run picks free ports, or choose other ports")
+        return 2
+    for package, project in (("wandb", config.logging.wandb_project), ("trackio", config.logging.trackio_project)):
+        if project and importlib.util.find_spec(package) is None:
+            console.warn(f"rlpipe: logging.{package}_project is set but {package} is not installed "
+                         f"(pip install {package}): logging to metrics.jsonl and TensorBoard only")
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    identity.run_id(run_dir)  # made once, before any role needs it
-    (run_dir / "config.json").write_bytes(dump(redacted(config)))
+    with console.engine_output_to(run_dir / LAUNCHER_LOG):
+        try:  # imports vLLM to ask what it serves: inside the redirection, or its warnings reach the console
+            resolve_train_unembed(config)
+        except ValueError as err:
+            console.warn(f"rlpipe: bad config {config_path}: {err}")
+            return 2
+        identity.run_id(run_dir)  # made once, before any role needs it
+        picked = pick_addresses(config)
+        sets = [*sets, *(f"{k}={v}" for k, v in picked.items())]
+        (run_dir / "config.json").write_bytes(dump(redacted(load_with(config, picked))))
+        with console.RunDisplay(config.name, config.learner.steps, quiet=quiet,
+                                every=config.logging.console_every) as display:
+            code = _supervise(config, config_path, sets, resume, timeout_s, display)
+    if code in (0, 124, 130):
+        write_curves(run_dir, quiet)
+    return code
+
+
+def load_with(config: RunConfig, overrides: dict[str, str]) -> RunConfig:
+    import msgspec
+
+    addresses = {k.split(".", 1)[1]: v for k, v in overrides.items()}
+    return msgspec.structs.replace(config, addresses=msgspec.structs.replace(config.addresses, **addresses))
+
+
+def write_curves(run_dir: Path, quiet: bool = False) -> Path | None:
+    """run_dir/curves.png from the run's metrics (rlpipe plot); a plot that fails is logged,
+    never the run's failure."""
+    try:
+        from rlpipe.plot import plot_run
+
+        path = plot_run(run_dir)
+    except (Exception, SystemExit) as err:  # noqa: BLE001
+        console.warn(f"rlpipe: no curves.png: {err}")
+        return None
+    if not quiet:
+        console.say(f"curves: {path}")
+    return path
+
+
+def _supervise(config: RunConfig, config_path: str, sets: list[str], resume: bool, timeout_s: float | None,
+               display: console.RunDisplay) -> int:
+    run_dir = config.run_dir
     metrics_path = run_dir / "metrics.jsonl"
     seen = len(read_metrics(metrics_path))
     supervisor = Supervisor(config, config_path, sets, resume)
+    supervisor.note = display.note
     interrupted = False
 
     def on_signal(signum, frame):
@@ -281,11 +372,10 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
             time.sleep(POLL_S)
             records = read_metrics(metrics_path)
             for record in records[seen:]:
-                if not quiet:
-                    print(summary_line(record, config.learner.steps), flush=True)
+                display.update(record)
             seen = len(records)
             if interrupted:
-                print("interrupted: stopping all roles", file=sys.stderr)
+                display.note("interrupted: stopping all roles")
                 return 130
             learner = supervisor.roles["learner"]
             if learner.restart_at is None and learner.proc.poll() == 0:
@@ -294,7 +384,7 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
             if supervisor.check(time.monotonic()) is not None:
                 return 1
             if timeout_s is not None and time.monotonic() - start > timeout_s:
-                print(f"run did not finish within {timeout_s:.0f} s", file=sys.stderr)
+                display.note(f"run did not finish within {timeout_s:.0f} s")
                 return 124
     finally:
         stop_all(supervisor.procs)
@@ -319,17 +409,17 @@ def clear_run(run_dir: Path) -> list[str]:
     return removed
 
 
-def run_to_end(config: RunConfig, filename: str, replace: bool = False) -> list[dict]:
+def run_to_end(config: RunConfig, filename: str, replace: bool = False, quiet: bool = False) -> list[dict]:
     """What the demo and the recipes do with a config built in Python: write it as JSON to
-    run_dir/filename, run it as `rlpipe run` would, and return the learner's metric records.
-    replace: first remove an earlier run in the same directory (said on the console).
-    Raises SystemExit if a role failed."""
+    run_dir/filename, run it as `rlpipe run` would (the console display, curves.png at the
+    end), and return the learner's metric records. replace: first remove an earlier run in
+    the same directory (said on the console). Raises SystemExit if a role failed."""
     if replace and holds_a_run(config.run_dir):
-        print(f"replacing the earlier run in {config.run_dir}: removed {', '.join(clear_run(config.run_dir))}")
+        console.say(f"replacing the earlier run in {config.run_dir}: removed {', '.join(clear_run(config.run_dir))}")
     path = config.run_dir / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(dump(config))
-    code = run(load(path), str(path), [])
+    code = run(load(path), str(path), [], quiet=quiet)
     if code != 0:
         raise SystemExit(f"the pipeline failed (exit code {code}); see {config.run_dir / 'logs'}")
     return read_metrics(config.run_dir / "metrics.jsonl")

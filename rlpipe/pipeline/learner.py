@@ -2,7 +2,8 @@
 
     while step < steps:
         batch = buffer.next(groups_per_batch)     # BatchRequest(after_seq = last trained seq)
-        forward_backward(datums(batch)); optim_step
+        for each of optim_steps_per_batch mini-batches: forward_backward(datums); optim_step
+        step += 1
         every sync_interval steps: WeightUpdate(version = step, adapter bytes) -> explorers
         every checkpoint_every steps: save_state + the buffer position
 
@@ -10,8 +11,9 @@ With learner.backend = "tinker" the client is the official tinker SDK's on a Tin
 (rlpipe/pipeline/tinker_backend.py): the WeightUpdate carries the tinker:// sampler path of
 save_weights_for_sampler instead of the bytes, and checkpoints are tinker:// paths.
 
-The policy version is the optimizer step count, so "u - v" in the staleness rule is counted
-in optimizer steps.
+The policy version is the learner's step count (batches trained), kept by the learner apart
+from the client's optimizer-step count (several per batch with optim_steps_per_batch > 1), so
+"u - v" in the staleness rule, `steps`, sync_interval and checkpoint_every count batches.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 
 from rlpipe import checkpoint
-from rlpipe.hyperparams import get_lr
+from rlpipe.hyperparams import get_lr, scheduled_lr
 from rlpipe.metrics import MetricsWriter, mean_of
 from rlpipe.pipeline import identity, transport
-from rlpipe.pipeline.config import RunConfig, import_callable, resolve_train_unembed
+from rlpipe.pipeline.config import RunConfig, import_callable, redacted, resolve_train_unembed
 from rlpipe.pipeline.errors import Unrecoverable
 from rlpipe.training import TrainingClient
 from rlpipe.types import (
@@ -44,6 +47,7 @@ from rlpipe.types import (
     LoraConfig,
     ModelInput,
     Shutdown,
+    Trajectory,
     TrajectoryGroup,
     WeightUpdate,
 )
@@ -53,25 +57,93 @@ LATEST = "latest.json"
 SHUTDOWN_GRACE_S = 3.0
 
 
-def group_datums(groups: list[TrajectoryGroup]) -> list[Datum]:
+TRUNCATED = ("length", "context_limit")
+"""Trajectory.stop_reason of an episode cut short by a length limit (rlpipe.rollouts): the
+sampler hit max_tokens, or the context had no room left for another turn."""
+OVERLONG = ("keep", "drop", "zero_advantage")
+
+
+def is_truncated(t: Trajectory) -> bool:
+    return t.stop_reason in TRUNCATED
+
+
+def group_datums(groups: list[TrajectoryGroup], overlong: str = "keep", kl_weights: bool = False) -> list[Datum]:
     """One Datum per trajectory, trained on exactly the sampled tokens. Advantages are spread
     over action tokens and divided by the batch's action-token count: the summed loss is then
-    a per-token mean, so the step size does not grow with response length or batch size."""
-    trajectories = [t for g in groups for t in g.trajectories]
+    a per-token mean, so the step size does not grow with response length or batch size.
+
+    overlong (learner.overlong) says what truncated trajectories become: "keep" as they are,
+    "drop" nothing (left out of the datums and of the action-token count; no trajectory left
+    gives no datum), "zero_advantage" datums with advantage 0 (still counted).
+    kl_weights: also give each datum the input "kl_weights" = action mask / the same count, so
+    that a KL penalty (loss config kl_coef) is a per-token mean as well."""
+    if overlong not in OVERLONG:
+        raise ValueError(f"unknown overlong mode {overlong!r}; choose one of {OVERLONG}")
+    trajectories = [t for g in groups for t in g.trajectories if not (overlong == "drop" and is_truncated(t))]
     n_action = max(1, sum(sum(t.action_mask[1:]) for t in trajectories))
     data = []
     for t in trajectories:
         mask = np.asarray(t.action_mask[1:], dtype=np.float32)
-        data.append(Datum(
-            model_input=ModelInput.from_ints(t.tokens[:-1]),
-            loss_fn_inputs={
-                "target_tokens": np.asarray(t.tokens[1:], dtype=np.int64),
-                "logprobs": np.asarray(t.sampling_logprobs[1:], dtype=np.float32),
-                "advantages": mask * np.float32(t.advantage / n_action),
-                "weights": mask,
-            },
-        ))
+        advantage = 0.0 if overlong == "zero_advantage" and is_truncated(t) else t.advantage
+        inputs = {
+            "target_tokens": np.asarray(t.tokens[1:], dtype=np.int64),
+            "logprobs": np.asarray(t.sampling_logprobs[1:], dtype=np.float32),
+            "advantages": mask * np.float32(advantage / n_action),
+            "weights": mask,
+        }
+        if kl_weights:
+            inputs["kl_weights"] = mask * np.float32(1.0 / n_action)
+        data.append(Datum(model_input=ModelInput.from_ints(t.tokens[:-1]), loss_fn_inputs=inputs))
     return data
+
+
+def split_groups(groups: list[TrajectoryGroup], k: int) -> list[list[TrajectoryGroup]]:
+    """The batch as k mini-batches of whole groups (a group's advantages are relative to one
+    another), in order, their sizes differing by at most one group."""
+    if not 1 <= k <= len(groups):
+        raise ValueError(f"cannot split {len(groups)} groups into {k} mini-batches of whole groups")
+    sizes = [len(groups) // k + (i < len(groups) % k) for i in range(k)]
+    ends = np.cumsum(sizes).tolist()
+    return [groups[end - size : end] for size, end in zip(sizes, ends)]
+
+
+def merge_metrics(records: list[dict[str, float]]) -> dict[str, float]:
+    """One record from the mini-batches' metrics, by the aggregate each Tinker-style name ends
+    with: ":sum" adds up, ":min" and ":max" take the extreme, ":mean" is the mean over all the
+    mini-batches' counted tokens (weighted by their "tokens:sum"; equal weights without it)."""
+    out: dict[str, float] = {}
+    tokens = [r.get("tokens:sum", 1.0) for r in records]
+    for key in dict.fromkeys(k for r in records for k in r):
+        present = [(r[key], n) for r, n in zip(records, tokens) if key in r]
+        values = [v for v, _ in present]
+        if key.endswith(":sum"):
+            out[key] = float(sum(values))
+        elif key.endswith(":min"):
+            out[key] = float(min(values))
+        elif key.endswith(":max"):
+            out[key] = float(max(values))
+        elif key.endswith(":mean"):
+            total = sum(n for _, n in present)
+            out[key] = float(sum(v * n for v, n in present) / total) if total else float(np.mean(values))
+        else:
+            out[key] = values[-1]
+    return out
+
+
+def submit_minibatches(client, minibatches: list[list[Datum]], loss_fn: str, loss_config: dict, adam: AdamParams) -> list:
+    """forward_backward + optim_step on each non-empty mini-batch in turn, so each one is scored
+    by the policy the ones before it moved (PPO-style). All calls are issued at once (the
+    client runs them in order); minibatch_metrics waits for them."""
+    return [(client.forward_backward(data, loss_fn, loss_config), client.optim_step(adam)) for data in minibatches if data]
+
+
+def minibatch_metrics(calls: list) -> dict[str, float]:
+    """The merged metrics of submit_minibatches' calls and "optim/updates", the optimizer steps
+    taken (0 when nothing was left to train)."""
+    record = merge_metrics([fb.result().metrics for fb, _ in calls])
+    record.update(merge_metrics([opt.result().metrics for _, opt in calls]))
+    record["optim/updates"] = float(len(calls))
+    return record
 
 
 def batch_metrics(groups: list[TrajectoryGroup], step: int) -> dict[str, float]:
@@ -95,8 +167,10 @@ def batch_metrics(groups: list[TrajectoryGroup], step: int) -> dict[str, float]:
 
 
 def latest_checkpoint(run_dir: Path) -> dict | None:
-    """The learner's newest checkpoint, {"path", "step", "after_seq", "groups_trained"} (its
-    PEFT adapter is path/adapter), or None before the first one."""
+    """The learner's newest checkpoint, {"path", "step", "optim_steps", "after_seq",
+    "groups_trained", "incarnation"} (its PEFT adapter is path/adapter; "step" counts learner
+    steps, "optim_steps" the optimizer's, absent before optim_steps_per_batch), or None before
+    the first one."""
     latest = Path(run_dir) / "learner" / LATEST
     return json.loads(latest.read_text()) if latest.exists() else None
 
@@ -123,6 +197,8 @@ class Learner:
             self.client = TrainingClient(model, lora, self.dir, device=lc.device or None, dtype=lc.dtype or None,
                                          layout=lc.layout or None, max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
                                          gradient_checkpointing=lc.gradient_checkpointing)
+        self.step = 0
+        """Learner steps (batches trained): the policy version. The client counts optimizer steps."""
         self.after_seq = 0
         self.durable_seq = 0
         """The buffer position of the newest checkpoint: a restart asks again from there."""
@@ -133,15 +209,21 @@ class Learner:
         latest = latest_checkpoint(config.run_dir) if resume else None
         if latest is not None:
             self.client.load_state_with_optimizer(latest["path"]).result()
+            self.step = latest["step"]
             self.after_seq = self.durable_seq = latest["after_seq"]
             self.groups_trained = latest.get("groups_trained", 0)
-            log.info("resumed at step %d, buffer position %d", self.client.step, self.after_seq)
+            log.info("resumed at step %d (%d optimizer steps), buffer position %d", self.step, self.client.step,
+                     self.after_seq)
         elif config.learner.init_from:
             self.client.load_state(config.learner.init_from).result()
         log.info("learner incarnation %d of run %s", self.incarnation, self.run_id)
         self.lr = config.learner.learning_rate or get_lr(model)
+        """The peak learning rate; each step's is scheduled_lr (learner.lr_schedule)."""
         self.loss_config = {**config.learner.loss_fn_config, "temperature": config.explorer.temperature}
-        self.metrics = MetricsWriter(config.run_dir / "metrics.jsonl")
+        if lc.kl_coef > 0:
+            self.loss_config["kl_coef"] = lc.kl_coef
+        self.metrics = MetricsWriter(config.run_dir / "metrics.jsonl", logging=config.logging, run_name=config.name,
+                                     run_config=msgspec.to_builtins(redacted(config)))
         self.eval_items = self._make_eval_data(cfg_key="eval")
         self.nll_data = self._make_eval_data(cfg_key="nll_eval")
 
@@ -167,22 +249,22 @@ class Learner:
             self._publish(control)
             # A batch is asked for with the version it will be trained at, so the buffer's
             # staleness check is exact even though the batch is fetched a step early.
-            next_batch = fetcher.submit(self._next_batch, requests, self.after_seq, self.client.step)
-            while self.client.step < cfg.learner.steps:
+            next_batch = fetcher.submit(self._next_batch, requests, self.after_seq, self.step)
+            while self.step < cfg.learner.steps:
                 t0 = time.monotonic()
                 batch, data = self._wait_batch(next_batch, control)
                 t1 = time.monotonic()
-                if self.client.step + 1 < cfg.learner.steps:
-                    next_batch = fetcher.submit(self._next_batch, requests, batch.seqs[-1], self.client.step + 1)
+                if self.step + 1 < cfg.learner.steps:
+                    next_batch = fetcher.submit(self._next_batch, requests, batch.seqs[-1], self.step + 1)
                 record = self._train(batch, data)
                 t2 = time.monotonic()
-                if self.client.step % cfg.learner.sync_interval == 0:
+                if self.step % cfg.learner.sync_interval == 0:
                     record["sync/publish_s"] = self._publish(control)
                 t3 = time.monotonic()
-                if self.client.step % cfg.learner.checkpoint_every == 0 or self.client.step == cfg.learner.steps:
+                if self.step % cfg.learner.checkpoint_every == 0 or self.step == cfg.learner.steps:
                     self._checkpoint()
                 t4 = time.monotonic()
-                if (self.eval_items or self.nll_data) and self.client.step % cfg.learner.eval_every == 0:
+                if (self.eval_items or self.nll_data) and self.step % cfg.learner.eval_every == 0:
                     record.update(self._eval())
                 t5 = time.monotonic()
                 record.update({
@@ -211,7 +293,7 @@ class Learner:
             if self.tinker:
                 self.client.close()  # the SDK session on the endpoint
 
-    def _wait_batch(self, future: concurrent.futures.Future, control) -> tuple[Batch, list[Datum]]:
+    def _wait_batch(self, future: concurrent.futures.Future, control) -> tuple[Batch, list[list[Datum]]]:
         """The prefetched batch; meanwhile the control socket keeps answering explorers."""
         while True:
             try:
@@ -219,7 +301,7 @@ class Learner:
             except concurrent.futures.TimeoutError:
                 control.poll(0)
 
-    def _next_batch(self, requests, after_seq: int, version: int) -> tuple[Batch, list[Datum]]:
+    def _next_batch(self, requests, after_seq: int, version: int) -> tuple[Batch, list[list[Datum]]]:
         """Collect groups_per_batch groups after after_seq, for training at `version`. Asking
         with after_seq = the last seq received so far is safe: the buffer can re-serve
         anything after our checkpoint position."""
@@ -249,23 +331,41 @@ class Learner:
             if not isinstance(reply, Batch) or not reply.groups:
                 time.sleep(0.02)  # nothing yet: ask again shortly
         batch = Batch(groups=groups, seqs=seqs, dropped=dropped)
-        return batch, group_datums(groups)  # the datums too, off the training thread
+        return batch, self.minibatch_datums(groups)  # the datums too, off the training thread
 
-    def _train(self, batch: Batch, data: list[Datum]) -> dict:
-        step = self.client.step
+    def minibatch_datums(self, groups: list[TrajectoryGroup]) -> list[list[Datum]]:
+        """The datums of each of the batch's optim_steps_per_batch mini-batches, each normalised
+        by its own action-token count."""
+        lc = self.config.learner
+        return [group_datums(part, overlong=lc.overlong, kl_weights=lc.kl_coef > 0)
+                for part in split_groups(groups, lc.optim_steps_per_batch)]
+
+    def _train(self, batch: Batch, minibatches: list[list[Datum]]) -> dict:
+        step = self.step
+        lc = self.config.learner
         started = time.time()
-        fb = self.client.forward_backward(data, self.config.learner.loss_fn, self.loss_config)
-        opt = self.client.optim_step(AdamParams(learning_rate=self.lr, grad_clip_norm=self.config.learner.grad_clip_norm,
-                                                weight_decay=self.config.learner.weight_decay))
-        # The step runs on the client's worker thread; the batch's figures are summed up meanwhile.
+        lr = scheduled_lr(step, self.lr, schedule=lc.lr_schedule, warmup_steps=lc.lr_warmup_steps,
+                          total_steps=lc.steps, min_ratio=lc.lr_min_ratio)
+        adam = AdamParams(learning_rate=lr, grad_clip_norm=lc.grad_clip_norm, weight_decay=lc.weight_decay)
+        calls = submit_minibatches(self.client, minibatches, lc.loss_fn, self.loss_config, adam)
+        # The steps run on the client's worker thread; the batch's figures are summed up meanwhile.
+        trajectories = [t for g in batch.groups for t in g.trajectories]
         record = {"step": step + 1, "time": started, **batch_metrics(batch.groups, step),
                   "learner/incarnation": self.incarnation,
                   # the buffer serves only this incarnation's groups: a check that explorers follow a restart
-                  "explorer/incarnation_min": min(g.incarnation for g in batch.groups)}
+                  "explorer/incarnation_min": min(g.incarnation for g in batch.groups),
+                  "optim/lr": lr,
+                  "reward/truncated_frac": sum(map(is_truncated, trajectories)) / max(1, len(trajectories)),
+                  "tokens/trained": float(sum(d.model_input.length for data in minibatches for d in data))}
         record.update({f"dropped/{k}": float(v) for k, v in batch.dropped.items()})
         record.update({"buffer/first_seq": batch.seqs[0], "buffer/last_seq": batch.seqs[-1]})
-        record.update(fb.result().metrics)
-        record.update(opt.result().metrics)
+        record.update(minibatch_metrics(calls))
+        if not record["optim/updates"]:
+            # Nothing left to train (overlong = "drop" on an all-truncated batch): the step still
+            # counts, so the run keeps its length and the buffer position moves on.
+            log.warning("step %d: every trajectory of the batch was left out (learner.overlong = %r): "
+                        "no optimizer step", step + 1, lc.overlong)
+        self.step += 1
         self.after_seq = batch.seqs[-1]
         self.groups_trained += len(batch.groups)
         return record
@@ -273,7 +373,7 @@ class Learner:
     def _publish(self, control) -> float:
         start = time.monotonic()
         created = time.time()
-        version = self.client.step
+        version = self.step
         if self.tinker:  # the explorers sample these weights on the endpoint
             path = self.client.save_weights_for_sampler(f"v{version:06d}").result().path
             log.info("published version %d: %s", version, path)
@@ -287,11 +387,12 @@ class Learner:
         return time.monotonic() - start
 
     def _checkpoint(self) -> None:
-        path = self.client.save_state(f"step-{self.client.step:06d}").result().path
+        path = self.client.save_state(f"step-{self.step:06d}").result().path
         latest = self.dir / LATEST
         tmp = latest.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"path": path, "step": self.client.step, "after_seq": self.after_seq,
-                                   "groups_trained": self.groups_trained, "incarnation": self.incarnation}))
+        tmp.write_text(json.dumps({"path": path, "step": self.step, "optim_steps": self.client.step,
+                                   "after_seq": self.after_seq, "groups_trained": self.groups_trained,
+                                   "incarnation": self.incarnation}))
         if not self.tinker:  # a tinker:// checkpoint is the endpoint's to keep
             checkpoint.fsync_tree(path)
         checkpoint.fsync_tree(tmp)
@@ -311,18 +412,18 @@ class Learner:
         cfg = self.config
         out = nll_eval(self.client, self.nll_data) if self.nll_data else {}
         if self.eval_items and self.tinker:  # sampled on the endpoint
-            path = self.client.save_weights_for_sampler(f"eval-{self.client.step:06d}").result().path
+            path = self.client.save_weights_for_sampler(f"eval-{self.step:06d}").result().path
             out |= self.client.greedy_eval(path, self.eval_items, max_tokens=cfg.explorer.max_tokens,
-                                           policy_version=self.client.step)
+                                           policy_version=self.step)
         elif self.eval_items:
-            path = self.client.save_weights_for_sampler(f"eval-{self.client.step:06d}").result().path
+            path = self.client.save_weights_for_sampler(f"eval-{self.step:06d}").result().path
             prune(Path(path).parent, "eval-", cfg.learner.keep_checkpoints, keep=Path(path).name)
             options = {}
             if cfg.learner.eval_sampler == "local" and self.client.device.type != "cpu":
                 options["device"] = "cpu"  # no second copy of the model on the learner's GPU
             out |= greedy_eval(cfg.model_path(), path, self.eval_items, self.client.get_tokenizer(),
                                max_tokens=cfg.explorer.max_tokens, backend=cfg.learner.eval_sampler,
-                               policy_version=self.client.step, **options)
+                               policy_version=self.step, **options)
         return out
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
+from rlpipe.pipeline.errors import Unrecoverable
 from rlpipe.types import Heartbeat, Message, Ready, Shutdown, WeightUpdate
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,22 @@ def _make_socket(ctx: zmq.Context | None, kind: int, address: str, bind: bool, *
         options |= {"HEARTBEAT_IVL": 1000, "HEARTBEAT_TIMEOUT": 5000}
     for opt, value in options.items():
         sock.setsockopt(getattr(zmq, opt), value)
-    (sock.bind if bind else sock.connect)(address)
+    if not bind:
+        sock.connect(address)
+        return sock
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as err:
+        sock.close(linger=0)
+        if err.errno == zmq.EADDRINUSE:  # restarting cannot free it: say whose and what to do
+            raise AddressInUse(f"cannot bind {address}: the address is already in use (another run on this host?); "
+                               "leave [addresses] unset so `rlpipe run` picks free ports, or choose others") from None
+        raise
     return sock
+
+
+class AddressInUse(Unrecoverable):
+    pass
 
 
 def _wait(sock: zmq.Socket, event: int, deadline: float) -> bool:
