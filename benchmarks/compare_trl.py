@@ -309,7 +309,7 @@ def run_rlpipe(runs_dir: Path, init: str, steps: int) -> dict:
         "reward_signal": [r["reward/mean"] for r in records],
         "reward": None,  # the rewards of the groups the buffer drops are not logged
         "correct_signal": [r.get("env/correct") for r in records],
-        "groups_sampled": sum(r.get("groups", 0) for r in records) + int(sum(dropped.values())),
+        "groups_sampled": sum(r.get("buffer/groups", 0) for r in records) + int(sum(dropped.values())),
         "groups_no_signal": int(dropped.get("buffer/dropped_no_signal", 0)), "dropped": dropped,
         "adapter": adapter, "trainable": sum(v.numel() for v in load_file(f"{adapter}/adapter_model.safetensors").values()),
         "load": [load_start, os.getloadavg()[0]],

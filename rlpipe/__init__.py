@@ -13,7 +13,7 @@ __all__ = ["ServiceClient", "TrainingClient", "run", "types"]
 __version__ = "0.1.0"
 
 
-def run(config: RunConfig, *, replace: bool = False, quiet: bool = False) -> list[dict]:
+def run(config: RunConfig, *, replace: bool = False, resume: bool = False, quiet: bool = False) -> list[dict]:
     """Run the pipeline as `rlpipe run` does, from Python, and return the learner's metric
     records (one dict per step, as in run_dir/metrics.jsonl).
 
@@ -23,7 +23,8 @@ def run(config: RunConfig, *, replace: bool = False, quiet: bool = False) -> lis
     roles are started from it as processes in the current directory: the dataset factory must
     be importable there (a module in this directory, on PYTHONPATH, or installed), never a class
     of the script running as __main__. Call it under `if __name__ == "__main__":`.
-    replace: remove an earlier run in the same directory first (otherwise it is refused).
+    replace: remove an earlier run in the same directory first (otherwise it is refused);
+    resume: continue it from its checkpoints instead (as `rlpipe run --resume`).
     quiet: no progress display on the console.
     Raises SystemExit when a role fails for good or the run directory already holds a run."""
     from rlpipe.pipeline.config import RunConfig
@@ -32,7 +33,7 @@ def run(config: RunConfig, *, replace: bool = False, quiet: bool = False) -> lis
     if not isinstance(config, RunConfig):
         raise TypeError(f"rlpipe.run takes a RunConfig, got {type(config).__name__}; "
                         "for a TOML file: rlpipe.run(rlpipe.pipeline.config.load(path))")
-    return run_to_end(config, "run_config.json", replace=replace, quiet=quiet)
+    return run_to_end(config, "run_config.json", replace=replace, quiet=quiet, resume=resume)
 
 
 def __getattr__(name: str):

@@ -48,10 +48,10 @@ def engine_output_to(log_path: str | Path) -> Iterator[None]:
         return
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {name: os.dup(fd) for name, fd in (("out", 1), ("err", 2))}
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
@@ -129,9 +129,10 @@ class RunDisplay:
             from rich.console import Console
             from rich.live import Live
 
-            # Drawn anew at each refresh, so the elapsed time ticks between steps.
+            # Drawn anew at each refresh, so the elapsed time ticks between steps. No redirection of
+            # sys.stdout/stderr to the panel: what Python code prints stays in engine_output_to's log.
             self.live = Live(get_renderable=lambda: self._panel(self.last, self.eta_s), console=Console(file=out()),
-                             refresh_per_second=2, transient=False)
+                             refresh_per_second=2, transient=False, redirect_stdout=False, redirect_stderr=False)
             self.live.__enter__()
         return self
 
@@ -162,9 +163,10 @@ class RunDisplay:
             say(plain_line(record, self.steps, eta))
 
     def note(self, text: str) -> None:
+        """A message for the person (a restart, a failure): shown even when quiet."""
         if self.live is not None:
             self.live.console.print(text, markup=False, highlight=False)
-        elif not self.quiet:
+        else:
             warn(text)
 
     def _panel(self, record: dict | None = None, eta: float = math.nan):

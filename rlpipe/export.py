@@ -166,6 +166,9 @@ def _output_dir(out: str | Path):
         yield tmp
         if out.exists():
             out.rmdir()  # empty (checked above); os.replace would refuse a non-empty one anyway
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep the model from other accounts (a vLLM server)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -70,17 +70,19 @@ class MetricsWriter:
     logged and dropped: it never stops the learner."""
 
     def __init__(self, path: str | Path, *, logging=None, run_name: str = "", run_config: dict | None = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, resume_step: int | None = None):
+        """resume_step: the step a resumed learner continues after; TensorBoard forgets what an
+        earlier incarnation logged beyond it, so a step never shows twice."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
         self._trackers: dict[str, object] = {}
         if tensorboard:
-            self._start("tensorboard", lambda: _tensorboard(self.path.parent / "tensorboard"))
+            self._start("tensorboard", lambda: _TensorBoard(self.path.parent / "tensorboard", resume_step))
         if logging is not None and logging.wandb_project:
             self._start("wandb", lambda: _wandb(logging, run_name, run_config, self.path.parent))
         if logging is not None and logging.trackio_project:
-            self._start("trackio", lambda: _trackio(logging, run_name, run_config))
+            self._start("trackio", lambda: _trackio(logging, run_name, run_config, self.path.parent))
 
     def _start(self, name: str, make) -> None:
         try:
@@ -113,10 +115,11 @@ class MetricsWriter:
 
 
 class _TensorBoard:
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=10)
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=10, purge_step=purge)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         walltime = scalars.get("time_end")
@@ -141,10 +144,6 @@ class _Module:
         self.module.finish()
 
 
-def _tensorboard(log_dir: Path) -> _TensorBoard:
-    return _TensorBoard(log_dir)
-
-
 def _wandb(logging, run_name: str, run_config: dict | None, run_dir: Path) -> _Module:
     import wandb
 
@@ -156,10 +155,14 @@ def _wandb(logging, run_name: str, run_config: dict | None, run_dir: Path) -> _M
     return _Module(wandb, run)
 
 
-def _trackio(logging, run_name: str, run_config: dict | None) -> _Module:
+def _trackio(logging, run_name: str, run_config: dict | None, run_dir: Path) -> _Module:
     import trackio
 
-    run = trackio.init(project=logging.trackio_project, name=run_name or None, config=run_config, resume="allow")
+    from rlpipe.pipeline import identity
+
+    # Named by the run id as well: a later run of the same name (a replaced demo) is another run.
+    name = f"{run_name or 'run'}-{identity.run_id(run_dir)}"
+    run = trackio.init(project=logging.trackio_project, name=name, config=run_config, resume="allow")
     return _Module(trackio, run)
 
 

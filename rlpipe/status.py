@@ -237,7 +237,7 @@ def _config_facts(run_dir: Path, problems: list[str]) -> tuple[int | None, float
     if not path.exists():
         return None, SupervisionConfig().heartbeat_timeout_s
     try:
-        config = load(path)
+        config = load(path, {"tinker_api_key": ""})  # a run writes its key as "***"
         return config.learner.steps, config.supervision.heartbeat_timeout_s
     except ValueError as err:
         problems.append(str(err))

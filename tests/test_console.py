@@ -127,7 +127,23 @@ def read_like(rec: dict) -> dict:
 
 
 def test_live_display_on_a_terminal():
+    import threading
+
     master, slave = os.openpty()
+    chunks: list[bytes] = []
+
+    def read():  # concurrently, so a full pty buffer never blocks the display
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     terminal = open(slave, "w", buffering=1)
     console._terminal["out"] = terminal
     try:
@@ -140,17 +156,9 @@ def test_live_display_on_a_terminal():
     finally:
         console._terminal.pop("out")
         terminal.close()
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        shown += chunk
+    reader.join(timeout=10)
     os.close(master)
-    text = shown.decode(errors="replace")
+    text = b"".join(chunks).decode(errors="replace")
     assert "live-run" in text and "4/4" in text and "reward" in text and "role explorer died" in text
 
 
@@ -246,3 +254,64 @@ def test_a_role_that_cannot_bind_is_unrecoverable_with_the_address(tmp_path):
             transport.RequestServer(address)  # restarting the role cannot free it: the run stops with this line
     finally:
         first.close()
+
+
+def test_python_output_during_the_live_display_stays_in_the_log(tmp_path):
+    # rich's Live would by default send sys.stdout/stderr to the panel: a print or a warning
+    # in the launcher (an evaluation engine, a library) must go to the log instead.
+    script = textwrap.dedent(f"""
+        import os, threading, warnings
+        from rlpipe import console
+        master, slave = os.openpty()
+        shown = []
+        reader = threading.Thread(target=lambda: shown.append(os.read(master, 1 << 16)), daemon=True)
+        with console.engine_output_to({str(tmp_path / "launcher.log")!r}):
+            console._terminal["out"] = open(slave, "w", buffering=1)  # the person's terminal
+            with console.RunDisplay("r", steps=2) as display:
+                assert display.live is not None
+                print("python print during the display")
+                warnings.warn("a library warning during the display")
+                display.update({{"step": 1, "reward/mean": 0.5}})
+            data = b""
+            os.set_blocking(master, False)
+            while True:
+                try:
+                    chunk = os.read(master, 1 << 16)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+        text = data.decode(errors="replace")
+        assert "1/2" in text, text
+        assert "python print" not in text and "library warning" not in text, text
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "launcher.log").read_text()
+    assert "python print during the display" in log and "a library warning during the display" in log
+
+
+def test_quiet_still_shows_what_went_wrong(capsys):
+    with console.RunDisplay("r", steps=3, quiet=True) as display:
+        display.update(read_like(record(1)))
+        display.note("role learner failed: RuntimeError: boom; stopping all roles")
+    captured = capsys.readouterr()
+    assert captured.out == "" and "role learner failed: RuntimeError: boom" in captured.err
+
+
+def test_a_resumed_writer_replaces_the_later_steps_in_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsWriter(tmp_path / "metrics.jsonl")
+    for step in range(1, 8):  # the learner died after step 7; its checkpoint is at step 5
+        first.write({"step": step, "reward/mean": float(step)})
+    first.close()
+    resumed = MetricsWriter(tmp_path / "metrics.jsonl", resume_step=5)
+    for step in range(6, 9):
+        resumed.write({"step": step, "reward/mean": 100.0 + step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 106.0), (7, 107.0), (8, 108.0)]

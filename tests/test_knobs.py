@@ -12,8 +12,9 @@ import torch
 from rlpipe import forward, types
 from rlpipe.hyperparams import scheduled_lr
 from rlpipe.losses import compute_loss
+from rlpipe.pipeline.batches import group_datums, merge_metrics, split_groups
 from rlpipe.pipeline.config import RunConfig, check
-from rlpipe.pipeline.learner import Learner, group_datums, latest_checkpoint, merge_metrics, split_groups
+from rlpipe.pipeline.learner import Learner, latest_checkpoint
 from rlpipe.training import SharedBase, TrainingClient
 from tests.test_training import ADAM, TEXTS, sft_datum
 
@@ -312,6 +313,7 @@ def test_an_all_truncated_batch_is_skipped_and_still_counted(make_learner):
     state = learner.client.trainable_state()
     record = learner._train(batch_of(cut), learner.minibatch_datums(cut))
     assert record["optim/updates"] == 0 and record["reward/truncated_frac"] == 1.0 and record["tokens/trained"] == 0
+    assert record["reward/overlong_dropped"] == 8.0  # 4 groups of 2, all truncated, all left out
     assert learner.step == 1 and learner.client.step == 0 and learner.after_seq == 4
     assert all(torch.equal(v, state[k]) for k, v in learner.client.trainable_state().items())
     mixed = [group([trajectory(rng, advantage=1.0), trajectory(rng, advantage=-1.0, stop_reason="context_limit")], f"m{i}")
@@ -333,7 +335,7 @@ def test_split_groups_and_merge_metrics():
         split_groups(groups[:3], 4)
     merged = merge_metrics([{"tokens:sum": 1.0, "ratio:mean": 1.0, "ratio:min": 0.9, "ratio:max": 1.1, "loss:sum": 2.0},
                             {"tokens:sum": 3.0, "ratio:mean": 2.0, "ratio:min": 0.5, "ratio:max": 1.05, "loss:sum": -1.0}])
-    assert merged == {"tokens:sum": 4.0, "ratio:mean": 1.75, "ratio:min": 0.5, "ratio:max": 1.1, "loss:sum": 1.0}
+    assert merged == {"tokens:sum": 4.0, "ratio:mean": 1.75, "ratio:min": 0.5, "ratio:max": 1.1, "loss:sum": 0.5}  # the mini-batch losses averaged
     assert merge_metrics([{"grad_norm:mean": 1.0}, {"grad_norm:mean": 3.0}]) == {"grad_norm:mean": 2.0}
 
 

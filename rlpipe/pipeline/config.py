@@ -363,6 +363,8 @@ def vocab_size(model_path: str) -> int:
 def check(config: RunConfig) -> RunConfig:
     if config.max_staleness < 0:
         raise ValueError("max_staleness must be >= 0")
+    if config.logging.console_every < 0:
+        raise ValueError(f"logging.console_every must be >= 0 (0 = about 20 lines a run), got {config.logging.console_every}")
     if config.learner.sync_interval < 1:
         raise ValueError("learner.sync_interval must be >= 1")
     if config.max_staleness < config.learner.sync_interval - 1:

@@ -36,7 +36,8 @@ from pathlib import Path
 from rlpipe import console
 from rlpipe.metrics import read_metrics
 from rlpipe.pipeline import identity
-from rlpipe.pipeline.config import DEFAULT_ADDRESSES, RunConfig, dump, load, redacted, resolve_train_unembed
+from rlpipe.pipeline.addresses import pick_addresses, taken_address, with_addresses
+from rlpipe.pipeline.config import RunConfig, dump, load, redacted, resolve_train_unembed
 from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE
 
 ROLES = ("buffer", "learner", "explorer")
@@ -264,32 +265,6 @@ def launcher_output(run_dir: Path, stop_engines: bool = False) -> Iterator[None]
                 shutdown_engines()
 
 
-def pick_addresses(config: RunConfig) -> dict[str, str]:
-    """Free loopback ports for the addresses the config leaves unset ("" = rlpipe run picks),
-    as --set overrides for the roles."""
-    from rlpipe.pipeline.transport import free_port
-
-    return {f"addresses.{k}": f"tcp://127.0.0.1:{free_port()}" for k in DEFAULT_ADDRESSES if not getattr(config.addresses, k)}
-
-
-def taken_address(config: RunConfig) -> str | None:
-    """The first configured tcp address on this host that something already listens on."""
-    import socket
-
-    for name in DEFAULT_ADDRESSES:
-        address = getattr(config.addresses, name)
-        host, _, port = address.removeprefix("tcp://").rpartition(":")
-        if not address.startswith("tcp://") or not port.isdigit() or host in ("*", "0.0.0.0"):
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, int(port)))
-            except OSError as err:
-                if err.errno == 98:  # EADDRINUSE; other errors (a remote host) are the role's to report
-                    return f"addresses.{name} = {address!r}"
-    return None
-
-
 def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = False,
         timeout_s: float | None = None, quiet: bool = False) -> int:
     """Start the roles, show the run on the console, restart roles that die; return 0 when
@@ -319,20 +294,13 @@ def run(config: RunConfig, config_path: str, sets: list[str], resume: bool = Fal
         identity.run_id(run_dir)  # made once, before any role needs it
         picked = pick_addresses(config)
         sets = [*sets, *(f"{k}={v}" for k, v in picked.items())]
-        (run_dir / "config.json").write_bytes(dump(redacted(load_with(config, picked))))
+        (run_dir / "config.json").write_bytes(dump(redacted(with_addresses(config, picked))))
         with console.RunDisplay(config.name, config.learner.steps, quiet=quiet,
                                 every=config.logging.console_every) as display:
             code = _supervise(config, config_path, sets, resume, timeout_s, display)
-    if code in (0, 124, 130):
-        write_curves(run_dir, quiet)
+        if code in (0, 124, 130):
+            write_curves(run_dir, quiet)  # matplotlib's first-use messages go to the log too
     return code
-
-
-def load_with(config: RunConfig, overrides: dict[str, str]) -> RunConfig:
-    import msgspec
-
-    addresses = {k.split(".", 1)[1]: v for k, v in overrides.items()}
-    return msgspec.structs.replace(config, addresses=msgspec.structs.replace(config.addresses, **addresses))
 
 
 def write_curves(run_dir: Path, quiet: bool = False) -> Path | None:
@@ -395,7 +363,8 @@ def _supervise(config: RunConfig, config_path: str, sets: list[str], resume: boo
 def clear_run(run_dir: Path) -> list[str]:
     """Remove what an earlier pipeline run left in run_dir (its store, checkpoints, logs and
     metrics; other files, such as an SFT warm-up next to it, stay). Returns what was removed."""
-    names = [*holds_a_run(run_dir), "logs", RESTARTS_FILE, "buffer_stats.json", "pids.json"]
+    names = [*holds_a_run(run_dir), "logs", RESTARTS_FILE, "buffer_stats.json", "pids.json", "tensorboard", "wandb",
+             "curves.png"]
     removed = []
     for name in names:
         path = Path(run_dir) / name
@@ -409,17 +378,22 @@ def clear_run(run_dir: Path) -> list[str]:
     return removed
 
 
-def run_to_end(config: RunConfig, filename: str, replace: bool = False, quiet: bool = False) -> list[dict]:
+def run_to_end(config: RunConfig, filename: str, replace: bool = False, quiet: bool = False,
+               resume: bool = False) -> list[dict]:
     """What the demo and the recipes do with a config built in Python: write it as JSON to
     run_dir/filename, run it as `rlpipe run` would (the console display, curves.png at the
     end), and return the learner's metric records. replace: first remove an earlier run in
-    the same directory (said on the console). Raises SystemExit if a role failed."""
-    if replace and holds_a_run(config.run_dir):
+    the same directory (said on the console); resume: continue it. Raises SystemExit if the
+    directory holds a run and neither is given, or if a role failed."""
+    if not resume and (found := holds_a_run(config.run_dir)):
+        if not replace:  # refused before anything of the earlier run is overwritten
+            raise SystemExit(f"{config.run_dir} already holds a run ({', '.join(found)}): replace it, resume it, "
+                             "or choose another name or runs_dir")
         console.say(f"replacing the earlier run in {config.run_dir}: removed {', '.join(clear_run(config.run_dir))}")
     path = config.run_dir / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(dump(config))
-    code = run(load(path), str(path), [], quiet=quiet)
+    code = run(load(path), str(path), [], quiet=quiet, resume=resume)
     if code != 0:
         raise SystemExit(f"the pipeline failed (exit code {code}); see {config.run_dir / 'logs'}")
     return read_metrics(config.run_dir / "metrics.jsonl")

@@ -25,17 +25,23 @@ import os
 import shutil
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import msgspec
-import numpy as np
 import torch
 
 from rlpipe import checkpoint
 from rlpipe.hyperparams import get_lr, scheduled_lr
-from rlpipe.metrics import MetricsWriter, mean_of
+from rlpipe.metrics import MetricsWriter
 from rlpipe.pipeline import identity, transport
+from rlpipe.pipeline.batches import (
+    batch_metrics,
+    group_datums,
+    is_truncated,
+    minibatch_metrics,
+    split_groups,
+    submit_minibatches,
+)
 from rlpipe.pipeline.config import RunConfig, import_callable, redacted, resolve_train_unembed
 from rlpipe.pipeline.errors import Unrecoverable
 from rlpipe.training import TrainingClient
@@ -45,9 +51,7 @@ from rlpipe.types import (
     BatchRequest,
     Datum,
     LoraConfig,
-    ModelInput,
     Shutdown,
-    Trajectory,
     TrajectoryGroup,
     WeightUpdate,
 )
@@ -55,115 +59,6 @@ from rlpipe.types import (
 log = logging.getLogger(__name__)
 LATEST = "latest.json"
 SHUTDOWN_GRACE_S = 3.0
-
-
-TRUNCATED = ("length", "context_limit")
-"""Trajectory.stop_reason of an episode cut short by a length limit (rlpipe.rollouts): the
-sampler hit max_tokens, or the context had no room left for another turn."""
-OVERLONG = ("keep", "drop", "zero_advantage")
-
-
-def is_truncated(t: Trajectory) -> bool:
-    return t.stop_reason in TRUNCATED
-
-
-def group_datums(groups: list[TrajectoryGroup], overlong: str = "keep", kl_weights: bool = False) -> list[Datum]:
-    """One Datum per trajectory, trained on exactly the sampled tokens. Advantages are spread
-    over action tokens and divided by the batch's action-token count: the summed loss is then
-    a per-token mean, so the step size does not grow with response length or batch size.
-
-    overlong (learner.overlong) says what truncated trajectories become: "keep" as they are,
-    "drop" nothing (left out of the datums and of the action-token count; no trajectory left
-    gives no datum), "zero_advantage" datums with advantage 0 (still counted).
-    kl_weights: also give each datum the input "kl_weights" = action mask / the same count, so
-    that a KL penalty (loss config kl_coef) is a per-token mean as well."""
-    if overlong not in OVERLONG:
-        raise ValueError(f"unknown overlong mode {overlong!r}; choose one of {OVERLONG}")
-    trajectories = [t for g in groups for t in g.trajectories if not (overlong == "drop" and is_truncated(t))]
-    n_action = max(1, sum(sum(t.action_mask[1:]) for t in trajectories))
-    data = []
-    for t in trajectories:
-        mask = np.asarray(t.action_mask[1:], dtype=np.float32)
-        advantage = 0.0 if overlong == "zero_advantage" and is_truncated(t) else t.advantage
-        inputs = {
-            "target_tokens": np.asarray(t.tokens[1:], dtype=np.int64),
-            "logprobs": np.asarray(t.sampling_logprobs[1:], dtype=np.float32),
-            "advantages": mask * np.float32(advantage / n_action),
-            "weights": mask,
-        }
-        if kl_weights:
-            inputs["kl_weights"] = mask * np.float32(1.0 / n_action)
-        data.append(Datum(model_input=ModelInput.from_ints(t.tokens[:-1]), loss_fn_inputs=inputs))
-    return data
-
-
-def split_groups(groups: list[TrajectoryGroup], k: int) -> list[list[TrajectoryGroup]]:
-    """The batch as k mini-batches of whole groups (a group's advantages are relative to one
-    another), in order, their sizes differing by at most one group."""
-    if not 1 <= k <= len(groups):
-        raise ValueError(f"cannot split {len(groups)} groups into {k} mini-batches of whole groups")
-    sizes = [len(groups) // k + (i < len(groups) % k) for i in range(k)]
-    ends = np.cumsum(sizes).tolist()
-    return [groups[end - size : end] for size, end in zip(sizes, ends)]
-
-
-def merge_metrics(records: list[dict[str, float]]) -> dict[str, float]:
-    """One record from the mini-batches' metrics, by the aggregate each Tinker-style name ends
-    with: ":sum" adds up, ":min" and ":max" take the extreme, ":mean" is the mean over all the
-    mini-batches' counted tokens (weighted by their "tokens:sum"; equal weights without it)."""
-    out: dict[str, float] = {}
-    tokens = [r.get("tokens:sum", 1.0) for r in records]
-    for key in dict.fromkeys(k for r in records for k in r):
-        present = [(r[key], n) for r, n in zip(records, tokens) if key in r]
-        values = [v for v, _ in present]
-        if key.endswith(":sum"):
-            out[key] = float(sum(values))
-        elif key.endswith(":min"):
-            out[key] = float(min(values))
-        elif key.endswith(":max"):
-            out[key] = float(max(values))
-        elif key.endswith(":mean"):
-            total = sum(n for _, n in present)
-            out[key] = float(sum(v * n for v, n in present) / total) if total else float(np.mean(values))
-        else:
-            out[key] = values[-1]
-    return out
-
-
-def submit_minibatches(client, minibatches: list[list[Datum]], loss_fn: str, loss_config: dict, adam: AdamParams) -> list:
-    """forward_backward + optim_step on each non-empty mini-batch in turn, so each one is scored
-    by the policy the ones before it moved (PPO-style). All calls are issued at once (the
-    client runs them in order); minibatch_metrics waits for them."""
-    return [(client.forward_backward(data, loss_fn, loss_config), client.optim_step(adam)) for data in minibatches if data]
-
-
-def minibatch_metrics(calls: list) -> dict[str, float]:
-    """The merged metrics of submit_minibatches' calls and "optim/updates", the optimizer steps
-    taken (0 when nothing was left to train)."""
-    record = merge_metrics([fb.result().metrics for fb, _ in calls])
-    record.update(merge_metrics([opt.result().metrics for _, opt in calls]))
-    record["optim/updates"] = float(len(calls))
-    return record
-
-
-def batch_metrics(groups: list[TrajectoryGroup], step: int) -> dict[str, float]:
-    trajectories = [t for g in groups for t in g.trajectories]
-    rewards = np.array([t.reward for t in trajectories])
-    staleness = Counter(step - min(v for v in t.policy_versions if v >= 0) for t in trajectories)
-    out = {
-        "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-        "groups": len(groups), "trajectories": len(trajectories),
-        "tokens/sampled": float(sum(sum(t.action_mask) for t in trajectories)),
-        "tokens/trained": float(sum(len(t.tokens) - 1 for t in trajectories)),
-        **{f"staleness/{k}": float(n) for k, n in sorted(staleness.items())},
-        "staleness/max": float(max(staleness)),
-    }
-    keys = {k for t in trajectories for k in t.metrics}
-    out.update({f"env/{k}": mean_of(t.metrics.get(k) for t in trajectories) for k in sorted(keys)})
-    stats = [g.explorer_stats for g in groups if g.explorer_stats]
-    if stats:
-        out.update({f"explorer/{k}": v for k, v in stats[-1].items()})
-    return out
 
 
 def latest_checkpoint(run_dir: Path) -> dict | None:
@@ -223,7 +118,8 @@ class Learner:
         if lc.kl_coef > 0:
             self.loss_config["kl_coef"] = lc.kl_coef
         self.metrics = MetricsWriter(config.run_dir / "metrics.jsonl", logging=config.logging, run_name=config.name,
-                                     run_config=msgspec.to_builtins(redacted(config)))
+                                     run_config=msgspec.to_builtins(redacted(config)),
+                                     resume_step=self.step if latest is not None else None)
         self.eval_items = self._make_eval_data(cfg_key="eval")
         self.nll_data = self._make_eval_data(cfg_key="nll_eval")
 
@@ -356,6 +252,8 @@ class Learner:
                   "explorer/incarnation_min": min(g.incarnation for g in batch.groups),
                   "optim/lr": lr,
                   "reward/truncated_frac": sum(map(is_truncated, trajectories)) / max(1, len(trajectories)),
+                  # dropped here, not by the buffer: counted all the same
+                  "reward/overlong_dropped": float(sum(map(is_truncated, trajectories)) if lc.overlong == "drop" else 0),
                   "tokens/trained": float(sum(d.model_input.length for data in minibatches for d in data))}
         record.update({f"dropped/{k}": float(v) for k, v in batch.dropped.items()})
         record.update({"buffer/first_seq": batch.seqs[0], "buffer/last_seq": batch.seqs[-1]})
