@@ -87,11 +87,15 @@ def greedy_eval(base_model: str, adapter: str | None, items: Sequence[EvalItem],
 
 
 async def rollout_eval(sampling_client, builders: Sequence, sampling_params: SamplingParams, *,
-                       max_turns: int = 16, max_context: int | None = None, episode_timeout_s: float = 300.0,
+                       max_turns: int = 16, max_context: int | None = None, episode_timeout_s: float = 3600.0,
                        prefix: str = "eval/") -> dict[str, float]:
     """Mean reward and mean env metrics over full episodes: every builder's group is run with
     the sampler, as the explorer would (multi-turn envs, games, compute_group_rewards), but
     nothing is trained. For tasks whose score is not one graded answer: tool use, self-play.
+
+    Every episode starts at once and waits behind the others in the sampler, so the timeout
+    only guards against a hang: a tight one on a loaded machine would fail the slow (long,
+    well-formed) episodes and leave the quick failures to be averaged.
 
     Returns {prefix+"reward": mean episode reward, prefix+<metric>: mean of each env metric,
     prefix+"episodes": episodes measured, prefix+"failed_groups": groups that failed}."""
