@@ -199,9 +199,15 @@ def test_restarted_learner_resumes_and_explorer_follows_it(tmp_path):
     try:
         latest = run_dir / "learner" / "latest.json"
         deadline = time.monotonic() + 300
-        # Wait until a checkpoint exists and at least one step was trained after it.
-        while not (latest.exists() and len(read_metrics(run_dir / "metrics.jsonl")) >= json.loads(latest.read_text())["step"] + 1):
+        # Wait until a checkpoint exists and at least one step was trained after it. The learner
+        # is frozen while we look, so it cannot checkpoint again between the look and the kill.
+        while True:
             assert time.monotonic() < deadline and roles["learner"].poll() is None
+            if latest.exists():
+                os.killpg(roles["learner"].pid, signal.SIGSTOP)
+                if len(read_metrics(run_dir / "metrics.jsonl")) >= json.loads(latest.read_text())["step"] + 1:
+                    break
+                os.killpg(roles["learner"].pid, signal.SIGCONT)
             time.sleep(0.2)
         os.killpg(roles["learner"].pid, signal.SIGKILL)
         roles["learner"].wait(timeout=30)
