@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpipe.metrics import grouped, read_metrics
+from rlpipe.metrics import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_OUT = "curves.png"
@@ -30,9 +30,7 @@ def read_records(run_dir: str | Path, command: str = "plot") -> list[dict]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise SystemExit(f"rlpipe {command}: {path} does not exist (has the learner finished a step yet?)")
-    # grouped() again is a no-op on new names; it keeps old runs readable whichever way
-    # read_metrics goes. A line that is not an object carries no named metric.
-    records = [grouped(r) for r in read_metrics(path) if isinstance(r, dict)]
+    records = read_metrics(path)  # grouped names, old runs' too; lines that are not objects left out
     if not records:
         raise SystemExit(f"rlpipe {command}: {path} holds no metric records yet")
     return records

@@ -24,7 +24,7 @@ import re
 import time
 from pathlib import Path
 
-from rlpipe.metrics import grouped, read_metrics
+from rlpipe.metrics import read_metrics
 from rlpipe.pipeline.config import LearnerConfig, SupervisionConfig, load
 from rlpipe.pipeline.launch import RESTARTS_FILE, ROLES, failure_file, heartbeat_file
 from rlpipe.plot import number
@@ -61,7 +61,7 @@ def run_status(run_dir: str | Path) -> dict:
             "last_error": error,
             "error_source": source,
         }
-    records = [grouped(r) for r in read_metrics(run_dir / "metrics.jsonl") if isinstance(r, dict)]
+    records = read_metrics(run_dir / "metrics.jsonl")  # grouped names, old runs' too
     step = records[-1].get("step") if records else None
     last_time = (number(records[-1].get("time_end")) or number(records[-1].get("time"))) if records else None
     if any(r["alive"] for r in roles.values()):

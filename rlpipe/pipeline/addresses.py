@@ -32,7 +32,7 @@ def taken_address(config: RunConfig) -> str | None:
         address = getattr(config.addresses, name)
         host, _, port = address.removeprefix("tcp://").rpartition(":")
         if not address.startswith("tcp://") or not port.isdigit() or host in ("*", "0.0.0.0"):
-            continue
+            continue  # a wildcard is the role's to bind, and only when configured: never probed here
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             # As ZeroMQ binds: a port whose last connections linger in TIME_WAIT is free.
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
