@@ -1,9 +1,9 @@
 """The `rlpipe` command.
 
     rlpipe run CONFIG.toml [--set learner.steps=20] [--resume]   all roles on this machine
-    rlpipe buffer CONFIG.toml                                    one role alone, e.g. on
-    rlpipe learner CONFIG.toml [--resume]                        another host:
-    rlpipe explorer CONFIG.toml --connect HOST                   (explorer -> HOST's buffer and learner)
+    rlpipe buffer CONFIG.toml [--bind-public] [--run-id ID]      one role alone, e.g. each on its
+    rlpipe learner CONFIG.toml [--connect BUFFER_HOST] [--resume]  own host (README: one host or
+    rlpipe explorer CONFIG.toml [--connect HOST] --id NAME       several; pipeline/addresses.py)
     rlpipe stats RUN_DIR [--json]                                the run's accounting, across restarts
     rlpipe status RUN_DIR [--json]                               roles alive?, step, metrics, checkpoint, errors
     rlpipe plot RUN_DIR [--out FILE.png]                         the run's curves on one page
@@ -44,15 +44,24 @@ def _parse_sets(items: list[str]) -> dict:
 def _config(args):
     import msgspec
 
+    from rlpipe.pipeline.addresses import for_role, public_bind_refusal
     from rlpipe.pipeline.config import load, resolve_train_unembed
+    from rlpipe.pipeline.transport import is_loopback
 
+    if getattr(args, "bind_public", False):  # a --set, so that `rlpipe run` hands it to its roles too
+        args.set.append("addresses.bind_public=true")
     try:
         config = load(args.config, _parse_sets(args.set))
         if args.command in ("buffer", "learner", "explorer"):  # `rlpipe run` hands its roles the addresses it picked
-            addresses = config.addresses.resolved()
-            if getattr(args, "connect", None):
-                addresses = _connect(addresses, args.connect)
-            config = msgspec.structs.replace(config, addresses=addresses)
+            config = msgspec.structs.replace(config, addresses=for_role(config.addresses, args.command,
+                                                                        getattr(args, "connect", None)))
+        if args.command == "learner" and args.connect and is_loopback(config.addresses.control):
+            log.warning("learner: addresses.control = %r is loopback: explorers on other hosts cannot reach it "
+                        "(name this host's address there, with addresses.bind_public)", config.addresses.control)
+        if (refusal := public_bind_refusal(config.addresses, args.command)) is not None:
+            raise SystemExit(f"rlpipe {args.command}: {refusal}")
+        if getattr(args, "run_id", None):
+            _adopt_run_id(config.run_dir, args.run_id)
         if args.command == "explorer":  # the learner resolves it itself when it starts, `rlpipe run` before the roles
             resolve_train_unembed(config)  # what the sampler cannot serve is refused now, not after a step
         return config
@@ -90,13 +99,30 @@ def _did_you_mean(message: str) -> str:
     return f"; did you mean {' or '.join(where(d) for d in dotted)} (--set {dotted[0]}=...)?"
 
 
-def _connect(addresses, host: str):
-    """The buffer's and learner's addresses on HOST, with the configured (or default) ports."""
-    import msgspec
+def _adopt_run_id(run_dir, run_id: str) -> None:
+    """--run-id: this host's run_dir/run.json holds run_id, so that roles on several hosts (each
+    with its own run_dir) take each other's messages for the same run. Made if missing; a
+    run_dir that already holds another run is refused."""
+    import os
+    import re
 
-    port = lambda address: address.rsplit(":", 1)[1]  # noqa: E731
-    return msgspec.structs.replace(addresses, experience=f"tcp://{host}:{port(addresses.experience)}",
-                                   control=f"tcp://{host}:{port(addresses.control)}")
+    from rlpipe.pipeline import identity
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", run_id):
+        raise SystemExit(f"rlpipe: --run-id {run_id!r}: use 1-64 letters, digits, '_', '.' or '-'")
+    path = run_dir / identity.RUN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        if (held := identity.read_run_id(run_dir)) != run_id:
+            raise SystemExit(f"rlpipe: {path} holds run {held!r}, not --run-id {run_id!r}: an earlier run used "
+                             f"{run_dir}; choose another name or runs_dir, or remove it") from None
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"run_id": run_id}))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 EXIT_SIGTERM = 128 + signal.SIGTERM
@@ -144,7 +170,11 @@ def cmd_buffer(args) -> None:
     stop = _stop_on_sigterm()
     buffer_dir, stats_path = config.run_dir / "buffer", config.run_dir / "buffer_stats.json"
 
+    admission: dict = {}  # the budget's figures live in memory only: the last ones are kept for the final file
+
     def write_stats(stats: dict) -> None:  # atomic: a reader never sees half a file
+        admission.update({k: v for k, v in stats.items() if k == "admission"})
+        stats = {**stats, **admission}
         tmp = stats_path.with_name(f".{stats_path.name}.tmp")
         tmp.write_text(json.dumps(stats, indent=1))
         tmp.replace(stats_path)
@@ -155,6 +185,7 @@ def cmd_buffer(args) -> None:
             serve(buffer_dir, config.addresses.experience, config.addresses.batches,
                   vocab_size=vocab_size(config.model_path()), max_staleness=config.max_staleness,
                   drop_no_signal=config.buffer.drop_constant_reward_groups, run_id=identity.run_id(config.run_dir),
+                  groups_per_batch=config.groups_per_batch,
                   intake_per_round=config.buffer.intake_per_round, on_stats=write_stats, stop=stop)
     except KeyboardInterrupt:  # SIGTERM: not the learner's Shutdown, so not "finished" (exit 143)
         stopped_by_signal = True
@@ -170,14 +201,37 @@ def cmd_buffer(args) -> None:
 
 
 def cmd_learner(args) -> None:
-    from rlpipe.pipeline import identity, transport
-    from rlpipe.pipeline.learner import Learner
+    import os
+    from pathlib import Path
+
+    from rlpipe.pipeline import distributed, identity, transport
+    from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE
+    from rlpipe.pipeline.learner import Learner, follow
     from rlpipe.types import Shutdown
 
     config = _config(args)
     _stop_on_sigterm()
-    with _role("learner", config):
-        Learner(config, resume=args.resume).run()
+    if config.learner.processes > 1 and not distributed.under_torchrun():
+        # learner.processes = N: this very command again as N ranks under torchrun; this process
+        # only waits (it is what `rlpipe run` supervises and stops).
+        try:
+            sys.exit(distributed.run_torchrun(config.learner.processes, args.argv,
+                                              config.run_dir / "logs" / "learner.unrecoverable"))
+        except KeyboardInterrupt:  # SIGTERM: torchrun and its workers were stopped on the way out
+            sys.exit(EXIT_SIGTERM)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        if rank != 0:  # a torchrun rank other than 0: it only trains. Its heartbeat and error files
+            # are its own: learner.failed keeps rank 0's error, not the others' "connection closed"
+            with _role(f"learner-rank{rank}", config):
+                follow(config)
+            return
+        with _role("learner", config):
+            Learner(config, resume=args.resume).run()
+    except SystemExit as stop:
+        if stop.code == EXIT_UNRECOVERABLE and (mark := os.environ.get(distributed.UNRECOVERABLE_MARK)):
+            Path(mark).touch()  # torchrun itself exits 1 whatever its ranks exit with
+        raise
     # Tell the buffer we are done so it writes its final stats and exits.
     client = transport.RequestClient(config.addresses.batches)
     try:
@@ -188,6 +242,7 @@ def cmd_learner(args) -> None:
 
 def cmd_explorer(args) -> None:
     from rlpipe.pipeline.explorer import Explorer
+    from rlpipe.pipeline.launch import explorer_role
 
     config = _config(args)
     if args.id is None:
@@ -197,7 +252,7 @@ def cmd_explorer(args) -> None:
     try:
         # Explorer.run shuts down its own engine (SIGTERM included: it unwinds through run's
         # finally, which also gives the outbox a few seconds to deliver).
-        with _role("explorer", config):
+        with _role(explorer_role(config.explorer.count, args.id), config):
             asyncio.run(Explorer(config, args.id).run())
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGTERM)  # not the learner's Shutdown: a supervisor restarts it
@@ -279,8 +334,18 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         if name == "run":
             p.add_argument("--quiet", action="store_true", help="no progress display, only errors and the end")
+        if name in ("run", "buffer", "learner"):
+            p.add_argument("--bind-public", action="store_true",
+                           help="allow binding addresses other hosts can reach (= --set addresses.bind_public=true)")
+        if name in ("buffer", "learner", "explorer"):
+            p.add_argument("--run-id", default=None, metavar="ID",
+                           help="the run's id on every host (each host's run_dir/run.json): give all roles the same")
+        if name == "learner":
+            p.add_argument("--connect", metavar="BUFFER_HOST",
+                           help="the buffer's host: connect to addresses.batches there, on its configured port")
         if name == "explorer":
-            p.add_argument("--connect", metavar="HOST", help="the buffer's and learner's host (default ports)")
+            p.add_argument("--connect", metavar="HOST", help="the buffer's and learner's host: connect to addresses."
+                                                             "experience and .control there, on their configured ports")
             p.add_argument("--id", default=None, help="explorer name (default: random)")
     srv = sub.add_parser("serve", help="serve Tinker's HTTP API (official tinker SDK, tinker-cookbook) on local models")
     srv.add_argument("--host", default="127.0.0.1")
@@ -330,10 +395,14 @@ def main(argv: list[str] | None = None) -> None:
     for command in sub.choices.values():  # also after the command: `rlpipe run x.toml --debug`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # how `rlpipe learner` runs itself under torchrun
     if args.command in ("buffer", "learner", "explorer", "serve"):
         from rlpipe.pipeline.launch import die_with_launcher
 
         die_with_launcher()
+        from rlpipe.pipeline.distributed import die_with_agent
+
+        die_with_agent()
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: for hangs
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -47,7 +47,9 @@ def run_status(run_dir: str | Path) -> dict:
     restarts = _read_json(run_dir / RESTARTS_FILE, problems) or {}
     now = time.time()
     roles = {}
-    for role in dict.fromkeys([*ROLES, *pids]):  # the usual three first, then any other the launcher named
+    # The usual three first, then any other the launcher named (explorer-0, explorer-1, ... with explorer.count > 1).
+    usual = [r for r in ROLES if r != "explorer" or not any(str(p).startswith("explorer-") for p in pids)]
+    for role in dict.fromkeys([*usual, *pids]):
         pid = pids.get(role)
         process = _process_state(pid) if isinstance(pid, int) else None
         heartbeat_age_s = _age_s(heartbeat_file(run_dir, role), now)

@@ -142,16 +142,20 @@ class SharedBase:
     active one. The other adapters' gradients stay where they are until their own optim_step."""
 
     def __init__(self, base_model: str, *, device: str | None = None, dtype: str | None = None,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, place: Callable[[torch.nn.Module], None] | None = None):
         """device: default cuda where available, else cpu. dtype: of the base weights, default
         bfloat16 on CUDA and float32 elsewhere; LoRA weights and optimizer state stay float32.
-        gradient_checkpointing: recompute each decoder layer in backward (less memory, ~30% more compute)."""
+        gradient_checkpointing: recompute each decoder layer in backward (less memory, ~30% more compute).
+        place: puts the model, with its first adapter, on the device instead of model.to(device):
+        the FSDP learner shards the base there (rlpipe/pipeline/distributed.py), so no device
+        ever holds the whole base."""
         self.base_model = str(base_model)
         if not (Path(self.base_model) / "config.json").exists():
             raise FileNotFoundError(f"base_model {self.base_model!r} is not a local Hugging Face model directory")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
         self.gradient_checkpointing = gradient_checkpointing
+        self.place = place
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
         config = AutoConfig.from_pretrained(self.base_model)
         self.softcap = attention.attention_softcap(config)
@@ -188,11 +192,17 @@ class SharedBase:
             warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
             if self.model is None:
                 # autocast_adapter_dtype: LoRA weights (and so Adam's state) in float32 over a bf16 base.
-                self.model = get_peft_model(self._base, config, adapter_name=name, autocast_adapter_dtype=True).to(self.device)
+                self.model = get_peft_model(self._base, config, adapter_name=name, autocast_adapter_dtype=True)
+                if self.place is not None:
+                    self.place(self.model)
+                else:
+                    self.model.to(self.device)
                 self.model.eval()  # no dropout anywhere: logprobs must match the sampler's
                 if self.gradient_checkpointing:
                     enable_gradient_checkpointing(self.model)
             else:
+                if self.place is not None:
+                    raise ValueError("a sharded base carries one adapter: its ranks must run the same passes")
                 self.model.add_adapter(name, config, autocast_adapter_dtype=True)
                 self.model.to(self.device)
         self.activate(name)
@@ -230,11 +240,12 @@ class TrainingClient:
         row_tokens: int | None = None,
         max_tokens_per_micro_batch: int = 0,
         gradient_checkpointing: bool = False,
+        place: Callable[[torch.nn.Module], None] | None = None,
         call_timeout_s: float = 3600.0,
     ):
         """shared: the SharedBase to put this client's adapter on (rlpipe serve: many clients,
-        one copy of the base); None loads a base of its own, with device, dtype and
-        gradient_checkpointing as SharedBase takes them.
+        one copy of the base); None loads a base of its own, with device, dtype,
+        gradient_checkpointing and place as SharedBase takes them.
         layout: "rows", "padded" or "varlen" (rlpipe.packing), default per device
         (rlpipe.forward.default_layout), with row_tokens the row width of "rows".
         max_tokens_per_micro_batch: split each forward_backward into micro-batches of at most
@@ -245,7 +256,8 @@ class TrainingClient:
             raise ValueError(f"max_tokens_per_micro_batch must be >= 0, got {max_tokens_per_micro_batch}")
         if shared is not None and os.path.realpath(shared.base_model) != os.path.realpath(str(base_model)):
             raise ValueError(f"the shared base is {shared.base_model}, not {base_model}")
-        self.base = shared or SharedBase(base_model, device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+        self.base = shared or SharedBase(base_model, device=device, dtype=dtype,
+                                         gradient_checkpointing=gradient_checkpointing, place=place)
         self._owns_base = shared is None
         self.base_model = self.base.base_model
         self.lora = lora
@@ -254,6 +266,15 @@ class TrainingClient:
         self.tokenizer, self.vocab_size = self.base.tokenizer, self.base.vocab_size
         self.call_timeout_s = call_timeout_s
         self.step = 0
+        self.grad_sync: Callable[[list[torch.Tensor]], None] | None = None
+        """Run on the adapter's parameters at each optimizer step, before clipping: the
+        data-parallel learner sums the ranks' gradients here (rlpipe.pipeline.distributed), so
+        clipping and the step see the whole batch's gradient."""
+        self.pass_sync: Callable[[int, bool], tuple[int, bool]] | None = None
+        """Given this call's micro-batch count and whether it computes reference logprobs, the
+        most of each over the ranks: ranks of a sharded base (FSDP) gather each layer's
+        weights in every pass, so they must all run as many passes (and the same reference
+        passes); a rank with fewer runs passes without data (_idle_passes)."""
         self._sampler_versions = itertools.count(1)
         if self.base.softcap and layout == "varlen":
             raise ValueError(f"{self.base_model} soft-caps attention logits; the varlen layout cannot: use layout='rows'")
@@ -317,6 +338,8 @@ class TrainingClient:
         temperature = float(config.pop("temperature", 1.0))
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not data and self.pass_sync is not None:
+            return self._idle_call(loss_fn, with_grad)
         packing.check_data(data, self.vocab_size, LOSSES[loss_fn].required_inputs)
         inputs = [{name: t.to_torch().to(self.device) for name, t in d.loss_fn_inputs.items()} for d in data]
         batch_inputs = _cat(inputs, range(len(data)))
@@ -326,6 +349,7 @@ class TrainingClient:
                     and "kl_coef" in LOSSES[loss_fn].config_keys)
         placeholder = {"ref_logprobs": torch.zeros(len(batch_inputs["target_tokens"]))} if with_ref else {}
         check_inputs(loss_fn, batch_inputs | placeholder, config)  # before any gradient moves
+        idle = self._passes_to_match(data, with_ref)
         if not with_grad:
             per_datum, entropy, ref = self._logprobs(data, temperature, with_ref)
         else:
@@ -338,6 +362,7 @@ class TrainingClient:
                     loss, _ = compute_loss(loss_fn, lp, mb_inputs, config)
                     loss.backward()
                     _scatter((per_datum, entropy, ref), (lp.detach(), mb_entropy, mb_ref), data, indices)
+        self._idle_passes(idle, with_ref, with_grad)
         # Metrics (ratio statistics, ...) are over the whole batch, from the detached logprobs.
         if with_ref:
             batch_inputs["ref_logprobs"] = torch.cat(ref)
@@ -345,12 +370,46 @@ class TrainingClient:
         metrics["entropy:mean"] = _counted_mean(torch.cat(entropy), batch_inputs.get("weights"))
         return self._output(loss_fn, per_datum, metrics)
 
+    def _passes_to_match(self, data: list[Datum], with_ref: bool) -> int:
+        """How many passes without data this call adds so that every rank runs as many (pass_sync)."""
+        if self.pass_sync is None:
+            return 0
+        passes = len(self.forward_pass.plan([d.model_input.length for d in data]))
+        most, any_ref = self.pass_sync(passes, with_ref)
+        if any_ref != with_ref:
+            raise ValueError("the ranks disagree on computing reference logprobs (kl_coef): give every datum "
+                             "ref_logprobs, or none")
+        return most - passes
+
+    def _idle_call(self, loss_fn: str, with_grad: bool) -> ForwardBackwardOutput:
+        """A rank of a sharded base with no data this call: as many passes as the busiest rank."""
+        most, with_ref = self.pass_sync(0, False)
+        self._idle_passes(most, with_ref, with_grad)
+        return ForwardBackwardOutput(loss_fn_output_type=loss_fn, loss_fn_outputs=[], metrics={})
+
+    def _idle_passes(self, count: int, with_ref: bool, with_grad: bool) -> None:
+        """Passes over one token that change nothing (the loss is 0 times the logprob), each
+        with the same layer calls as a real one: reference forward, forward, backward."""
+        if not count:
+            return
+        tokens = targets = [np.zeros(1, dtype=np.int64)]
+        batch = self.forward_pass.plan([1])[0]
+        for _ in range(count):
+            if with_ref:
+                self._ref_logprobs(batch, tokens, targets, 1.0)
+            with torch.set_grad_enabled(with_grad):
+                logprobs, _ = self.forward_pass.logprobs(batch, tokens, targets, 1.0)
+            if with_grad:
+                (logprobs.sum() * 0.0).backward()
+
     @staticmethod
     def _output(kind: str, per_datum: list[torch.Tensor], metrics: dict) -> ForwardBackwardOutput:
         outputs = [{"logprobs": TensorData.from_torch(lp.float())} for lp in per_datum]
         return ForwardBackwardOutput(loss_fn_output_type=kind, loss_fn_outputs=outputs, metrics=metrics)
 
     def _custom(self, data: list[Datum], fn: CustomLossFn) -> ForwardBackwardOutput:
+        if self.pass_sync is not None:
+            raise NotImplementedError("custom losses on a sharded base (FSDP): the ranks could not match their passes")
         packing.check_data(data, self.vocab_size, ("target_tokens",))
         if len(self.forward_pass.plan([d.model_input.length for d in data])) == 1:
             per_datum = [None] * len(data)
@@ -383,6 +442,8 @@ class TrainingClient:
                 lr=params.learning_rate, betas=(params.beta1, params.beta2),
                 eps=params.eps, weight_decay=params.weight_decay,
             )
+        if self.grad_sync is not None:
+            self.grad_sync(self._params)
         max_norm = params.grad_clip_norm if params.grad_clip_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
         if grad_norm != grad_norm or grad_norm == float("inf"):

@@ -320,4 +320,35 @@ class Batch(msgspec.Struct, tag="batch", omit_defaults=True):
     """Cumulative drops by reason (stale, invalid, env_error, ...) for the metrics."""
 
 
-Message = TrajectoryGroup | GroupAck | WeightUpdate | Heartbeat | Ready | Shutdown | BatchRequest | Batch
+class CreditRequest(msgspec.Struct, tag="credit_request", omit_defaults=True):
+    """Explorer to buffer, on the experience socket: "I hold `holding` groups (rolling out, or
+    finished and not yet acknowledged), I have started `started` groups since I began, I sample
+    with adapter `version` of learner `incarnation`, and I could start `want` more now". Sent
+    when the explorer wants to start groups, and at least every lease_s / 4 as a renewal
+    (see rlpipe/pipeline/admission.py). Always the whole state, never a difference."""
+
+    sender: str
+    version: int
+    incarnation: int
+    holding: int
+    started: int
+    want: int
+    oldest: int = -1
+    """The oldest adapter version its held groups started with (-1 when it holds none): their
+    deadline, which no grant to anyone may push them past."""
+    run_id: str = ""
+
+
+class CreditGrant(msgspec.Struct, tag="credit_grant", omit_defaults=True):
+    """Buffer to explorer: it may start groups while its `started` count is below start_until,
+    until lease_s / 2 after it sent its request; the buffer counts those credits for lease_s
+    after receiving it. `reason` says why less than wanted was granted ("budget",
+    "learner_unknown", "incarnation", "no_weights", "other_run"); "" when all of it was."""
+
+    start_until: int
+    lease_s: float
+    reason: str = ""
+
+
+Message = (TrajectoryGroup | GroupAck | WeightUpdate | Heartbeat | Ready | Shutdown | BatchRequest | Batch
+           | CreditRequest | CreditGrant)

@@ -234,11 +234,13 @@ def test_roles_get_default_addresses_and_connect_keeps_configured_ports(tmp_path
     (tmp_path / "plain.toml").write_text('name = "a"\n')
     (tmp_path / "ports.toml").write_text('name = "b"\n[addresses]\nexperience = "tcp://127.0.0.1:7101"\n'
                                          'batches = "tcp://127.0.0.1:7102"\ncontrol = "tcp://127.0.0.1:7103"\n')
-    role = lambda path, **kw: argparse.Namespace(config=str(tmp_path / path), set=[], command="buffer", **kw)  # noqa: E731
+    role = lambda path, command="buffer", **kw: argparse.Namespace(  # noqa: E731
+        config=str(tmp_path / path), set=[], command=command, **kw)
     alone = _config(role("plain.toml")).addresses  # a role started alone, no addresses configured
     assert (alone.experience, alone.batches, alone.control) == ("tcp://127.0.0.1:5601", "tcp://127.0.0.1:5602",
                                                                  "tcp://127.0.0.1:5603")
-    remote = _config(role("ports.toml", connect="10.0.0.5")).addresses
+    # An explorer connects to the buffer's experience and the learner's control addresses.
+    remote = _config(role("ports.toml", "explorer", connect="10.0.0.5")).addresses
     assert (remote.experience, remote.batches, remote.control) == ("tcp://10.0.0.5:7101", "tcp://127.0.0.1:7102",
                                                                    "tcp://10.0.0.5:7103")
 

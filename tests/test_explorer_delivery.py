@@ -27,7 +27,7 @@ from rlpipe.pipeline.errors import Unrecoverable
 from rlpipe.pipeline.explorer import Explorer
 from rlpipe.pipeline.explorer_sampler import ExplorerSampler
 from rlpipe.pipeline.outbox import Outbox, OutboxSender, read_outbox_stats, unacked_ids
-from rlpipe.types import GroupAck, ModelInput, SamplingParams, Trajectory, TrajectoryGroup, WeightUpdate
+from rlpipe.types import CreditGrant, CreditRequest, GroupAck, ModelInput, SamplingParams, Trajectory, TrajectoryGroup, WeightUpdate
 from tests.test_fail_fast import engine_processes
 
 # --------------------------------------------------------------------------- a dataset that says where it is
@@ -76,7 +76,9 @@ def position(group: TrajectoryGroup) -> tuple[int, int]:
 
 class StandInBuffer:
     """Stands in for the buffer: records every TrajectoryGroup it receives and, while `acking`
-    is set, answers GroupAck: "accepted" for a group id it has not seen, else "duplicate"."""
+    is set, answers GroupAck: "accepted" for a group id it has not seen, else "duplicate".
+    Every credit an explorer asks for is granted (no admission budget here: only max_unacked
+    bounds the explorer; the budget is tested in tests/test_admission.py)."""
 
     def __init__(self, address: str):
         self.address = address
@@ -99,6 +101,9 @@ class StandInBuffer:
                 if got is None:
                     continue
                 to, msg = got
+                if isinstance(msg, CreditRequest):
+                    server.reply(to, CreditGrant(start_until=msg.started + msg.want, lease_s=60.0))
+                    continue
                 assert isinstance(msg, TrajectoryGroup)
                 self.frames.append(msg)
                 outcome = "duplicate" if msg.group_id in self.first else "accepted"

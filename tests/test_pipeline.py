@@ -138,7 +138,7 @@ def bad_group(run_dir: Path, version: int, token: int = 5) -> TrajectoryGroup:
 def test_faults_are_counted_and_the_run_continues(tmp_path):
     # Enough steps that the run outlasts the episode timeout several times over, so hanging
     # episodes time out (and are counted) before the learner finishes.
-    steps = 30
+    steps = 15
     config = write_config(tmp_path, "faults", steps=steps, factory="tests.pipeline_envs:FlakyDataset",
                           episode_timeout_s=2)
     address = [line.split('"')[1] for line in config.read_text().splitlines() if line.startswith("experience")][0]

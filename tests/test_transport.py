@@ -22,6 +22,8 @@ from rlpipe.pipeline.transport import (
 from rlpipe.types import (
     Batch,
     BatchRequest,
+    CreditGrant,
+    CreditRequest,
     GroupAck,
     Heartbeat,
     Message,
@@ -50,6 +52,8 @@ ALL_MESSAGES = [
     Shutdown(reason="done"),
     BatchRequest(sender="learner", learner_version=3, after_seq=10, max_groups=8),
     Batch(groups=[group("a"), group("b")], seqs=[11, 12], dropped={"stale": 2, "invalid": 1}),
+    CreditRequest(sender="e1", version=3, incarnation=1, holding=2, started=9, want=4, oldest=2),
+    CreditGrant(start_until=12, lease_s=6.0, reason="budget"),
 ]
 
 

@@ -2,7 +2,9 @@
 
 `ExperienceBuffer` is the whole logic as a plain in-process class; `serve()` runs it as its own
 role: a ROUTER socket where explorers send TrajectoryGroups (each answered with a GroupAck)
-and a ROUTER socket where the learner sends BatchRequests.
+and CreditRequests (answered from the global admission budget, rlpipe/pipeline/admission.py,
+which follows the learner through its requests), and a ROUTER socket where the learner sends
+BatchRequests.
 
 The store is the state (rlpipe/pipeline/store.py: SQLite in WAL mode, chosen by measurement
 in benchmarks/bench_buffer_store.py). Every decision is one row in one transaction with the
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
+from rlpipe.pipeline.admission import Admission
 from rlpipe.pipeline.store import Store, figures, read_bodies, read_stats, seen_group_ids, store_bytes
 from rlpipe.pipeline.transport import EXPERIENCE_MAX_BYTES, Codec, RequestServer
 from rlpipe.pipeline.validation import (
@@ -57,7 +60,7 @@ from rlpipe.pipeline.validation import (
     oldest_version,
     validate,
 )
-from rlpipe.types import Batch, BatchRequest, GroupAck, Shutdown, TrajectoryGroup
+from rlpipe.types import Batch, BatchRequest, CreditGrant, CreditRequest, GroupAck, Shutdown, TrajectoryGroup
 
 # The helpers the explorer and `rlpipe stats` use live next to what they serve; found here too.
 __all__ = [
@@ -134,9 +137,10 @@ class ExperienceBuffer:
         """Decide several groups in one transaction (one fsync); outcomes in order."""
         return self.decide([self._examined(*check(g, self.vocab_size)) for g in groups])
 
-    def examine_frame(self, frame: zmq.Frame | bytes, codec: Codec) -> Examined | None:
-        """A frame from the experience socket as a group to decide, or None when it is no
-        group at all (then counted in codec's rejections, which feed `rejected`)."""
+    def examine_frame(self, frame: zmq.Frame | bytes, codec: Codec) -> Examined | CreditRequest | None:
+        """A frame from the experience socket as a group to decide, an explorer's request for
+        credits (rlpipe/pipeline/admission.py), or None when it is neither (then counted in
+        codec's rejections, which feed `rejected`)."""
         data = frame.buffer if isinstance(frame, zmq.Frame) else frame
         if len(data) > codec.max_message_bytes:
             return codec.reject("oversize")
@@ -148,6 +152,8 @@ class ExperienceBuffer:
             msg, problem = codec.decode(data), explain(err, self.vocab_size)
             if msg is None:
                 return None
+        if isinstance(msg, CreditRequest):
+            return msg
         if msg.__struct_config__.tag != "group":
             return codec.reject("unexpected")
         return self._examined(msg, problem, data)
@@ -299,20 +305,28 @@ def _take(server: RequestServer, limit: int) -> list[tuple[tuple[bytes, bytes], 
     return taken
 
 
-def _intake(server: RequestServer, buf: ExperienceBuffer, limit: int) -> int:
+def _intake(server: RequestServer, buf: ExperienceBuffer, limit: int, admission: Admission | None = None) -> int:
     """One intake round: decide what is queued in one transaction, then acknowledge each
-    group (only now: its decision is on disk). Returns the number of frames taken."""
+    group (only now: its decision is on disk), then answer credit requests (after the groups
+    they may have been waiting for are counted). Returns the number of frames taken."""
     taken = _take(server, limit)
     items = [(to, item) for to, frame in taken if (item := buf.examine_frame(frame, server.codec)) is not None]
-    outcomes = buf.decide([item for _, item in items])
-    for (to, item), outcome in zip(items, outcomes):
+    groups = [(to, item) for to, item in items if isinstance(item, Examined)]
+    outcomes = buf.decide([item for _, item in groups])
+    for (to, item), outcome in zip(groups, outcomes):
         # A lost ack costs a re-send, answered "duplicate": nothing to do if the peer is gone.
         server.reply(to, GroupAck(group_id=item.group_id, outcome=outcome))
+    for to, item in items:
+        if isinstance(item, CreditRequest):  # no budget (admission None): every credit asked for
+            server.reply(to, admission.grant(item, buf.store.count_after) if admission is not None
+                         else CreditGrant(start_until=item.started + item.want, lease_s=3600.0))
     return len(taken)
 
 
-def _answer(server: RequestServer, buf: ExperienceBuffer, limit: int) -> tuple[tuple[bytes, bytes], str] | None:
-    """Answer queued BatchRequests; returns (requester, reason) if one asked to shut down."""
+def _answer(server: RequestServer, buf: ExperienceBuffer, limit: int,
+            admission: Admission | None = None) -> tuple[tuple[bytes, bytes], str] | None:
+    """Answer queued BatchRequests (each tells admission where the learner is); returns
+    (requester, reason) if one asked to shut down."""
     for to, frame in _take(server, limit):
         match server.codec.decode(frame):
             case BatchRequest() as request:
@@ -324,6 +338,8 @@ def _answer(server: RequestServer, buf: ExperienceBuffer, limit: int) -> tuple[t
                                                      f"learner incarnation {buf.store.get('learner_incarnation')}"))
                 else:
                     server.reply(to, buf.batch(request))
+                    if admission is not None:
+                        admission.learner_at(request)
             case Shutdown(run_id=run_id) if buf.run_id and run_id != buf.run_id:
                 server.codec.reject("other_run")  # only this run's learner may stop the buffer
             case Shutdown(reason=reason):
@@ -349,6 +365,7 @@ def _linger(server: RequestServer, seconds: float) -> None:
 
 def serve(buffer_dir: str | os.PathLike, experience_address: str, batch_address: str, *,
           vocab_size: int, max_staleness: int = 4, drop_no_signal: bool = False, run_id: str = "",
+          groups_per_batch: int | None = None,
           max_message_bytes: int = EXPERIENCE_MAX_BYTES, intake_per_round: int = 64, poll_s: float = 0.05,
           on_stats: Callable[[dict], None] | None = None, stats_interval_s: float = 1.0,
           stop: threading.Event | None = None, ready: threading.Event | None = None) -> dict:
@@ -357,12 +374,15 @@ def serve(buffer_dir: str | os.PathLike, experience_address: str, batch_address:
     Binds two ROUTER sockets: experience_address, where explorers' DEALERs send
     TrajectoryGroups and get a GroupAck for each, and batch_address, where the learner sends
     BatchRequests (or Shutdown). At most intake_per_round frames are taken per round, so a
-    flood of groups or garbage cannot starve the learner. on_stats(stats()) is called every
-    stats_interval_s and at the end."""
+    flood of groups or garbage cannot starve the learner. With groups_per_batch, explorers'
+    CreditRequests are answered from the global admission budget (admission.py); without,
+    every credit asked for is granted. on_stats(stats()) is called every stats_interval_s and
+    at the end, with the budget's figures under "admission"."""
     with contextlib.ExitStack() as closing:
         buf = ExperienceBuffer(buffer_dir, vocab_size=vocab_size, max_staleness=max_staleness,
                                drop_no_signal=drop_no_signal, run_id=run_id)
         closing.callback(buf.close)
+        admission = None if groups_per_batch is None else Admission(groups_per_batch, max_staleness, run_id=buf.run_id)
         groups = closing.enter_context(RequestServer(experience_address, max_message_bytes=max_message_bytes,
                                                      on_reject=buf.reject))
         batches = closing.enter_context(RequestServer(batch_address, on_reject=buf.reject))
@@ -375,24 +395,28 @@ def serve(buffer_dir: str | os.PathLike, experience_address: str, batch_address:
         while stop is None or not stop.is_set():
             events = dict(poller.poll(int(poll_s * 1000)))
             if groups.socket in events:
-                _intake(groups, buf, intake_per_round)
-            if batches.socket in events and (shutdown := _answer(batches, buf, limit=16)) is not None:
+                _intake(groups, buf, intake_per_round, admission)
+            if batches.socket in events and (shutdown := _answer(batches, buf, 16, admission)) is not None:
                 to, reason = shutdown
                 log.info("buffer shutting down: %s", reason or "learner asked")
                 # What explorers already sent still gets decided and acknowledged (bounded:
                 # an explorer that keeps sending is answered by the next buffer, or re-sends).
                 deadline = time.monotonic() + 2.0
-                while _intake(groups, buf, intake_per_round) and time.monotonic() < deadline:
+                while _intake(groups, buf, intake_per_round, admission) and time.monotonic() < deadline:
                     pass
                 batches.reply(to, Shutdown(reason="buffer stopped"))  # the acknowledgement
                 _linger(batches, SHUTDOWN_LINGER_S)
                 break
             buf.flush()  # rejected frames' counters
             if on_stats is not None and time.monotonic() >= next_stats:
-                on_stats(buf.stats())
+                on_stats(_with_admission(buf.stats(), admission))
                 next_stats = time.monotonic() + stats_interval_s
         buf.flush()
-        final = buf.stats()
+        final = _with_admission(buf.stats(), admission)
     if on_stats is not None:
         on_stats(final)
     return final
+
+
+def _with_admission(stats: dict, admission: Admission | None) -> dict:
+    return stats if admission is None else {**stats, "admission": admission.stats()}

@@ -55,8 +55,19 @@ class ExplorerConfig(Config):
     engine_args) and gpu_memory_utilization is not needed.
     """
 
+    count: int = 1
+    """Explorers `rlpipe run` starts, explorer-0 ... explorer-<count - 1>, each a process with its
+    own sampling engine (on its own device: explorer.devices) and restarted alone if it dies.
+    They share one admission budget kept by the buffer (rlpipe/pipeline/admission.py):
+    together they start only what the learner can train within max_staleness. More explorers
+    on other hosts: `rlpipe explorer --id NAME`."""
+    devices: list[str] = []
+    """One device per explorer (as many as count): explorer-i samples on devices[i], which
+    `rlpipe run` gives it as its explorer.device, e.g. ["cuda:0", "cuda:1", "cuda:2"] for one
+    vLLM engine per GPU, or ["cuda:0,1", "cuda:2,3"] with tensor_parallel_size 2. Empty: every
+    explorer uses explorer.device."""
     concurrency: int = 16
-    """Groups rolled out at the same time (asyncio tasks sharing one sampler)."""
+    """Groups rolled out at the same time by each explorer (asyncio tasks sharing one sampler)."""
     sampler: Literal["auto", "vllm", "local", "tinker"] = "auto"
     """auto = vLLM where installed, else the local torch sampler. "tinker" = through the Tinker
     endpoint the learner trains on (tinker_base_url): the official SDK's SamplingClient on the
@@ -111,6 +122,12 @@ class ExplorerConfig(Config):
     Lower it to shrink the KV cache a long-context model would otherwise reserve."""
     tensor_parallel_size: int = 1
     """GPUs one engine spans (a model too large for one GPU)."""
+    cpu_threads: int = 0
+    """Threads of an engine on the CPU (torch's for the local sampler, vLLM's OpenMP threads,
+    bound to their own cores). 0 = auto: with count > 1 on a host without a GPU, the explorers
+    share the half of the cores the learner leaves (at least one thread each); with one
+    explorer, the engine's default. Every engine taking every core made 2 explorers and the
+    learner 15x slower on 2 cores (benchmarks/bench_scale.py)."""
     enforce_eager: bool = True
     """No torch.compile / CUDA graphs: the engine starts in seconds (and on CPU, compiled graphs
     would recompile per set of loaded adapters). On a GPU, false gives faster decoding for a
@@ -157,7 +174,8 @@ class LearnerConfig(Config):
     See resolve_train_unembed."""
     device: str = ""
     """The learner's device: "" = cuda where available, else cpu; "cuda:1" etc. Sharing one GPU
-    with the explorer's engine: see ExplorerConfig."""
+    with the explorer's engine: see ExplorerConfig. With processes > 1: "" or "cuda" = one GPU
+    per rank, cuda:LOCAL_RANK; "cuda:3,4" = rank i on the i-th of those (on each host)."""
     dtype: Literal["", "float32", "bfloat16", "float16", "float64"] = ""
     """Base weights: "" = bfloat16 on CUDA, float32 on CPU. LoRA weights and Adam's state are
     always float32."""
@@ -234,6 +252,24 @@ class LearnerConfig(Config):
     2 cores), torch's default elsewhere."""
     init_from: str = ""
     """Optional save_state checkpoint to start from (weights only), e.g. an SFT warm-up."""
+    processes: int = 1
+    """Learner processes, data-parallel: N > 1 runs the learner role as
+    `torchrun --standalone --nproc-per-node N -m rlpipe.cli learner ...` on its host (one GPU
+    each, cuda:LOCAL_RANK, NCCL; gloo on the CPU). Each rank trains its share of every batch and
+    the adapter's gradients are summed before each optimizer step, so N processes take the very
+    step one process takes (rlpipe/pipeline/distributed.py). Rank 0 fetches batches, publishes
+    adapters and writes checkpoints, which resume with any N. `rlpipe learner` started under
+    torchrun by hand (several hosts: --nnodes, --rdzv-endpoint) uses torchrun's world size
+    instead. Local backend only."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """With processes > 1: "ddp" = every rank holds the whole base model (fastest while it fits
+    one device); "fsdp" = FSDP2 shards the frozen base over the ranks (a rank holds 1/N of each
+    decoder layer and gathers a layer only while it runs), for a base that does not fit one
+    device. Either way the adapter is whole on every rank and the step is the one-process step."""
+    dist_timeout_s: float = 1800.0
+    """The longest a learner rank waits for the others (joining, one collective). The other ranks
+    wait for rank 0 while it fetches a batch, publishes, checkpoints and evaluates, so this must
+    exceed batch_timeout_s plus the slowest of those."""
 
 
 class BufferConfig(Config):
@@ -276,21 +312,36 @@ DEFAULT_ADDRESSES = {"experience": "tcp://127.0.0.1:5601", "batches": "tcp://127
 
 
 class Addresses(Config):
-    """ZeroMQ endpoints. The buffer binds experience and batches, the learner binds control.
+    """ZeroMQ endpoints. The buffer binds experience and batches, the learner binds control;
+    every other role connects to them.
 
     "" (the default) = `rlpipe run` picks free loopback ports for the run and hands them to its
     roles, so two runs on one machine do not collide; a role started alone (`rlpipe buffer`,
-    `rlpipe learner`, `rlpipe explorer`) then uses DEFAULT_ADDRESSES (ports 5601-5603). Roles on
-    several hosts: set all three, e.g. experience = "tcp://10.0.0.5:5601" (a role binds to the
-    address given; binding beyond loopback must be written here)."""
+    `rlpipe learner`, `rlpipe explorer`) then uses DEFAULT_ADDRESSES (ports 5601-5603).
+
+    Roles on several hosts: one config for all hosts, naming each binding role's host, e.g.
+    buffer on 10.0.0.5 and learner on 10.0.0.6:
+        experience = "tcp://10.0.0.5:5601"   batches = "tcp://10.0.0.5:5602"
+        control = "tcp://10.0.0.6:5603"      bind_public = true
+    Each host binds the addresses of its own roles (its own LAN IP) and connects to the others.
+    A wildcard ("tcp://0.0.0.0:5601", "tcp://*:5601") binds every interface; roles on the same
+    host then connect through loopback, roles on other hosts need `--connect HOST`, which keeps
+    the configured ports (an explorer: the buffer's and learner's host; a learner: the buffer's)."""
 
     experience: str = ""
     batches: str = ""
     control: str = ""
+    bind_public: bool = False
+    """Allow the buffer and learner to bind addresses other hosts can reach (a LAN IP, a
+    wildcard, an interface other than "lo"). Off, such an address is refused before the role
+    starts: an open port lets any host on the network send experience or take weights, so
+    opening one must be asked for (here, or `--bind-public` on rlpipe run / buffer / learner).
+    Loopback addresses (127.0.0.1, localhost, ::1) never need it."""
 
     def resolved(self) -> "Addresses":
         """The addresses with "" replaced by the fixed defaults."""
-        return Addresses(**{k: getattr(self, k) or v for k, v in DEFAULT_ADDRESSES.items()})
+        return Addresses(**{k: getattr(self, k) or v for k, v in DEFAULT_ADDRESSES.items()},
+                         bind_public=self.bind_public)
 
 
 class LoggingConfig(Config):
@@ -360,6 +411,11 @@ def vocab_size(model_path: str) -> int:
     return int(config.get("vocab_size") or config["text_config"]["vocab_size"])
 
 
+MAX_EXPLORERS = 64
+"""explorer.count's upper bound for one `rlpipe run` on one host: a typo (1000) must not start a
+thousand engines."""
+
+
 def check(config: RunConfig) -> RunConfig:
     if config.max_staleness < 0:
         raise ValueError("max_staleness must be >= 0")
@@ -375,6 +431,8 @@ def check(config: RunConfig) -> RunConfig:
         )
     if config.groups_per_batch < 1 or config.explorer.concurrency < 1:
         raise ValueError("groups_per_batch and explorer.concurrency must be >= 1")
+    if not 1 <= config.explorer.count <= MAX_EXPLORERS:
+        raise ValueError(f"explorer.count must be in [1, {MAX_EXPLORERS}], got {config.explorer.count}")
     # The learner's algorithm settings (kl_coef, learning-rate schedule, optimizer steps per batch).
     learner = config.learner
     if not 0 <= learner.kl_coef < float("inf"):
@@ -389,6 +447,19 @@ def check(config: RunConfig) -> RunConfig:
     if not 1 <= learner.optim_steps_per_batch <= config.groups_per_batch:
         raise ValueError(f"learner.optim_steps_per_batch must be in [1, groups_per_batch = {config.groups_per_batch}] "
                          f"(mini-batches are made of whole groups), got {learner.optim_steps_per_batch}")
+    if learner.processes < 1:
+        raise ValueError(f"learner.processes must be >= 1, got {learner.processes}")
+    if "," in learner.device and len(learner.device.split(",")) != learner.processes:
+        raise ValueError(f"learner.device {learner.device!r} names {len(learner.device.split(','))} GPUs: "
+                         f"give one per learner process (learner.processes = {learner.processes})")
+    if config.explorer.devices and len(config.explorer.devices) != config.explorer.count:
+        raise ValueError(f"explorer.devices names {len(config.explorer.devices)} devices for explorer.count = "
+                         f"{config.explorer.count} explorers: give one per explorer (or none)")
+    if learner.processes > 1 and learner.dist_timeout_s <= learner.batch_timeout_s:
+        raise ValueError(f"learner.dist_timeout_s ({learner.dist_timeout_s}) must exceed learner.batch_timeout_s "
+                         f"({learner.batch_timeout_s}): the other ranks wait while rank 0 fetches a batch")
+    if learner.backend == "tinker" and learner.processes != 1:
+        raise ValueError('learner.processes > 1 needs learner.backend = "local": with "tinker" the endpoint trains')
     if learner.backend == "tinker":
         # The Tinker API's losses know no KL term; several optimizer steps per batch are built and
         # tested on the local client only.

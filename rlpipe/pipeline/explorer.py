@@ -9,19 +9,20 @@ that is down or restarting only delays delivery. An explorer restarted with the 
 the same run dir sends what its outbox still holds first, and goes on from its dataset
 position (the next builder it had not started, kept in the same file).
 
-Admission control keeps the explorer from running ahead of the learner. Counting from the
-first adapter version v0 of the current learner incarnation, batches are trained in order,
-so the k-th useful group (one the buffer will accept) lands in batch k // groups_per_batch,
-trained at learner version v0 + k // groups_per_batch. Sampled now with version v, its
-staleness will be v0 + k // groups_per_batch - v. A new group therefore starts only while
+Admission control keeps the explorers, however many, from running ahead of the learner: one
+budget for all of them, kept by the buffer (rlpipe/pipeline/admission.py, where the rule is
+derived). A CreditLine thread reports what this explorer holds (groups rolling out, or
+finished and not yet acknowledged), how many it started, and its adapter version; the buffer
+answers how far it may go. A new group starts only while
 
-    useful + running < (v - v0 + max_staleness + 1) * groups_per_batch
+    started < the granted start_until          (every group can still be trained in time)
     and unacked + running < explorer.max_unacked
 
 The second bound is the back-pressure of a buffer that is away: the outbox never grows past
-max_unacked groups. Failed and no-signal groups are still delivered (the buffer counts them)
-but do not use up a slot, so the explorer rolls out replacements and a synchronous run never
-waits for a batch that cannot fill. With several explorers each counts alone; the buffer's
+max_unacked groups (and without the buffer's answers the grant expires too). A group
+returned with any outcome gives its credit back: failed and no-signal groups are still
+delivered (the buffer counts them) but take no place in a batch, so the explorer rolls out
+replacements and a synchronous run never waits for a batch that cannot fill. The buffer's
 staleness check stays the guarantee and counts what it drops.
 
 Following the learner: every WeightUpdate names its run and the learner incarnation (learner
@@ -62,14 +63,22 @@ import uuid
 import msgspec
 
 from rlpipe.pipeline import identity, transport
+from rlpipe.pipeline.admission import CreditLine
 from rlpipe.pipeline.buffer import drop_reason
 from rlpipe.pipeline.config import RunConfig, import_callable, vocab_size
 from rlpipe.pipeline.errors import Unrecoverable
-from rlpipe.pipeline.explorer_sampler import ExplorerSampler, GroupSampler, default_backend, engine_options, use_device
+from rlpipe.pipeline.explorer_sampler import (
+    ExplorerSampler,
+    GroupSampler,
+    default_backend,
+    engine_options,
+    share_cores,
+    use_device,
+)
 from rlpipe.pipeline.outbox import Outbox, OutboxSender
 from rlpipe.rollouts import do_group
 from rlpipe.sampling import EngineDeadError
-from rlpipe.types import SamplingParams, Shutdown, TrajectoryGroup, WeightUpdate
+from rlpipe.types import CreditRequest, SamplingParams, Shutdown, TrajectoryGroup, WeightUpdate
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +96,12 @@ class Explorer:
         self.model = config.model_path()
         self.run_id = identity.run_id(config.run_dir)
         self.first_version: int | None = None
-        """Where admission counts from: the first version of the current learner incarnation."""
+        """The first version of the current learner incarnation (None before any adapter)."""
         self.running = 0
-        self.useful = 0
+        self.started = 0
+        """Groups started by this process: what the admission budget's grants count against."""
+        self.credits: CreditLine | None = None
+        """The admission budget's grants to this explorer (made in run())."""
         self.vocab_size = vocab_size(self.model)
         self.stats: dict[str, float] = {"groups_pushed": 0.0, "weight_sync_latency_s": 0.0, "engine_restarts": 0.0}
         self.position = (0, 0)
@@ -111,6 +123,7 @@ class Explorer:
                 start_timeout_s=e.engine_start_timeout_s, load_timeout_s=e.weight_load_timeout_s,
                 request_timeout_s=e.episode_timeout_s, max_restarts=e.max_engine_restarts, on_restart=self._engine_restarted)
         use_device(config.explorer.device)  # before anything starts a CUDA context
+        share_cores(config, self.id)
 
     @property
     def version(self) -> int:
@@ -188,10 +201,11 @@ class Explorer:
         new_incarnation = self.first_version is None or update.incarnation != self.incarnation
         await self.sampler.load(update)
         if new_incarnation:
-            # Admission counts from the new learner's first version: the old one's groups will
-            # not be trained by it (the buffer drops them), so they do not fill its batches.
-            self.first_version, self.useful = update.version, 0
+            # A grant for the old learner says nothing about the new one: ask again.
+            self.first_version = update.version
+            self.credits.reset()
             log.info("%s: following learner incarnation %d from version %d", self.id, update.incarnation, update.version)
+        self.credits.wake()  # a newer adapter may open more of the budget
         self.stats["weight_sync_latency_s"] = time.time() - update.created_at if update.created_at else 0.0
         self.stats["version"] = float(update.version)
         self.stats["incarnation"] = float(update.incarnation)
@@ -227,10 +241,26 @@ class Explorer:
     def _may_start(self) -> bool:
         if not self.sampler.ready or self.first_version is None:
             return False
-        if self.outbox.unacked + self.running >= self.config.explorer.max_unacked:
+        holding = self.outbox.unacked + self.running
+        if holding >= self.config.explorer.max_unacked:
             return False  # the buffer is away or behind: do not grow the outbox further
-        window = self.version - self.first_version + self.config.max_staleness + 1
-        return self.useful + self.running < window * self.config.groups_per_batch
+        if self.started < self.credits.start_until:
+            return True
+        self.credits.wake()  # wanting more: ask the buffer (at most every admission.ASK_EVERY_S)
+        return False
+
+    def _credit_request(self) -> CreditRequest | None:
+        """What the credit line reports (on its thread): held groups, and how many more the
+        idle workers could start now (0 while the engine is not ready or the explorer stops)."""
+        if self.version < 0 or self.outbox is None:
+            return None
+        e = self.config.explorer
+        holding = self.outbox.unacked + self.running
+        want = 0 if self._stop.is_set() or not self.sampler.ready else min(e.concurrency - self.running,
+                                                                           e.max_unacked - holding)
+        return CreditRequest(sender=self.id, version=self.version, incarnation=self.incarnation, holding=holding,
+                             started=self.started, want=max(0, want),
+                             oldest=self.credits.oldest(), run_id=self.run_id)
 
     async def _worker(self, builders, admitted: asyncio.Condition, params: SamplingParams) -> None:
         loop = asyncio.get_running_loop()
@@ -247,7 +277,9 @@ class Explorer:
                 saved = loop.run_in_executor(self._db, lambda p=self.position: self.outbox.set_state(
                     dataset_batch=p[0], dataset_offset=p[1]))
                 self.running += 1
-            useful = False
+                self.started += 1
+                key, version = f"rollout-{self.started}", self.version
+                self.credits.hold(key, version)
             try:
                 await saved
                 group = await self._roll_out(builder, params)
@@ -256,15 +288,16 @@ class Explorer:
                 if reason in ("env_error", "invalid"):
                     log.warning("%s: %s group: %s", self.id, reason, detail)
                 self.stats["sampler_busy_frac"] = self.sampler.busy_frac()
-                self.stats["groups_useful_or_running"] = float(self.useful + self.running)
+                self.stats["credits_unused"] = float(self.credits.unused(self.started))
                 group = msgspec.structs.replace(group, explorer_stats=dict(self.stats))
+                self.credits.hold(group.group_id, version)  # until acknowledged (before it can be)
                 await loop.run_in_executor(self._db, self.outbox.put, group)  # durable before it is sent
-                useful = reason is None and group.incarnation == self.incarnation
             finally:
+                self.credits.release(key)
                 async with admitted:
                     self.running -= 1
-                    self.useful += useful
-                    admitted.notify_all()  # a dropped group frees its slot
+                    admitted.notify_all()
+                self.credits.wake()  # a worker is free: report it
 
     async def _roll_out(self, builder, params: SamplingParams) -> TrajectoryGroup:
         """One group, tagged with the run and the incarnation of its first turn. If the engine
@@ -308,10 +341,10 @@ class Explorer:
 
     # ------------------------------------------------------------------ the role
 
-    async def _watch_sender(self, sender: OutboxSender) -> None:
-        while sender.alive:
+    async def _watch_thread(self, thread: OutboxSender | CreditLine, what: str) -> None:
+        while thread.alive:
             await asyncio.sleep(0.5)
-        raise RuntimeError(f"{self.id}: the outbox sender stopped: {sender.error!r}") from sender.error
+        raise RuntimeError(f"{self.id}: the {what} stopped: {thread.error!r}") from thread.error
 
     async def run(self) -> None:
         cfg = self.config
@@ -336,9 +369,17 @@ class Explorer:
                 self.stats["groups_pushed"] += 1
                 self.stats[f"acked_{outcome}"] = self.stats.get(f"acked_{outcome}", 0.0) + 1
                 asyncio.ensure_future(notify())  # a slot of max_unacked is free again
+            self.credits.release(group_id)
+            self.credits.wake()  # whatever the outcome, the group's credit is free again
             if not loop.is_closed():
                 loop.call_soon_threadsafe(on_loop)
 
+        def granted() -> None:  # in the credit thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(notify()))
+
+        self.credits = CreditLine(cfg.addresses.experience, self._credit_request, granted,
+                                  name=f"rlpipe-credits-{self.id}").start()
         sender = OutboxSender(self.outbox, cfg.addresses.experience, ack_timeout_s=cfg.explorer.ack_timeout_s,
                               on_ack=acked, name=f"rlpipe-outbox-{self.id}").start()
         self.outbox.on_commit = sender.wake
@@ -350,12 +391,13 @@ class Explorer:
         rollouts = asyncio.create_task(self._rollouts(admitted), name="rollouts")
         # Restarts the engine if it dies while nothing samples; raises past max_engine_restarts.
         health = asyncio.create_task(_after(engine, self.sampler.watch), name="engine health")
-        delivery = asyncio.create_task(self._watch_sender(sender), name="outbox sender")
+        delivery = asyncio.create_task(self._watch_thread(sender, "outbox sender"), name="outbox sender")
+        credit = asyncio.create_task(self._watch_thread(self.credits, "credit line"), name="credit line")
         error: BaseException | None = None
         try:
             # Ends when the learner says Shutdown (groups still rolling out are abandoned:
             # nobody will train them), or with the first error of any task, raised here.
-            pending = {engine, handler, rollouts, health, delivery}
+            pending = {engine, handler, rollouts, health, delivery, credit}
             while handler in pending and rollouts in pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -370,6 +412,7 @@ class Explorer:
                 log.warning("%s: %d groups not acknowledged by the buffer; they stay in the outbox and are "
                             "sent when an explorer named %s starts again on this run", self.id, self.outbox.unacked, self.id)
             await asyncio.to_thread(sender.stop)
+            await asyncio.to_thread(self.credits.stop)
             await asyncio.to_thread(self.sampler.shutdown)
             self.dir.mkdir(parents=True, exist_ok=True)
             outbox_stats = await loop.run_in_executor(self._db, self.outbox.stats)

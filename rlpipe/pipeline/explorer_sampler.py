@@ -246,6 +246,36 @@ def engine_options(config: RunConfig, backend: str) -> dict:
     }
 
 
+def share_cores(config: RunConfig, explorer_id: str) -> None:
+    """The CPU threads of this explorer's engine (explorer.cpu_threads): torch's in this process,
+    and VLLM_CPU_OMP_THREADS_BIND for a vLLM engine it starts (unless set already), on cores of
+    its own as far as there are enough: explorer-k takes the k-th slice of the cores the
+    learner leaves (the upper half; the learner's threads are not bound)."""
+    e = config.explorer
+    threads = e.cpu_threads
+    on_cpu = e.device == "cpu" or (e.device == "" and not _cuda_available())
+    if not threads and (e.count == 1 or not on_cpu):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    threads = threads or max(1, len(cores) // 2 // e.count)
+    import torch
+
+    torch.set_num_threads(threads)
+    index = int(explorer_id.rpartition("-")[2]) if explorer_id.rpartition("-")[2].isdigit() else 0
+    start = len(cores) // 2 + index * threads
+    bind = ",".join(str(cores[(start + i) % len(cores)]) for i in range(min(threads, len(cores))))
+    if on_cpu and e.tensor_parallel_size == 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+    log.info("explorer %s: %d CPU threads (vLLM engine cores %s)", explorer_id, threads,
+             os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def use_device(device: str) -> None:
     """explorer.device -> CUDA_VISIBLE_DEVICES of this process, which the engine's processes
     inherit. GPU numbers count among the GPUs this process was started with."""

@@ -1,4 +1,7 @@
-"""`rlpipe run`: the three roles as processes on one machine, supervised until done.
+"""`rlpipe run`: the roles as processes on one machine, supervised until done: the buffer,
+the learner and explorer.count explorers (one role "explorer", with id explorer-0; or, with
+count > 1, roles explorer-0 ... explorer-<count - 1>, each its own process and sampling engine,
+restarted alone if it dies; they share the buffer's admission budget, admission.py).
 
 Each role runs in its own session (process group), so stopping it also stops what it
 started (the vLLM engine core). Ctrl-C stops all of them: SIGTERM, then SIGKILL after a
@@ -41,6 +44,8 @@ from rlpipe.pipeline.config import RunConfig, dump, load, redacted, resolve_trai
 from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE
 
 ROLES = ("buffer", "learner", "explorer")
+"""The roles of a run with one explorer; with explorer.count > 1 "explorer" is replaced by
+explorer-0, explorer-1, ... (role_names)."""
 EXPLORER_ID = "explorer-0"
 GRACE_S = 15.0
 POLL_S = 0.5
@@ -85,18 +90,38 @@ def start_heartbeat(run_dir: Path, role: str) -> threading.Event:
 
 def holds_a_run(run_dir: Path) -> list[str]:
     """What in run_dir shows an earlier run (empty if none)."""
-    names = (identity.RUN_FILE, "metrics.jsonl", "buffer", "learner", EXPLORER_ID)
-    return [n for n in names if (Path(run_dir) / n).exists()]
+    names = (identity.RUN_FILE, "metrics.jsonl", "buffer", "learner")
+    explorers = sorted(p.name for p in Path(run_dir).glob("explorer-*") if p.is_dir())
+    return [n for n in names if (Path(run_dir) / n).exists()] + explorers
 
 
-def role_command(role: str, config_path: str, sets: list[str], resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "rlpipe.cli", role, config_path]
-    for item in sets:
+def explorer_ids(count: int) -> list[str]:
+    """The stable ids of the explorers `rlpipe run` starts: a restarted one finds its outbox."""
+    return [f"explorer-{i}" for i in range(count)]
+
+
+def explorer_role(count: int, explorer_id: str | None) -> str:
+    """An explorer's role name (its logs/<role>.log, heartbeat, failure file, restarts.json
+    key): "explorer" in a run with one explorer, else its id."""
+    return "explorer" if count == 1 or not explorer_id else explorer_id
+
+
+def role_names(config: RunConfig) -> dict[str, str | None]:
+    """role name -> explorer id (None for the buffer and the learner), in start order."""
+    count = config.explorer.count
+    return {"buffer": None, "learner": None, **{explorer_role(count, i): i for i in explorer_ids(count)}}
+
+
+def role_command(role: str, config_path: str, sets: list[str], resume: bool,
+                 explorer_id: str | None = None, device: str = "") -> list[str]:
+    """device: the explorer's own (explorer.devices), after the run's --set items so it wins."""
+    cmd = [sys.executable, "-m", "rlpipe.cli", "explorer" if explorer_id else role, config_path]
+    for item in sets + ([f"explorer.device={json.dumps(device)}"] if device else []):
         cmd += ["--set", item]
     if resume and role == "learner":
         cmd.append("--resume")
-    if role == "explorer":
-        cmd += ["--id", EXPLORER_ID]  # a stable id: a restarted explorer finds its outbox
+    if explorer_id or role == "explorer":
+        cmd += ["--id", explorer_id or EXPLORER_ID]  # a stable id: a restarted explorer finds its outbox
     return cmd
 
 
@@ -173,7 +198,9 @@ class Supervisor:
     def __init__(self, config: RunConfig, config_path: str, sets: list[str], resume: bool):
         self.config = config
         self.run_dir = config.run_dir
-        self.roles = {r: Role(r, role_command(r, config_path, sets, resume)) for r in ROLES}
+        devices = dict(zip(explorer_ids(config.explorer.count), config.explorer.devices))
+        self.roles = {r: Role(r, role_command(r, config_path, sets, resume, explorer_id, devices.get(explorer_id, "")))
+                      for r, explorer_id in role_names(config).items()}
         # A restarted learner always resumes from its checkpoint.
         self.learner_resume = role_command("learner", config_path, sets, True)
         self.restarts = read_restarts(self.run_dir)

@@ -11,6 +11,9 @@ With learner.backend = "tinker" the client is the official tinker SDK's on a Tin
 (rlpipe/pipeline/tinker_backend.py): the WeightUpdate carries the tinker:// sampler path of
 save_weights_for_sampler instead of the bytes, and checkpoints are tinker:// paths.
 
+With learner.processes = N (or under torchrun) the learner is N data-parallel ranks: this
+class runs on rank 0, the other ranks run follow() (rlpipe/pipeline/distributed.py).
+
 The policy version is the learner's step count (batches trained), kept by the learner apart
 from the client's optimizer-step count (several per batch with optim_steps_per_batch > 1), so
 "u - v" in the staleness rule, `steps`, sync_interval and checkpoint_every count batches.
@@ -33,15 +36,8 @@ import torch
 from rlpipe import checkpoint
 from rlpipe.hyperparams import get_lr, scheduled_lr
 from rlpipe.metrics import MetricsWriter
-from rlpipe.pipeline import identity, transport
-from rlpipe.pipeline.batches import (
-    batch_metrics,
-    group_datums,
-    is_truncated,
-    minibatch_metrics,
-    split_groups,
-    submit_minibatches,
-)
+from rlpipe.pipeline import distributed, identity, transport
+from rlpipe.pipeline.batches import batch_metrics, group_datums, is_truncated, split_groups
 from rlpipe.pipeline.config import RunConfig, import_callable, redacted, resolve_train_unembed
 from rlpipe.pipeline.errors import Unrecoverable
 from rlpipe.training import TrainingClient
@@ -70,28 +66,64 @@ def latest_checkpoint(run_dir: Path) -> dict | None:
     return json.loads(latest.read_text()) if latest.exists() else None
 
 
+def _lora(config: RunConfig) -> LoraConfig:
+    lc = config.learner
+    return LoraConfig(rank=lc.rank, seed=config.seed, train_attn=lc.train_attn, train_mlp=lc.train_mlp,
+                      train_unembed=resolve_train_unembed(config))
+
+
+def _join_ranks(config: RunConfig) -> tuple[distributed.Ranks, str]:
+    """This process's place among the learner's ranks (before the model: NCCL binds this rank's
+    GPU), its device, and its torch threads."""
+    lc = config.learner
+    device = distributed.rank_device(lc.device)
+    ranks = distributed.Ranks(device, lc.dist_timeout_s, lc.strategy)
+    if ranks.size > 1 and lc.backend == "tinker":
+        raise ValueError('a learner under torchrun needs learner.backend = "local": with "tinker" the endpoint trains')
+    threads = lc.cpu_threads
+    if not threads and not torch.cuda.is_available():
+        # the cores this process may use (taskset, cgroups), shared by the ranks on this host
+        threads = max(1, len(os.sched_getaffinity(0)) // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if threads:
+        torch.set_num_threads(threads)
+    return ranks, device
+
+
+def _local_client(config: RunConfig, device: str, checkpoint_dir: Path, ranks: distributed.Ranks) -> TrainingClient:
+    lc = config.learner
+    return TrainingClient(config.model_path(), _lora(config), checkpoint_dir, device=device or None,
+                          dtype=lc.dtype or None, layout=lc.layout or None,
+                          max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
+                          gradient_checkpointing=lc.gradient_checkpointing, place=ranks.place)
+
+
+def follow(config: RunConfig) -> None:
+    """A learner rank other than 0 (torchrun): the same model, given rank 0's adapter and
+    optimizer state, trained on the shares of each batch that rank 0 sends, until it stops."""
+    ranks, device = _join_ranks(config)
+    client = _local_client(config, device, config.run_dir / "learner", ranks)
+    try:
+        ranks.attach(client)
+        ranks.follow(client)
+    finally:
+        client.close()
+    ranks.close()
+
+
 class Learner:
     def __init__(self, config: RunConfig, resume: bool = False):
         self.config = config
         self.dir = config.run_dir / "learner"
-        threads = config.learner.cpu_threads
-        if not threads and not torch.cuda.is_available():
-            threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores this process may use (taskset, cgroups)
-        if threads:
-            torch.set_num_threads(threads)
+        self.ranks, device = _join_ranks(config)
         model = config.model_path()
         lc = config.learner
-        lora = LoraConfig(rank=lc.rank, seed=config.seed, train_attn=lc.train_attn, train_mlp=lc.train_mlp,
-                          train_unembed=resolve_train_unembed(config))
         self.tinker = lc.backend == "tinker"
         if self.tinker:
             from rlpipe.pipeline.tinker_learner import TinkerTrainingClient
 
-            self.client = TinkerTrainingClient(config, lora, self.dir)
+            self.client = TinkerTrainingClient(config, _lora(config), self.dir)
         else:
-            self.client = TrainingClient(model, lora, self.dir, device=lc.device or None, dtype=lc.dtype or None,
-                                         layout=lc.layout or None, max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
-                                         gradient_checkpointing=lc.gradient_checkpointing)
+            self.client = _local_client(config, device, self.dir, self.ranks)
         self.step = 0
         """Learner steps (batches trained): the policy version. The client counts optimizer steps."""
         self.after_seq = 0
@@ -111,6 +143,7 @@ class Learner:
                      self.after_seq)
         elif config.learner.init_from:
             self.client.load_state(config.learner.init_from).result()
+        self.ranks.attach(self.client)  # the other ranks start from this rank's adapter and optimizer state
         log.info("learner incarnation %d of run %s", self.incarnation, self.run_id)
         self.lr = config.learner.learning_rate or get_lr(model)
         """The peak learning rate; each step's is scheduled_lr (learner.lr_schedule)."""
@@ -173,6 +206,8 @@ class Learner:
                 })
                 self.metrics.write(record)
                 control.poll(0)
+            self.ranks.stop()  # not on an error: the ranks may be inside a collective; torchrun stops them
+            self.ranks.close()
             control.shutdown("learner finished", run_id=self.run_id)
             # Explorers stop at once on Shutdown; give their last pushes time to reach the
             # buffer before the buffer is told to stop (so every pushed group is counted),
@@ -243,11 +278,9 @@ class Learner:
         lr = scheduled_lr(step, self.lr, schedule=lc.lr_schedule, warmup_steps=lc.lr_warmup_steps,
                           total_steps=lc.steps, min_ratio=lc.lr_min_ratio)
         adam = AdamParams(learning_rate=lr, grad_clip_norm=lc.grad_clip_norm, weight_decay=lc.weight_decay)
-        calls = submit_minibatches(self.client, minibatches, lc.loss_fn, self.loss_config, adam)
-        # The steps run on the client's worker thread; the batch's figures are summed up meanwhile.
         trajectories = [t for g in batch.groups for t in g.trajectories]
         record = {"step": step + 1, "time": started, **batch_metrics(batch.groups, step),
-                  "learner/incarnation": self.incarnation,
+                  "learner/incarnation": self.incarnation, "learner/processes": float(self.ranks.size),
                   # the buffer serves only this incarnation's groups: a check that explorers follow a restart
                   "explorer/incarnation_min": min(g.incarnation for g in batch.groups),
                   "optim/lr": lr,
@@ -257,7 +290,8 @@ class Learner:
                   "tokens/trained": float(sum(d.model_input.length for data in minibatches for d in data))}
         record.update({f"dropped/{k}": float(v) for k, v in batch.dropped.items()})
         record.update({"buffer/first_seq": batch.seqs[0], "buffer/last_seq": batch.seqs[-1]})
-        record.update(minibatch_metrics(calls))
+        # All ranks train their shares of each mini-batch (one process: all of it).
+        record.update(self.ranks.step(self.client, minibatches, lc.loss_fn, self.loss_config, adam))
         if not record["optim/updates"]:
             # Nothing left to train (overlong = "drop" on an all-truncated batch): the step still
             # counts, so the run keeps its length and the buffer position moves on.

@@ -42,13 +42,16 @@ def run_stats(run_dir: str | Path) -> dict:
     buffer = read_stats(buffer_dir) if buffer_dir.exists() else {"received": 0, "accepted": 0, "duplicates": 0, "dropped": {}}
     explorers: dict[str, dict] = {}
     waiting = 0
+    restarts = read_restarts(run_dir)
     for d in explorer_dirs(run_dir):
         own = read_outbox_stats(d)
         # An unacknowledged group may have reached the buffer (the ack was lost): it is
         # received, not waiting; it will come back as a duplicate when re-sent.
         pending = unacked_ids(d)
         unseen = len(pending - seen_group_ids(buffer_dir, pending)) if pending and buffer_dir.exists() else len(pending)
-        explorers[d.name] = {**own, "waiting": unseen}
+        # With one explorer its role is "explorer" (launch.explorer_role), its directory explorer-0.
+        role_restarts = restarts.get(d.name, 0) + (restarts.get("explorer", 0) if d.name == "explorer-0" else 0)
+        explorers[d.name] = {**own, "waiting": unseen, "restarts": role_restarts}
         waiting += unseen
     finished = sum(e["finished"] for e in explorers.values())
     latest = latest_checkpoint(run_dir) or {}
@@ -58,7 +61,9 @@ def run_stats(run_dir: str | Path) -> dict:
         "buffer": buffer,
         "learner": {"steps": latest.get("step", 0), "groups_trained": latest.get("groups_trained", 0),
                     "incarnation": latest.get("incarnation", 0)},
-        "restarts": {role: read_restarts(run_dir).get(role, 0) for role in ("buffer", "learner", "explorer")},
+        # "explorer": every explorer's restarts (roles explorer, or explorer-0, explorer-1, ...); each in by_explorer
+        "restarts": {"buffer": restarts.get("buffer", 0), "learner": restarts.get("learner", 0),
+                     "explorer": sum(n for r, n in restarts.items() if r == "explorer" or r.startswith("explorer-"))},
         "lost": finished - received - waiting,
         "identity_holds": received == buffer["accepted"] + sum(n for r, n in buffer["dropped"].items() if r != "stale"),
     }

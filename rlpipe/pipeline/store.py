@@ -180,6 +180,10 @@ class Store:
         if free >= VACUUM_MIN_FREE_PAGES:
             self.db.execute("PRAGMA incremental_vacuum").fetchall()
 
+    def count_after(self, seq: int) -> int:
+        """How many accepted groups after seq are still in the store (not served stale, not compacted)."""
+        return self.db.execute("SELECT COUNT(*) FROM payloads WHERE seq > ?", (seq,)).fetchone()[0]
+
     def in_store(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM payloads").fetchone()[0]
 

@@ -15,6 +15,13 @@
                                       joiners) and Heartbeats; the learner sends the latest
                                       WeightUpdate to every registered peer.
 
+Binding: a role binds the address its config gives it (the buffer experience and batches,
+the learner control) and connects to the others. Binding beyond loopback (a LAN address, a
+wildcard "*" / "0.0.0.0", an interface name other than "lo") opens the role to other hosts, so
+a role started from a config refuses it unless addresses.bind_public is set (checked before
+the role starts, pipeline/addresses.py, with `is_loopback` below); an address that is not one
+of this host's is an error restarting cannot fix (AddressNotHere).
+
 Each wrapper owns one msgspec Encoder and one typed Decoder of `Message` (dispatched on the
 "type" tag). A frame that is not msgpack, fails the schema, has an unknown tag, is framed
 wrongly or exceeds `max_message_bytes` is counted in `rejected[reason]` and skipped; the
@@ -23,6 +30,7 @@ receiver goes on. Every blocking call takes a timeout.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import socket as pysocket
@@ -60,6 +68,36 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def tcp_address(port: int | None = None, host: str = "127.0.0.1") -> str:
     return f"tcp://{host}:{free_port(host) if port is None else port}"
+
+
+WILDCARD_HOSTS = frozenset({"*", "0.0.0.0", "::", "[::]"})
+"""Bind hosts that mean every interface of the binding host; not a place to connect to."""
+
+
+def tcp_host(address: str) -> str | None:
+    """The host of a "tcp://HOST:PORT" address ("[::1]" keeps its brackets); None for ipc://,
+    inproc:// and anything else that is no network address."""
+    if not address.startswith("tcp://"):
+        return None
+    host, sep, _ = address.removeprefix("tcp://").rpartition(":")
+    return host if sep else None
+
+
+def is_loopback(address: str) -> bool:
+    """Whether binding address is reachable from this host only: a loopback IP (127.0.0.0/8,
+    ::1), "localhost", the "lo" interface, or no network address at all (ipc://, inproc://).
+    A LAN IP, a wildcard, another interface name or a hostname is not."""
+    import ipaddress
+
+    host = tcp_host(address)
+    if host is None:
+        return not address.startswith(("tcp://", "udp://", "pgm://", "epgm://", "ws://", "wss://"))
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False  # an interface name or a hostname: assume it reaches beyond this host
 
 
 class Codec:
@@ -127,11 +165,19 @@ def _make_socket(ctx: zmq.Context | None, kind: int, address: str, bind: bool, *
         if err.errno == zmq.EADDRINUSE:  # restarting cannot free it: say whose and what to do
             raise AddressInUse(f"cannot bind {address}: the address is already in use (another run on this host?); "
                                "leave [addresses] unset so `rlpipe run` picks free ports, or choose others") from None
+        if err.errno in (errno.EADDRNOTAVAIL, errno.ENODEV):  # another host's address, or no such interface (a hostname)
+            raise AddressNotHere(f"cannot bind {address}: no interface of this host has that address; a role binds "
+                                 "its own host's address (buffer: experience, batches; learner: control) and "
+                                 "connects to the others'") from None
         raise
     return sock
 
 
 class AddressInUse(Unrecoverable):
+    pass
+
+
+class AddressNotHere(Unrecoverable):
     pass
 
 
