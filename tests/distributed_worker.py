@@ -1,6 +1,7 @@
 """One learner rank for tests/test_distributed_learner.py, as torchrun runs it:
 
-    torchrun --standalone --nproc-per-node N -m tests.distributed_worker OUT START STEPS [LOAD] [SAVE_AT] [STRATEGY]
+    torchrun ... --nproc-per-node N -m tests.distributed_worker OUT START STEPS [LOAD] [SAVE_AT] [STRATEGY]
+    (as distributed.local_torchrun starts it)
 
 It trains the learner's way (rlpipe.pipeline.distributed.Ranks: rank 0 steps, the others
 follow) on fixed batches, batch i for learner step i (START = the first), two mini-batches per

@@ -6,16 +6,19 @@ the plain 1-process code path (tests/distributed_worker.py), never another distr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from rlpipe.pipeline.distributed import local_torchrun
 from tests.distributed_worker import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,25 +28,79 @@ SAVE_AT = 2
 
 def torchrun(out: Path, start: int, steps: int, load: str = "", save_at: int = 0, processes: int = 2,
              strategy: str = "ddp") -> list[dict]:
-    """tests.distributed_worker as `processes` ranks under torchrun; rank 0's records. A run
-    that hangs is stopped (torchrun stops its ranks; they also die with it: die_with_agent)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-           "-m", "tests.distributed_worker", str(out), str(start), str(steps), load, str(save_at), strategy]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, text=True)
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
+    """tests.distributed_worker as `processes` ranks under torchrun, launched as the learner
+    launches its ranks (local_torchrun); rank 0's records. Every socket the run listens on is
+    on loopback. A run that hangs is stopped (torchrun stops its ranks; they also die with
+    it: die_with_agent)."""
+    args = ["-m", "tests.distributed_worker", str(out), str(start), str(steps), load, str(save_at), strategy]
+    with local_torchrun(processes, args) as (cmd, env):
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, text=True)
+        listening = set()
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            listening |= listening_addresses(descendants(proc.pid))
+            time.sleep(0.2)
         try:
-            output, _ = proc.communicate(timeout=30)
+            output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within 240 s:\n{output[-3000:]}")
+            proc.terminate()
+            try:
+                output, _ = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                output, _ = proc.communicate()
+            pytest.fail(f"torchrun did not finish within 240 s:\n{output[-3000:]}")
     assert proc.returncode == 0, output[-3000:]
+    assert listening, "no listening socket seen: the check below would be empty"  # gloo's, at least
+    assert all(host in ("127.0.0.1", "::1") for host, _ in listening), listening
     return json.loads((out / "steps.json").read_text())
+
+
+def descendants(pid: int) -> set[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    found, grew = {pid}, True
+    while grew:
+        more = {p for p, parent in parents.items() if parent in found} - found
+        found |= more
+        grew = bool(more)
+    return found
+
+
+def listening_addresses(pids: set[int]) -> set[tuple[str, int]]:
+    """(host, port) of the TCP sockets these processes listen on (Linux /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+        except OSError:
+            continue
+    out = set()
+    for table, ipv6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                    address, port = fields[1].split(":")
+                    raw = bytes.fromhex(address)
+                    if ipv6:  # four little-endian 32-bit words
+                        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                        host = socket.inet_ntop(socket.AF_INET6, raw)
+                        host = host.removeprefix("::ffff:")
+                    else:
+                        host = socket.inet_ntop(socket.AF_INET, raw[::-1])
+                    out.add((host, int(port, 16)))
+    return out
 
 
 def assert_same_steps(got: list[dict], want: list[dict]) -> None:

@@ -254,7 +254,7 @@ class LearnerConfig(Config):
     """Optional save_state checkpoint to start from (weights only), e.g. an SFT warm-up."""
     processes: int = 1
     """Learner processes, data-parallel: N > 1 runs the learner role as
-    `torchrun --standalone --nproc-per-node N -m rlpipe.cli learner ...` on its host (one GPU
+    `torchrun --nproc-per-node N -m rlpipe.cli learner ...` on its host, on loopback (one GPU
     each, cuda:LOCAL_RANK, NCCL; gloo on the CPU). Each rank trains its share of every batch and
     the adapter's gradients are summed before each optimizer step, so N processes take the very
     step one process takes (rlpipe/pipeline/distributed.py). Rank 0 fetches batches, publishes

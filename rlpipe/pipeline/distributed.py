@@ -45,10 +45,12 @@ the module's state when it is built), so no other rank reads the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -90,27 +92,54 @@ torchrun reports any failed rank as exit code 1, so this is how that error's exi
 (EXIT_UNRECOVERABLE: `rlpipe run` stops instead of restarting) gets through."""
 
 
-def run_torchrun(processes: int, cli_args: list[str], mark: Path) -> int:
-    """Run `rlpipe <cli_args>` as `processes` ranks under torchrun on this host and wait for it;
-    its exit code, EXIT_UNRECOVERABLE if a rank created `mark`. --standalone: a rendezvous on a
-    free local port, so runs side by side never meet. A SIGTERM to this process
-    (KeyboardInterrupt, see cli._stop_on_sigterm) is passed on: torchrun stops its workers,
-    which are in sessions of their own."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-           "-m", "rlpipe.cli", *cli_args]
-    mark.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, env={**os.environ, UNRECOVERABLE_MARK: str(mark)})
+STORE_ENV = "RLPIPE_DIST_STORE"
+"""host:port of the TCPStore the ranks meet on, when the launcher hosts one (local_torchrun)."""
+
+
+@contextlib.contextmanager
+def local_torchrun(processes: int, module_args: list[str]):
+    """(command, environment) of `python -m torch.distributed.run ... <module_args>` as `processes`
+    ranks on this host, every server of it on 127.0.0.1. torchrun --standalone would host its
+    rendezvous store, and rank 0 the ranks' store, on every interface; here this process hosts
+    one store on loopback (a listening socket of its own, TCPStore's master_listen_fd) for the
+    rendezvous (is_host=false: the agent is a client) and for the ranks (Ranks joins through
+    STORE_ENV; TORCH_DISABLE_SHARE_RDZV_TCP_STORE: the agent starts no store of its own), and
+    gloo and NCCL connect the ranks over the loopback interface. The store lives while the
+    context does."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    # The store owns the socket from here: it closes it when it goes.
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=listener.detach(), wait_for_workers=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={processes}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-conf=is_host=false",
+           "--local-addr=127.0.0.1", *module_args]
+    env = {**os.environ, STORE_ENV: f"127.0.0.1:{port}", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+           "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
     try:
-        code = proc.wait()
-        return EXIT_UNRECOVERABLE if code != 0 and mark.exists() else code
+        yield cmd, env
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        del store
+
+
+def run_torchrun(processes: int, cli_args: list[str], mark: Path) -> int:
+    """Run `rlpipe <cli_args>` as `processes` ranks under torchrun on this host (local_torchrun)
+    and wait for it; its exit code, EXIT_UNRECOVERABLE if a rank created `mark`. A SIGTERM to
+    this process (KeyboardInterrupt, see cli._stop_on_sigterm) is passed on: torchrun stops its
+    workers, which are in sessions of their own."""
+    mark.unlink(missing_ok=True)
+    with local_torchrun(processes, ["-m", "rlpipe.cli", *cli_args]) as (cmd, env):
+        proc = subprocess.Popen(cmd, env={**env, UNRECOVERABLE_MARK: str(mark)})
+        try:
+            code = proc.wait()
+            return EXIT_UNRECOVERABLE if code != 0 and mark.exists() else code
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def die_with_agent() -> None:
@@ -179,12 +208,19 @@ class Ranks:
         if self.size == 1:
             return
         timeout = timedelta(seconds=timeout_s)
+        joined = {}
+        if STORE_ENV in os.environ:  # started by local_torchrun: its loopback store, as a client
+            host, _, port = os.environ[STORE_ENV].rpartition(":")
+            store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            joined = {"store": dist.PrefixStore(f"rlpipe-ranks/{attempt}", store), "rank": self.rank,
+                      "world_size": self.size}
         if torch.device(device or "cpu").type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", timeout=timeout, device_id=torch.device(device))
+            dist.init_process_group("nccl", timeout=timeout, device_id=torch.device(device), **joined)
             self.objects = dist.new_group(backend="gloo", timeout=timeout)
         else:
-            dist.init_process_group("gloo", timeout=timeout)
+            dist.init_process_group("gloo", timeout=timeout, **joined)
 
     def attach(self, client) -> None:
         """Make client's optimizer steps sum the ranks' gradients first, and give every rank
