@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rlpipe.tiny import default_model_path
+from rlpipe.testing.embedded import default_model_path
 from tests.serve_helpers import ServeProcess
 from tests.test_serve_cookbook import arithmetic_conversations, recipe, rows
 

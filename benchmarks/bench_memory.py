@@ -27,7 +27,7 @@ def build_model() -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from rlpipe.tiny import default_model_path
+    from rlpipe.testing.embedded import default_model_path
 
     path = CACHE / "llama-48m-32k"
     if (path / "config.json").exists():

@@ -4,7 +4,7 @@
 
 The model has the real Qwen3-0.6B configuration (hidden 1024, 28 layers, 16 heads / 8 KV heads
 of dim 128, intermediate 3072, vocabulary 151,936, tied embeddings), random weights and a
-tokenizer trained here (rlpipe.families). The run is the toy digits env (constant-reward groups kept:
+tokenizer trained here (rlpipe.testing.families). The run is the toy digits env (constant-reward groups kept:
 the random model rarely writes a digit), LoRA rank 16 on attention, MLP and lm_head, synchronous (each step samples with the newest adapter), the vLLM
 sampler in fp32. Printed: seconds per step (and the learner's train / publish part), the
 weight sync latency (learner saves -> explorer samples with it), time to the first step, and
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from rlpipe.pipeline import transport
-from rlpipe.families import QWEN3_0_6B, family_model_path
+from rlpipe.testing.families import QWEN3_0_6B, family_model_path
 from rlpipe.pipeline.launch import group_members
 from rlpipe.metrics import read_metrics
 

@@ -18,7 +18,7 @@ import time
 
 from rlpipe import ServiceClient, types
 from rlpipe.sampling import create_sampling_client, shutdown_engines
-from rlpipe.tiny import corpus, default_model_path
+from rlpipe.testing.embedded import corpus, default_model_path
 
 # Both randomly initialised (train_steps=0): near-uniform next tokens, so sequences run to
 # max_tokens instead of stopping at EOS after a few tokens as the pre-trained tiny model does.

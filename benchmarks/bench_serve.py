@@ -4,7 +4,7 @@
                                      [--skip-sampling] [--skip-memory]
 
 One `rlpipe serve` subprocess on loopback (cpu, float32 as the in-process client) is driven by
-the tinker SDK from this process; the in-process side is rlpipe.training.TrainingClient and the
+the tinker SDK from this process; the in-process side is rlpipe.training.client.TrainingClient and the
 direct sampler rlpipe.sampling.create_sampling_client. Both sides do the same sequence of
 calls on the same model, LoRA rank 8, seed 0, one call at a time: the training calls
 interleaved (in process, remote; remote, in process; ...) so that load from elsewhere on the
@@ -62,10 +62,10 @@ FB_TARGET, SAMPLE_TARGET, MEMORY_TARGET = 1.2, 1.2, 1.3
 
 def model_dir(name: str) -> str:
     if name == "tiny":
-        from rlpipe.tiny import default_model_path
+        from rlpipe.testing.embedded import default_model_path
 
         return str(default_model_path())
-    from rlpipe.families import QWEN3_0_6B, family_model_path
+    from rlpipe.testing.families import QWEN3_0_6B, family_model_path
 
     return str(family_model_path("qwen3", **QWEN3_0_6B))
 
@@ -307,7 +307,7 @@ def main() -> None:
     from tinker import types as T
 
     from rlpipe import types as R
-    from rlpipe.training import TrainingClient
+    from rlpipe.training.client import TrainingClient
 
     rows: list[tuple] = []  # (figure, remote, in process, ratio, target, passed or None)
     t_start = time.time()

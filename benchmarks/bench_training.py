@@ -5,7 +5,7 @@
 Two batch shapes:
 - rl:  the demo's RL batch, 8 prompts x 16 samples = 128 datums of 14-23 tokens;
 - sft: 16 datums of 64-512 tokens.
-Layouts (rlpipe.packing): "rows@W" packs datums into rows of width W (block-diagonal mask),
+Layouts (rlpipe.training.packing): "rows@W" packs datums into rows of width W (block-diagonal mask),
 "padded" puts each datum in its own row padded to the longest, "varlen" runs attention per
 datum (on CPU a reference loop; on CUDA torch's flash varlen kernel), "per-datum" calls
 forward_backward once per datum (no padding, no packing, batch size 1). rows@4096 was the
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from rlpipe import ServiceClient, types
-from rlpipe.tiny import default_model_path
+from rlpipe.testing.embedded import default_model_path
 
 SHAPES = {"rl": (128, 14, 23), "sft": (16, 64, 512)}
 LAYOUTS = {"rows@64": ("rows", 64), "rows@128": ("rows", 128), "rows@256": ("rows", 256), "rows@512": ("rows", 512),

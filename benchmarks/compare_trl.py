@@ -11,7 +11,7 @@ For one anyway (another trl, say), pass its interpreter as --trl-python; it need
 peft and rlpipe itself (`pip install -e .`: the reward comes from envs.arithmetic).
 
 What it does
-1. The demo's SFT warm-up (250 cross-entropy steps, `rlpipe.warmup.sft_warm_up`) once, or
+1. The demo's SFT warm-up (250 cross-entropy steps, `rlpipe.pipeline.warmup.sft_warm_up`) once, or
    `--init DIR` (a save_state dir; a run prints its own). Both frameworks start from it.
 2. TRL, in a subprocess (imports and start paid by it, as rlpipe's roles pay theirs):
    GRPOTrainer with generation by transformers `generate` (trl's vLLM path is not usable on this
@@ -41,9 +41,9 @@ What it does
    optimizer step per generation batch TRL is on-policy: r == 1, the clip never binds, and the
    gradient is rlpipe's on-policy gradient; rlpipe's r = exp(learner lp - sampler lp) with
    samples up to max_staleness = 1 step old.
-3. rlpipe: `rlpipe.pipeline.launch.run_to_end` with `rlpipe.demo.demo_config` (vLLM sampler, async, max
+3. rlpipe: `rlpipe.pipeline.launch.run_to_end` with `rlpipe.cli.demo.demo_config` (vLLM sampler, async, max
    staleness 1), `learner.init_from` = the warm-up, `learner.eval_every = 0`, free ZeroMQ ports.
-4. Held-out greedy accuracy (`rlpipe.demo.accuracy` = `rlpipe.evaluators.greedy_eval` on 200
+4. Held-out greedy accuracy (`rlpipe.cli.demo.accuracy` = `rlpipe.evaluators.greedy_eval` on 200
    held-out problems) of the warm-up and of each final adapter, all run after both trainings so
    that no evaluation engine shares the CPUs with a timed run.
 Each side's figures go to RUNS_DIR/<side>/result.json; `--only` reruns one side (pass `--init`
@@ -283,7 +283,7 @@ def run_trl(spec: dict, python: str) -> dict:
 
 def run_rlpipe(runs_dir: Path, init: str, steps: int) -> dict:
     from rlpipe.pipeline import launch, transport
-    from rlpipe.demo import demo_config
+    from rlpipe.cli.demo import demo_config
     from rlpipe.pipeline.learner import latest_checkpoint
 
     config = demo_config(str(runs_dir), steps)
@@ -386,8 +386,8 @@ def main() -> None:
         return trl_worker(args.trl_worker)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from rlpipe.demo import DIFFICULTY, SFT_STEPS, accuracy, demo_config, sft_data
-    from rlpipe.warmup import sft_warm_up
+    from rlpipe.cli.demo import DIFFICULTY, SFT_STEPS, accuracy, demo_config, sft_data
+    from rlpipe.pipeline.warmup import sft_warm_up
 
     runs_dir = Path(args.runs_dir).resolve()
     config = demo_config(str(runs_dir), args.steps)

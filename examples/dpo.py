@@ -34,9 +34,9 @@ import torch
 
 from envs.arithmetic import make_problems
 from rlpipe import ServiceClient, types
-from rlpipe.hyperparams import get_lr
+from rlpipe.training.hyperparams import get_lr
 from rlpipe.renderers import conversation_to_datum, get_renderer
-from rlpipe.tiny import default_model_path
+from rlpipe.testing.embedded import default_model_path
 
 
 def make_pairs(n: int, seed: int) -> list[tuple[list[dict], list[dict]]]:

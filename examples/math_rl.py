@@ -32,13 +32,13 @@ import os
 import time
 from pathlib import Path
 
-from rlpipe import console
+from rlpipe.cli import console
 from rlpipe.datums import supervised_datum
 from rlpipe.metrics import window_mean
 from rlpipe.pipeline import launch, transport
 from rlpipe.pipeline.config import RunConfig
 from rlpipe.pipeline.learner import latest_checkpoint
-from rlpipe.warmup import sft_warm_up
+from rlpipe.pipeline.warmup import sft_warm_up
 
 
 def parse_args(argv):

@@ -42,7 +42,7 @@ import random
 import time
 from pathlib import Path
 
-from rlpipe import console
+from rlpipe.cli import console
 
 MAX_TURNS = 5  # X moves at most 5 times, O 4; a full game is under 600 tokens
 
@@ -147,7 +147,7 @@ def run(args) -> dict:
     from rlpipe.pipeline import launch
     from rlpipe.pipeline.learner import latest_checkpoint
     from rlpipe.metrics import window_mean
-    from rlpipe.warmup import sft_warm_up
+    from rlpipe.pipeline.warmup import sft_warm_up
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     config = make_config(args)

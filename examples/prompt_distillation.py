@@ -28,9 +28,9 @@ from envs.arithmetic import ANSWER_FORM, make_problems
 from rlpipe import ServiceClient, types
 from rlpipe.datums import supervised_datum
 from rlpipe.evaluators import nll_eval, run_sampling_eval
-from rlpipe.hyperparams import get_lr
+from rlpipe.training.hyperparams import get_lr
 from rlpipe.renderers import conversation_to_datum, get_renderer
-from rlpipe.tiny import default_model_path
+from rlpipe.testing.embedded import default_model_path
 
 SYSTEM_PROMPT = (
     "You are Calc, a terse calculator. Whatever the user asks, reply with the whole equation "
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--questions", type=int, default=256, help="training questions the teacher answers")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=None, help="default: rlpipe.hyperparams.get_lr(model)")
+    parser.add_argument("--lr", type=float, default=None, help="default: rlpipe.training.hyperparams.get_lr(model)")
     parser.add_argument("--temperature", type=float, default=1.0, help="teacher sampling temperature")
     parser.add_argument("--checkpoint-dir", default="runs/prompt_distillation")
     args = parser.parse_args(argv)

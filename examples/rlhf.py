@@ -33,10 +33,10 @@ import torch
 
 from envs.arithmetic import grade, make_problems
 from rlpipe import ServiceClient, types
-from rlpipe.hyperparams import get_lr
+from rlpipe.training.hyperparams import get_lr
 from rlpipe.renderers import conversation_to_datum, get_renderer
 from rlpipe.rollouts import center_advantages
-from rlpipe.tiny import default_model_path
+from rlpipe.testing.embedded import default_model_path
 
 SAMPLE_TOKENS = 16
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--problems-per-step", type=int, default=8, help="RL: questions per step")
     parser.add_argument("--group-size", type=int, default=8, help="RL: answers per question")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=None, help="default: rlpipe.hyperparams.get_lr(model)")
+    parser.add_argument("--lr", type=float, default=None, help="default: rlpipe.training.hyperparams.get_lr(model)")
     parser.add_argument("--checkpoint-dir", default="runs/rlhf")
     args = parser.parse_args(argv)
 

@@ -15,8 +15,8 @@ import numpy as np
 
 from rlpipe import ServiceClient, types
 from rlpipe.datums import supervised_datum
-from rlpipe.hyperparams import get_lr
-from rlpipe.tiny import default_model_path
+from rlpipe.training.hyperparams import get_lr
+from rlpipe.testing.embedded import default_model_path
 
 
 def make_conversations(n: int, seed: int) -> list[list[dict]]:
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=None, help="default: rlpipe.hyperparams.get_lr(model)")
+    parser.add_argument("--lr", type=float, default=None, help="default: rlpipe.training.hyperparams.get_lr(model)")
     parser.add_argument("--checkpoint-dir", default="runs/sft_basic")
     args = parser.parse_args()
 

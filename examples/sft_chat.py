@@ -23,9 +23,9 @@ import numpy as np
 from rlpipe import ServiceClient, types
 from rlpipe.data_files import load_conversations, row_error
 from rlpipe.evaluators import nll_eval
-from rlpipe.hyperparams import get_lr
+from rlpipe.training.hyperparams import get_lr
 from rlpipe.renderers import conversation_to_datum, get_renderer
-from rlpipe.tiny import default_model_path
+from rlpipe.testing.embedded import default_model_path
 
 
 def make_chat(rng: random.Random) -> list[dict]:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=None, help="default: rlpipe.hyperparams.get_lr(model)")
+    parser.add_argument("--lr", type=float, default=None, help="default: rlpipe.training.hyperparams.get_lr(model)")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--checkpoint-dir", default="runs/sft_chat")
     args = parser.parse_args(argv)

@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlpipe import console
+from rlpipe.cli import console
 
 HERE = Path(__file__).resolve().parent
 
@@ -204,7 +204,7 @@ def run(args) -> dict:
     from rlpipe.pipeline import launch
     from rlpipe.pipeline.learner import latest_checkpoint
     from rlpipe.metrics import window_mean
-    from rlpipe.warmup import sft_warm_up
+    from rlpipe.pipeline.warmup import sft_warm_up
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     # The roles are separate processes: they import the dataset factory from this folder.

@@ -39,11 +39,11 @@ def run(config: RunConfig, *, replace: bool = False, resume: bool = False, quiet
 def __getattr__(name: str):
     # Lazy: the buffer and explorer roles import rlpipe without paying for torch + transformers.
     if name == "ServiceClient":
-        from rlpipe.service import ServiceClient
+        from rlpipe.training.service import ServiceClient
 
         return ServiceClient
     if name == "TrainingClient":
-        from rlpipe.training import TrainingClient
+        from rlpipe.training.client import TrainingClient
 
         return TrainingClient
     raise AttributeError(f"module 'rlpipe' has no attribute {name!r}")

@@ -69,10 +69,12 @@ class MetricsWriter:
     grouped (grouped_name); the x axis is the record's "step". A tracker that fails is
     logged and dropped: it never stops the learner."""
 
-    def __init__(self, path: str | Path, *, logging=None, run_name: str = "", run_config: dict | None = None,
-                 tensorboard: bool = True, resume_step: int | None = None):
-        """resume_step: the step a resumed learner continues after; TensorBoard forgets what an
-        earlier incarnation logged beyond it, so a step never shows twice."""
+    def __init__(self, path: str | Path, *, logging=None, run_name: str = "", run_id: str = "",
+                 run_config: dict | None = None, tensorboard: bool = True, resume_step: int | None = None):
+        """run_id: the run directory's id; a resumed learner continues the same W&B / trackio
+        run (empty: a new one each time). resume_step: the step a resumed learner continues
+        after; TensorBoard forgets what an earlier incarnation logged beyond it, so a step
+        never shows twice."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
@@ -80,9 +82,9 @@ class MetricsWriter:
         if tensorboard:
             self._start("tensorboard", lambda: _TensorBoard(self.path.parent / "tensorboard", resume_step))
         if logging is not None and logging.wandb_project:
-            self._start("wandb", lambda: _wandb(logging, run_name, run_config, self.path.parent))
+            self._start("wandb", lambda: _wandb(logging, run_name, run_id, run_config, self.path.parent))
         if logging is not None and logging.trackio_project:
-            self._start("trackio", lambda: _trackio(logging, run_name, run_config, self.path.parent))
+            self._start("trackio", lambda: _trackio(logging, run_name, run_id, run_config))
 
     def _start(self, name: str, make) -> None:
         try:
@@ -144,24 +146,19 @@ class _Module:
         self.module.finish()
 
 
-def _wandb(logging, run_name: str, run_config: dict | None, run_dir: Path) -> _Module:
+def _wandb(logging, run_name: str, run_id: str, run_config: dict | None, run_dir: Path) -> _Module:
     import wandb
 
-    from rlpipe.pipeline import identity
-
-    # The run id of the run directory: a resumed learner continues the same W&B run.
     run = wandb.init(project=logging.wandb_project, entity=logging.wandb_entity or None, name=run_name or None,
-                     config=run_config, dir=str(run_dir), id=identity.run_id(run_dir), resume="allow")
+                     config=run_config, dir=str(run_dir), id=run_id or None, resume="allow")
     return _Module(wandb, run)
 
 
-def _trackio(logging, run_name: str, run_config: dict | None, run_dir: Path) -> _Module:
+def _trackio(logging, run_name: str, run_id: str, run_config: dict | None) -> _Module:
     import trackio
 
-    from rlpipe.pipeline import identity
-
     # Named by the run id as well: a later run of the same name (a replaced demo) is another run.
-    name = f"{run_name or 'run'}-{identity.run_id(run_dir)}"
+    name = f"{run_name or 'run'}-{run_id}" if run_id else (run_name or "run")
     run = trackio.init(project=logging.trackio_project, name=name, config=run_config, resume="allow")
     return _Module(trackio, run)
 

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_path():
     """The embedded default model, built once per machine (a few seconds) and cached."""
-    from rlpipe.tiny import default_model_path
+    from rlpipe.testing.embedded import default_model_path
 
     return str(default_model_path())
 

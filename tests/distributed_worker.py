@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from rlpipe.pipeline.batches import group_datums, split_groups
+from rlpipe.datums import group_datums, split_groups
 from rlpipe.pipeline.distributed import Ranks, die_with_agent
-from rlpipe.tiny import default_model_path
-from rlpipe.training import TrainingClient
+from rlpipe.testing.embedded import default_model_path
+from rlpipe.training.client import TrainingClient
 from rlpipe.types import AdamParams, LoraConfig, Trajectory, TrajectoryGroup
 
 LOSS, LOSS_CONFIG = "ppo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rlpipe import console
+from rlpipe.cli import console
 from rlpipe.metrics import MetricsWriter, grouped_name, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,7 +165,7 @@ def test_live_display_on_a_terminal():
 def test_engine_output_goes_to_the_log_and_the_person_sees_say(tmp_path):
     script = textwrap.dedent(f"""
         import logging, os, sys
-        from rlpipe import console
+        from rlpipe.cli import console
         logging.basicConfig()
         print("before")
         with console.engine_output_to({str(tmp_path / "launcher.log")!r}):
@@ -229,7 +229,7 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
 def test_roles_get_default_addresses_and_connect_keeps_configured_ports(tmp_path):
     import argparse
 
-    from rlpipe.cli import _config
+    from rlpipe.cli.main import _config
 
     (tmp_path / "plain.toml").write_text('name = "a"\n')
     (tmp_path / "ports.toml").write_text('name = "b"\n[addresses]\nexperience = "tcp://127.0.0.1:7101"\n'
@@ -263,7 +263,7 @@ def test_python_output_during_the_live_display_stays_in_the_log(tmp_path):
     # in the launcher (an evaluation engine, a library) must go to the log instead.
     script = textwrap.dedent(f"""
         import os, threading, warnings
-        from rlpipe import console
+        from rlpipe.cli import console
         master, slave = os.openpty()
         shown = []
         reader = threading.Thread(target=lambda: shown.append(os.read(master, 1 << 16)), daemon=True)

@@ -398,7 +398,7 @@ async def test_an_adapter_the_engine_cannot_load_is_unrecoverable(tmp_path, tiny
 
 async def test_a_killed_engine_is_restarted_in_place_with_the_same_adapter(tmp_path, make_lora_adapter, reference_logprobs):
     pytest.importorskip("vllm", reason="vLLM is not installed")
-    from rlpipe.tiny import default_model_path
+    from rlpipe.testing.embedded import default_model_path
 
     # The tiny architecture with random weights: near-uniform next tokens, so sequences run long
     # (the trained tiny model ends them after a few tokens); the adapters fit it.

@@ -16,10 +16,11 @@ from peft import PeftModel
 from safetensors.torch import load_file as weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlpipe import export, types
-from rlpipe.families import family_model_path
+from rlpipe import types
+from rlpipe.cli import export
+from rlpipe.testing.families import family_model_path
 from rlpipe.pipeline.config import RunConfig, dump
-from rlpipe.training import TrainingClient
+from rlpipe.training.client import TrainingClient
 
 # The reference peft model on a tied base warns about LoRA on the tied lm_head; that case is the point.
 pytestmark = pytest.mark.filterwarnings("ignore:.*tie_word_embeddings:UserWarning")

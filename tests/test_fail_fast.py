@@ -52,7 +52,7 @@ def build_head_dim_16_model(path) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from rlpipe.tiny import default_model_path
+    from rlpipe.testing.embedded import default_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,

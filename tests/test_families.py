@@ -1,4 +1,4 @@
-"""Test models of real families (rlpipe.families): architecture, tying, tokenizer and chat
+"""Test models of real families (rlpipe.testing.families): architecture, tying, tokenizer and chat
 template, non-trivial logprobs; and the embedded tiny model left unchanged by the shared code.
 
 Each family's model is built once per machine (a few seconds) and cached; no vLLM here."""
@@ -10,8 +10,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlpipe import families, tiny
-from rlpipe.families import FAMILIES, family_model_path
+from rlpipe.testing import embedded as tiny
+from rlpipe.testing import families
+from rlpipe.testing.families import FAMILIES, family_model_path
 
 NAMES = sorted(FAMILIES)
 CHAT = [
@@ -167,7 +168,7 @@ def test_unknown_settings_and_families_are_refused():
         family_model_path("qwen3", hidden=64)
 
 
-# sha256 of the embedded model's files before train_tokenizer was shared with rlpipe.families
+# sha256 of the embedded model's files before train_tokenizer was shared with rlpipe.testing.families
 # (the weights were checked byte-identical by hand then); the directory name is the cache key
 # of tiny.DEFAULTS and tiny.VERSION, which must not change.
 TINY_DIR = "tiny-llama-aca7f4350f"

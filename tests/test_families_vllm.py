@@ -13,7 +13,7 @@ from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from rlpipe import ServiceClient, types  # noqa: E402
-from rlpipe.families import FAMILIES, family_model_path  # noqa: E402
+from rlpipe.testing.families import FAMILIES, family_model_path  # noqa: E402
 from rlpipe.sampling import create_sampling_client, get_engine, shutdown_engines  # noqa: E402
 from rlpipe.sampling.vllm_support import lm_head_lora  # noqa: E402
 from rlpipe.types import ModelInput, SamplingParams  # noqa: E402

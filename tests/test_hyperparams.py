@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rlpipe.hyperparams import get_lr
+from rlpipe.training.hyperparams import get_lr
 
 LLAMA, QWEN = 0.781, 0.0775
 
@@ -34,19 +34,19 @@ def test_family_comes_from_model_type_not_the_path(tmp_path, model_type, exponen
     # The directory names point at the other family: only model_type may decide.
     misleading = "qwen-finetune" if exponent == LLAMA else "llama-distill"
     path = model_dir(tmp_path, misleading, model_type=model_type, hidden_size=1024)
-    with caplog.at_level(logging.WARNING, logger="rlpipe.hyperparams"):
+    with caplog.at_level(logging.WARNING, logger="rlpipe.training.hyperparams"):
         assert get_lr(path) == pytest.approx(5e-4 * (2000 / 1024) ** exponent)
     assert not caplog.records
 
 
 def test_unknown_family_falls_back_with_a_warning(tmp_path, caplog):
     path = model_dir(tmp_path, "qwen-named-gemma", model_type="gemma2", hidden_size=2304)
-    with caplog.at_level(logging.WARNING, logger="rlpipe.hyperparams"):
+    with caplog.at_level(logging.WARNING, logger="rlpipe.training.hyperparams"):
         lr = get_lr(path)
     assert lr == pytest.approx(5e-4 * (2000 / 2304) ** LLAMA)  # the documented fallback, not Qwen's
     assert "gemma2" in caplog.text and "llama" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="rlpipe.hyperparams"):
+    with caplog.at_level(logging.WARNING, logger="rlpipe.training.hyperparams"):
         assert get_lr("Qwen/Qwen3-8B", hidden_size=4096) == pytest.approx(5e-4 * (2000 / 4096) ** LLAMA)  # a bare name: no model_type
     assert "None" in caplog.text
 

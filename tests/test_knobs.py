@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from rlpipe import forward, types
-from rlpipe.hyperparams import scheduled_lr
+from rlpipe import types
+from rlpipe.training import forward
+from rlpipe.training.hyperparams import scheduled_lr
 from rlpipe.losses import compute_loss
-from rlpipe.pipeline.batches import group_datums, merge_metrics, split_groups
+from rlpipe.datums import group_datums, merge_metrics, split_groups
 from rlpipe.pipeline.config import RunConfig, check
 from rlpipe.pipeline.learner import Learner, latest_checkpoint
-from rlpipe.training import SharedBase, TrainingClient
+from rlpipe.training.client import TrainingClient
+from rlpipe.training.lora import SharedBase
 from tests.test_training import ADAM, TEXTS, sft_datum
 
 RL_LOSSES = ["importance_sampling", "ppo", "cispo", "dro"]

@@ -70,7 +70,7 @@ def test_connect_keeps_the_configured_ports_for_explorers_and_the_learner():
 
 
 def test_the_cli_refuses_a_public_bind_in_one_line(tmp_path):
-    from rlpipe import cli
+    from rlpipe.cli import main as cli
 
     config = tmp_path / "hosts.toml"
     config.write_text(f'runs_dir = "{tmp_path}"\n[addresses]\nexperience = "tcp://0.0.0.0:6101"\n')
@@ -84,7 +84,7 @@ def test_the_cli_refuses_a_public_bind_in_one_line(tmp_path):
 
 
 def test_run_id_is_shared_and_a_different_one_refused(tmp_path):
-    from rlpipe import cli
+    from rlpipe.cli import main as cli
     from rlpipe.pipeline.identity import read_run_id
 
     cli._adopt_run_id(tmp_path / "run", "exp-7")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlpipe import ServiceClient, forward, packing, types
+from rlpipe import ServiceClient, types
+from rlpipe.training import forward, packing
 from tests.test_training import assert_equal, grads, rl_datum
 
 LOSS = "ppo"  # clipping makes the gradient depend on every logprob, not just its sum
@@ -245,6 +246,6 @@ def test_bf16_base_keeps_lora_and_adam_in_float32(service, tiny_model_path):
 
 def test_varlen_self_check_agrees_with_sdpa():
     """The check the learner runs before it uses varlen attention on a GPU (here: its CPU path)."""
-    from rlpipe import attention
+    from rlpipe.training import attention
 
     assert attention.varlen_matches_sdpa(torch.device("cpu"), torch.float32)

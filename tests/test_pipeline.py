@@ -180,7 +180,7 @@ def test_faults_are_counted_and_the_run_continues(tmp_path):
 
 
 def _tiny():
-    from rlpipe.tiny import default_model_path
+    from rlpipe.testing.embedded import default_model_path
 
     return default_model_path()
 

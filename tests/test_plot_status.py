@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from rlpipe.pipeline.config import LearnerConfig, RunConfig, SupervisionConfig, dump
-from rlpipe.plot import plot_run, read_records, rolling_mean, series
-from rlpipe.status import main as status_main
-from rlpipe.status import run_status
+from rlpipe.cli.plot import plot_run, read_records, rolling_mean, series
+from rlpipe.cli.status import main as status_main
+from rlpipe.cli.status import run_status
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -139,7 +139,7 @@ def test_plot_user_errors_are_one_line(tmp_path):
 
 
 def test_plot_main_prints_the_file(tmp_path, capsys):
-    from rlpipe.plot import main
+    from rlpipe.cli.plot import main
 
     write_metrics(tmp_path / "one", [{"step": 1, "reward/mean": 0.5}])
     main(argparse.Namespace(run_dir=str(tmp_path / "one"), out=str(tmp_path / "x.png")))

@@ -137,8 +137,8 @@ def test_debug_group_raises_env_errors_and_says_what_the_buffer_would_drop(workd
 
     from transformers import AutoTokenizer
 
-    from rlpipe.envtools import debug_group
-    from rlpipe.tiny import default_model_path
+    from rlpipe.pipeline.debug import debug_group
+    from rlpipe.testing.embedded import default_model_path
 
     monkeypatch.syspath_prepend(str(workdir))
     import myenv

@@ -2,7 +2,7 @@
 model (the shape of Qwen3-0.6B..4B and Llama-3.2-1B/3B), LoRA on lm_head included.
 
 Real processes, sockets and sampler; the model is a tiny random-init Qwen3 built locally
-(rlpipe.families)."""
+(rlpipe.testing.families)."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from rlpipe.pipeline.config import RunConfig, resolve_train_unembed
-from rlpipe.families import family_model_path
+from rlpipe.testing.families import family_model_path
 from rlpipe.metrics import read_metrics
 from tests.test_pipeline import accounting, assert_no_orphans, run_to_end, write_config
 

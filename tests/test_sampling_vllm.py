@@ -342,7 +342,7 @@ def test_private_engine_base_guard_then_death(vllm_engine, tiny_model_path, make
     tokens, so base sequences run long (the trained tiny model ends them after a few tokens)."""
     from rlpipe.sampling.client import SamplingClient
     from rlpipe.sampling.vllm_backend import VLLMEngine
-    from rlpipe.tiny import default_model_path
+    from rlpipe.testing.embedded import default_model_path
 
     random_base = str(default_model_path(train_steps=0))  # same shapes: the adapters fit
     engine = VLLMEngine(random_base)

@@ -13,7 +13,7 @@ from tinker import types as T
 from tinker.proto import tinker_public_pb2 as pb
 
 from rlpipe import types as rtypes
-from rlpipe.training import TrainingClient
+from rlpipe.training.client import TrainingClient
 
 VOCAB = 300  # below the tiny model's vocabulary (336)
 ADAM = T.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)

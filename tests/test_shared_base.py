@@ -5,7 +5,8 @@ import numpy as np
 import torch
 
 from rlpipe import types
-from rlpipe.training import SharedBase, TrainingClient
+from rlpipe.training.client import TrainingClient
+from rlpipe.training.lora import SharedBase
 from tests.test_training import ADAM, TEXTS, sft_datum
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlpipe import ServiceClient, types
-from rlpipe.training import TrainingClient
+from rlpipe.training.client import TrainingClient
 
 ADAM = types.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)
 
@@ -276,7 +276,7 @@ def test_future_reports_errors_and_deadlines_apart():
     import concurrent.futures
     import time
 
-    from rlpipe.futures import APIFuture, CallTimeout
+    from rlpipe.training.api_future import APIFuture, CallTimeout
 
     pool = concurrent.futures.ThreadPoolExecutor(1)
 

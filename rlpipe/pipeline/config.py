@@ -187,7 +187,7 @@ class LearnerConfig(Config):
     """Recompute each layer's activations in backward: much less memory for long sequences,
     about a third more compute."""
     layout: Literal["", "rows", "padded", "varlen"] = ""
-    """How datums are laid out for attention (rlpipe.packing); "" = fastest measured for the
+    """How datums are laid out for attention (rlpipe.training.packing); "" = fastest measured for the
     device (rows on CPU, varlen on CUDA: benchmarks/bench_training.py)."""
     loss_fn: Literal["importance_sampling", "ppo", "cispo", "dro"] = "importance_sampling"
     loss_fn_config: dict[str, float] = {}
@@ -203,9 +203,9 @@ class LearnerConfig(Config):
     switched off (no second copy): each step then runs one more forward pass, without gradients.
     Logged as kl/ref (k3 over the action tokens). Local backend only."""
     learning_rate: float = 0.0
-    """Peak learning rate; 0 = rlpipe.hyperparams.get_lr(base_model)."""
+    """Peak learning rate; 0 = rlpipe.training.hyperparams.get_lr(base_model)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    """The learning rate of each step (rlpipe.hyperparams.scheduled_lr), logged as optim/lr:
+    """The learning rate of each step (rlpipe.training.hyperparams.scheduled_lr), logged as optim/lr:
     after lr_warmup_steps steps of linear warm-up from 0, "constant" stays at learning_rate and
     "cosine" decays along half a cosine to lr_min_ratio * learning_rate at step `steps`. Steps
     are learner steps (batches): the optimizer steps of one batch (optim_steps_per_batch) share its rate."""
@@ -396,7 +396,7 @@ class RunConfig(Config):
     def model_path(self) -> str:
         if self.base_model:
             return self.base_model
-        from rlpipe.tiny import default_model_path
+        from rlpipe.testing.embedded import default_model_path
 
         return str(default_model_path())
 

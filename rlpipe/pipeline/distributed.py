@@ -35,7 +35,7 @@ its optimizer state, checkpoints and published weights are exactly as with "ddp"
 embeddings, the final norm and the output head stay whole too (a tied head shares its weight
 with the embeddings, and FSDP must hold a shared weight in one group). Each layer's weights are
 gathered in every forward and backward pass, so every rank must run as many passes: a rank
-with fewer micro-batches (or no share) runs passes without data (TrainingClient.pass_sync).
+with fewer micro-batches (or no share) runs passes without data (TrainingClient.before_passes).
 
 Resume works with any number of ranks: a checkpoint is one adapter and one optimizer state
 (every rank holds the same ones; rank 0 writes them), and at start rank 0, which loaded the
@@ -56,10 +56,11 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from rlpipe.pipeline.batches import merge_metrics, minibatch_metrics, submit_minibatches
+from rlpipe.datums import merge_metrics, minibatch_metrics, submit_minibatches
 from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE
 from rlpipe.types import AdamParams, Datum
 
@@ -229,7 +230,7 @@ class Ranks:
             return
         client.grad_sync = self._sum_grads
         if self.place is not None:
-            client.pass_sync = self._most_passes
+            client.before_passes = self._match_passes
         client.base.run(self._sync_state, client)
 
     def _shard(self, model: torch.nn.Module) -> None:
@@ -262,12 +263,26 @@ class Ranks:
         log.info("learner rank %d: FSDP over %d ranks, holding %.1f%% of the decoder layers' base weights",
                  self.rank, self.size, 100 * held)
 
-    def _most_passes(self, passes: int, with_ref: bool) -> tuple[int, bool]:
-        """The most micro-batches any rank runs in this call, and whether any computes reference
-        logprobs (TrainingClient.pass_sync)."""
+    def _match_passes(self, client, passes: int, with_ref: bool, with_grad: bool) -> None:
+        """TrainingClient.before_passes on a sharded base: every rank runs as many passes as the
+        busiest one, and the same reference passes. A rank with fewer first runs passes over
+        one token that change nothing (the loss is 0 times the logprob), each with the layer
+        calls of a real one: reference forward, forward, backward."""
         mine = torch.tensor([passes, int(with_ref)], dtype=torch.int64)
         dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.objects)
-        return int(mine[0]), bool(mine[1])
+        most, any_ref = int(mine[0]), bool(mine[1])
+        if passes and any_ref != with_ref:
+            raise ValueError("the ranks disagree on computing reference logprobs (kl_coef): give every datum "
+                             "ref_logprobs, or none")
+        tokens = targets = [np.zeros(1, dtype=np.int64)]
+        batch = client.forward_pass.plan([1])[0]
+        for _ in range(most - passes):
+            if any_ref:
+                client.reference_logprobs(batch, tokens, targets, 1.0)
+            with torch.set_grad_enabled(with_grad):
+                logprobs, _ = client.forward_pass.logprobs(batch, tokens, targets, 1.0)
+            if with_grad:
+                (logprobs.sum() * 0.0).backward()
 
     def _sync_state(self, client) -> None:  # on the client's model thread
         for p in client.base.adapter_params(client.adapter):

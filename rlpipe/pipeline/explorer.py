@@ -35,7 +35,7 @@ sampled its first turn.
 The sampling engine starts as soon as the explorer does, while the learner builds its model
 and publishes the first adapter (with explorer.sampler = "tinker" there is no engine: the
 explorer samples through the tinker SDK on the sampler path each WeightUpdate names,
-rlpipe/pipeline/tinker_backend.py). An engine that dies is restarted in place and the current
+rlpipe/pipeline/tinker/backend.py). An engine that dies is restarted in place and the current
 adapter reloaded (explorer_sampler.py, at most explorer.max_engine_restarts times); groups
 that were rolling out on it are rolled out again, not delivered as failures.
 
@@ -113,7 +113,7 @@ class Explorer:
         backend = default_backend() if config.explorer.sampler == "auto" else config.explorer.sampler
         e = config.explorer
         if backend == "tinker":  # no engine here: the official SDK's SamplingClient on the Tinker endpoint
-            from rlpipe.pipeline.tinker_explorer import TinkerExplorerSampler
+            from rlpipe.pipeline.tinker.sampler import TinkerExplorerSampler
 
             self.sampler = TinkerExplorerSampler(config, name=self.id, request_timeout_s=e.episode_timeout_s,
                                                  max_restarts=e.max_engine_restarts, on_restart=self._engine_restarted)

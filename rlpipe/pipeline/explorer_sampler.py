@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rlpipe import checkpoint
+from rlpipe.training import checkpoint
 from rlpipe.pipeline.config import RunConfig
 from rlpipe.pipeline.errors import Unrecoverable
 from rlpipe.sampling import EngineDeadError, EngineStartError, SamplingClient

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlpipe import console
+from rlpipe.cli import console
 from rlpipe.metrics import read_metrics
 from rlpipe.pipeline import identity
 from rlpipe.pipeline.addresses import pick_addresses, taken_address, with_addresses
@@ -334,7 +334,7 @@ def write_curves(run_dir: Path, quiet: bool = False) -> Path | None:
     """run_dir/curves.png from the run's metrics (rlpipe plot); a plot that fails is logged,
     never the run's failure."""
     try:
-        from rlpipe.plot import plot_run
+        from rlpipe.cli.plot import plot_run
 
         path = plot_run(run_dir)
     except (Exception, SystemExit) as err:  # noqa: BLE001

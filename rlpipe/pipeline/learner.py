@@ -8,7 +8,7 @@
         every checkpoint_every steps: save_state + the buffer position
 
 With learner.backend = "tinker" the client is the official tinker SDK's on a Tinker endpoint
-(rlpipe/pipeline/tinker_backend.py): the WeightUpdate carries the tinker:// sampler path of
+(rlpipe/pipeline/tinker/backend.py): the WeightUpdate carries the tinker:// sampler path of
 save_weights_for_sampler instead of the bytes, and checkpoints are tinker:// paths.
 
 With learner.processes = N (or under torchrun) the learner is N data-parallel ranks: this
@@ -33,14 +33,14 @@ from pathlib import Path
 import msgspec
 import torch
 
-from rlpipe import checkpoint
-from rlpipe.hyperparams import get_lr, scheduled_lr
+from rlpipe.training import checkpoint
+from rlpipe.training.hyperparams import get_lr, scheduled_lr
 from rlpipe.metrics import MetricsWriter
 from rlpipe.pipeline import distributed, identity, transport
-from rlpipe.pipeline.batches import batch_metrics, group_datums, is_truncated, split_groups
+from rlpipe.datums import batch_metrics, group_datums, is_truncated, split_groups
 from rlpipe.pipeline.config import RunConfig, import_callable, redacted, resolve_train_unembed
 from rlpipe.pipeline.errors import Unrecoverable
-from rlpipe.training import TrainingClient
+from rlpipe.training.client import TrainingClient
 from rlpipe.types import (
     AdamParams,
     Batch,
@@ -119,7 +119,7 @@ class Learner:
         lc = config.learner
         self.tinker = lc.backend == "tinker"
         if self.tinker:
-            from rlpipe.pipeline.tinker_learner import TinkerTrainingClient
+            from rlpipe.pipeline.tinker.training import TinkerTrainingClient
 
             self.client = TinkerTrainingClient(config, _lora(config), self.dir)
         else:
@@ -151,7 +151,7 @@ class Learner:
         if lc.kl_coef > 0:
             self.loss_config["kl_coef"] = lc.kl_coef
         self.metrics = MetricsWriter(config.run_dir / "metrics.jsonl", logging=config.logging, run_name=config.name,
-                                     run_config=msgspec.to_builtins(redacted(config)),
+                                     run_id=self.run_id, run_config=msgspec.to_builtins(redacted(config)),
                                      resume_step=self.step if latest is not None else None)
         self.eval_items = self._make_eval_data(cfg_key="eval")
         self.nll_data = self._make_eval_data(cfg_key="nll_eval")

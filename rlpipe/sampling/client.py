@@ -14,7 +14,7 @@ import concurrent.futures
 import dataclasses
 from typing import Protocol
 
-from rlpipe.futures import APIFuture, CallTimeout
+from rlpipe.training.api_future import APIFuture, CallTimeout
 from rlpipe.sampling.adapters import Adapter
 from rlpipe.sampling.errors import AdapterEvictedError, EngineDeadError, SamplingError, SamplingTimeout
 from rlpipe.types import ModelInput, SampleResponse, SamplingParams

@@ -50,7 +50,7 @@ class LocalEngine:
         """max_batch_rows: sequences decoded together (a request of n samples is n rows)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from rlpipe.attention import load_options
+        from rlpipe.training.attention import load_options
 
         if not (Path(base_model) / "config.json").is_file():
             raise FileNotFoundError(f"base_model {base_model!r} is not a local Hugging Face model directory (no config.json)")

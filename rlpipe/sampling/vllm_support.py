@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlpipe.tiny import cache_dir
+from rlpipe.testing.embedded import cache_dir
 
 _ASK = """
 import sys

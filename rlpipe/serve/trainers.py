@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable
 
 from rlpipe.serve.futures import Entry, Futures, NotFound, UserError
 from rlpipe.serve.registry import Registry
-from rlpipe.training import SharedBase, TrainingClient
+from rlpipe.training.client import TrainingClient
+from rlpipe.training.lora import SharedBase
 from rlpipe.types import LoraConfig
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 from fastapi import FastAPI, Request
 
-from rlpipe import checkpoint
+from rlpipe.training import checkpoint
 from rlpipe.serve import wire
 from rlpipe.serve.futures import UserError
 from rlpipe.serve.http import API, TooLarge, field, future_reply, known_session, read_body, read_json

@@ -1,5 +1,5 @@
 """explorer.sampler = "tinker": the explorer's sampler over the official tinker SDK, on the
-tinker:// sampler path each WeightUpdate carries (see tinker_backend.py)."""
+tinker:// sampler path each WeightUpdate carries (see backend.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from rlpipe.pipeline.errors import Unrecoverable
 from rlpipe.pipeline.explorer_sampler import BusyTime
-from rlpipe.pipeline.tinker_backend import (
+from rlpipe.pipeline.tinker.backend import (
     call,
     call_async,
     check_reachable,

@@ -10,7 +10,7 @@ micro-batch is laid out in one of three ways:
 - "padded": one datum per row, padded to the longest in the micro-batch. Datums are taken
   longest first, so each micro-batch holds similar lengths.
 - "varlen": the micro-batch's datums end to end in a single row, no pads; attention runs per
-  datum through cumulative sequence lengths (rlpipe.attention).
+  datum through cumulative sequence lengths (rlpipe.training.attention).
 
 Positions restart at 0 for each datum and pads sit at position 0, so transformers' own mask
 code sees packed sequences (it builds the block-diagonal causal mask, sliding windows

@@ -20,7 +20,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from rlpipe import checkpoint
+from rlpipe.training import checkpoint
 
 log = logging.getLogger(__name__)
 STEP_PREFIX = "step-"
@@ -115,7 +115,7 @@ def export_merged(run_dir: str | Path, out: str | Path, step: int | None = None)
     from peft.tuners.lora import LoraLayer
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from rlpipe.training import tied_embeddings
+    from rlpipe.training.lora import tied_embeddings
 
     path, base = find_checkpoint(run_dir, step)
     _check_out(out)  # before the (possibly long) merge

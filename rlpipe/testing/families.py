@@ -2,7 +2,7 @@
 Qwen3, Mistral, Gemma), built locally: nothing is downloaded.
 
 Each model has its family's architecture (config class, tied or untied embeddings, qkv bias,
-q/k norm, sliding windows, soft-capping), and a tokenizer trained here (rlpipe.tiny's BPE) with
+q/k norm, sliding windows, soft-capping), and a tokenizer trained here (rlpipe.testing.embedded's BPE) with
 the family's special tokens, bos/eos/pad roles and chat-template shape. It is pre-trained
 briefly so that logprobs are far from uniform and a logprob comparison means something, and
 saved as an ordinary Hugging Face directory.
@@ -25,7 +25,7 @@ import os
 import random
 from pathlib import Path
 
-from rlpipe import tiny
+from rlpipe.testing import embedded as tiny
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +279,7 @@ def build_family_model(family: str, out_dir: str | os.PathLike, *, tied: bool | 
 
 
 def family_model_path(family: str, tied: bool | None = None, **dims) -> Path:
-    """A family's test model, built once per machine and settings under rlpipe.tiny.cache_dir()."""
+    """A family's test model, built once per machine and settings under rlpipe.testing.embedded.cache_dir()."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {sorted(FAMILIES)}")
     key = {**check_settings(dims), "family": family, "tied": tied, "version": VERSION}

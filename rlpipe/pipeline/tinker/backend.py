@@ -6,11 +6,11 @@ bytes); the explorers sample through the SDK's SamplingClient on that path. The 
 is `rlpipe serve` or any other Tinker-compatible one (tinker_base_url / tinker_api_key in
 the run config, else the SDK's TINKER_BASE_URL / TINKER_API_KEY).
 
-    TinkerTrainingClient   (tinker_learner.py) what the learner calls on rlpipe's TrainingClient (forward_backward,
+    TinkerTrainingClient   (training.py) what the learner calls on rlpipe's TrainingClient (forward_backward,
                            optim_step, save_state, load_state_with_optimizer, ...), over the SDK
-    TinkerExplorerSampler  (tinker_explorer.py) what the explorer calls on its ExplorerSampler (start, load, sample_async,
+    TinkerExplorerSampler  (sampler.py) what the explorer calls on its ExplorerSampler (start, load, sample_async,
                            restart, ...), over the SDK; no engine of its own
-    TinkerSampler          (tinker_explorer.py) rlpipe's sampling-client shape (sample_async -> rlpipe SampleResponse)
+    TinkerSampler          (sampler.py) rlpipe's sampling-client shape (sample_async -> rlpipe SampleResponse)
 
 Every SDK call is bounded: the SDK retries a refused connection for minutes, inside calls
 that do not take a timeout (the first one builds its session), so those run on a daemon

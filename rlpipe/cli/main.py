@@ -277,7 +277,7 @@ def cmd_stats(args) -> None:
 
 
 def cmd_tiny(args) -> None:
-    from rlpipe.tiny import default_model_path
+    from rlpipe.testing.embedded import default_model_path
 
     print(default_model_path())
 
@@ -295,25 +295,25 @@ def cmd_serve(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from rlpipe.plot import main as plot_main
+    from rlpipe.cli.plot import main as plot_main
 
     plot_main(args)
 
 
 def cmd_status(args) -> None:
-    from rlpipe.status import main as status_main
+    from rlpipe.cli.status import main as status_main
 
     status_main(args)
 
 
 def cmd_export(args) -> None:
-    from rlpipe.export import main as export_main
+    from rlpipe.cli.export import main as export_main
 
     export_main(args)
 
 
 def cmd_demo(args) -> None:
-    from rlpipe.demo import main as demo_main
+    from rlpipe.cli.demo import main as demo_main
 
     demo_main(args)
 
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except Exception as err:  # one line for a person; the traceback with --debug
         log.debug("rlpipe %s failed", args.command, exc_info=True)
-        from rlpipe import console
+        from rlpipe.cli import console
 
         console.warn(f"rlpipe {args.command}: {type(err).__name__}: {err}  (--debug shows the traceback)")
         sys.exit(1)

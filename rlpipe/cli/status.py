@@ -27,7 +27,7 @@ from pathlib import Path
 from rlpipe.metrics import read_metrics
 from rlpipe.pipeline.config import LearnerConfig, SupervisionConfig, load
 from rlpipe.pipeline.launch import RESTARTS_FILE, ROLES, failure_file, heartbeat_file
-from rlpipe.plot import number
+from rlpipe.cli.plot import number
 
 KEY_METRICS = ("reward/mean", "env/correct", "eval/accuracy", "loss/sum", "kl/sampler_learner", "kl/ref",
                "tokens/sampled_per_s", "tokens/trained_per_s", "time/step_s")

@@ -7,28 +7,24 @@ awaited. Gradients accumulate across forward_backward calls until optim_step.
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import json
-import logging
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import numpy as np
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rlpipe import attention, checkpoint, packing
-from rlpipe.forward import ForwardPass, default_layout, enable_gradient_checkpointing
-from rlpipe.futures import APIFuture, CallTimeout
 from rlpipe.losses import LOSSES, check_inputs, compute_loss
+from rlpipe.training import checkpoint, packing
+from rlpipe.training.api_future import APIFuture
+from rlpipe.training.forward import ForwardPass, default_layout
+from rlpipe.training.lora import SharedBase
 from rlpipe.types import (
     AdamParams,
     Datum,
@@ -41,50 +37,7 @@ from rlpipe.types import (
     TensorData,
 )
 
-# Fixed alpha, as in Tinker and "LoRA Without Regret": the effective scale is alpha/rank, so
-# the optimal learning rate does not move much with rank.
-LORA_ALPHA = 32
-log = logging.getLogger(__name__)
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
-
-
-def target_groups(model: torch.nn.Module) -> dict[str, set[str]]:
-    """Leaf names of the Linear layers LoRA can go on, by group ("attn", "mlp", "unembed"),
-    found by where they sit in the (unwrapped) model."""
-    groups: dict[str, set[str]] = {"attn": set(), "mlp": set(), "unembed": set()}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or "." not in name:
-            continue
-        parents, leaf = name.split(".")[:-1], name.rsplit(".", 1)[-1]
-        if any("attn" in p or "attention" in p for p in parents):
-            groups["attn"].add(leaf)
-        if any(p in ("mlp", "feed_forward", "ffn") for p in parents):
-            groups["mlp"].add(leaf)
-    head = model.get_output_embeddings()
-    groups["unembed"].update(n for n, m in model.named_modules() if m is head)
-    return groups
-
-
-def lora_targets(groups: dict[str, set[str]], lora: LoraConfig) -> list[str]:
-    names = set()
-    for group, wanted in (("attn", lora.train_attn), ("mlp", lora.train_mlp), ("unembed", lora.train_unembed)):
-        if wanted:
-            names |= groups[group]
-    if not names:
-        raise ValueError("LoRA targets nothing: enable at least one of train_mlp, train_attn, train_unembed")
-    return sorted(names)
-
-
-def lora_target_modules(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
-    return lora_targets(target_groups(model), lora)
-
-
-def tied_embeddings(model: torch.nn.Module) -> bool:
-    """Whether lm_head shares its weight with the input embedding (Qwen3-0.6B..4B, Llama-3.2-1B/3B,
-    Gemma). LoRA on a tied lm_head is still sound: the delta B·A applies to the output projection
-    only, the shared base weight stays frozen, and peft and vLLM both load such an adapter."""
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and embed is not None and head.weight is embed.weight
 
 
 def _split(lp: torch.Tensor, data: list[Datum], indices: list[int]) -> list[torch.Tensor]:
@@ -133,99 +86,6 @@ class _RestoreGrads:
         return False
 
 
-class SharedBase:
-    """One base model in memory, shared by every training client (LoRA adapter) made on it:
-    many users' adapters cost their LoRA weights and optimizer state, not a copy of the base.
-
-    All work on the model runs on one thread, so the clients' calls interleave but never
-    overlap, each in its own client's order; every call first makes its client's adapter the
-    active one. The other adapters' gradients stay where they are until their own optim_step."""
-
-    def __init__(self, base_model: str, *, device: str | None = None, dtype: str | None = None,
-                 gradient_checkpointing: bool = False, place: Callable[[torch.nn.Module], None] | None = None):
-        """device: default cuda where available, else cpu. dtype: of the base weights, default
-        bfloat16 on CUDA and float32 elsewhere; LoRA weights and optimizer state stay float32.
-        gradient_checkpointing: recompute each decoder layer in backward (less memory, ~30% more compute).
-        place: puts the model, with its first adapter, on the device instead of model.to(device):
-        the FSDP learner shards the base there (rlpipe/pipeline/distributed.py), so no device
-        ever holds the whole base."""
-        self.base_model = str(base_model)
-        if not (Path(self.base_model) / "config.json").exists():
-            raise FileNotFoundError(f"base_model {self.base_model!r} is not a local Hugging Face model directory")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = getattr(torch, dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
-        self.gradient_checkpointing = gradient_checkpointing
-        self.place = place
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        config = AutoConfig.from_pretrained(self.base_model)
-        self.softcap = attention.attention_softcap(config)
-        self._base = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype, **attention.load_options(config))
-        self.vocab_size = self._base.get_output_embeddings().weight.shape[0]
-        self.tied = tied_embeddings(self._base)
-        self.targets = target_groups(self._base)
-        self.model = None  # the PeftModel, once the first adapter is added
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlpipe-train")
-        self._names = itertools.count()
-
-    def run(self, fn, *args, timeout_s: float = 3600.0):
-        """fn(*args) on the model's thread, waited for (behind every call queued before it)."""
-        future = self.executor.submit(fn, *args)
-        try:
-            return future.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            if future.done():
-                raise
-            raise CallTimeout(f"the model thread of {self.base_model} did not run {fn.__name__} within {timeout_s:.0f} s") from None
-
-    def add_adapter(self, lora: LoraConfig) -> str:
-        """A new LoRA adapter on the model, initialised from lora.seed; its name. Model thread only."""
-        if lora.train_unembed and self.tied:
-            log.info("%s ties its embeddings: LoRA on lm_head trains the output projection only", self.base_model)
-        config = PeftLoraConfig(r=lora.rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                target_modules=lora_targets(self.targets, lora), bias="none")
-        n = next(self._names)
-        name = "default" if n == 0 else f"adapter{n}"
-        if lora.seed is not None:
-            torch.manual_seed(lora.seed)
-        with warnings.catch_warnings():
-            # peft warns about LoRA on a tied lm_head; see tied_embeddings() for why it is sound here.
-            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
-            if self.model is None:
-                # autocast_adapter_dtype: LoRA weights (and so Adam's state) in float32 over a bf16 base.
-                self.model = get_peft_model(self._base, config, adapter_name=name, autocast_adapter_dtype=True)
-                if self.place is not None:
-                    self.place(self.model)
-                else:
-                    self.model.to(self.device)
-                self.model.eval()  # no dropout anywhere: logprobs must match the sampler's
-                if self.gradient_checkpointing:
-                    enable_gradient_checkpointing(self.model)
-            else:
-                if self.place is not None:
-                    raise ValueError("a sharded base carries one adapter: its ranks must run the same passes")
-                self.model.add_adapter(name, config, autocast_adapter_dtype=True)
-                self.model.to(self.device)
-        self.activate(name)
-        return name
-
-    def activate(self, name: str) -> None:
-        if self.model.active_adapter != name:
-            self.model.set_adapter(name)
-
-    def adapter_params(self, name: str) -> list[torch.Tensor]:
-        return [p for n, p in self.model.named_parameters() if f".{name}." in n]
-
-    def remove_adapter(self, name: str) -> None:
-        """Model thread only."""
-        for p in self.adapter_params(name):
-            p.grad = None
-        if len(self.model.peft_config) > 1:
-            self.model.delete_adapter(name)
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
-
-
 class TrainingClient:
     def __init__(
         self,
@@ -246,8 +106,8 @@ class TrainingClient:
         """shared: the SharedBase to put this client's adapter on (rlpipe serve: many clients,
         one copy of the base); None loads a base of its own, with device, dtype,
         gradient_checkpointing and place as SharedBase takes them.
-        layout: "rows", "padded" or "varlen" (rlpipe.packing), default per device
-        (rlpipe.forward.default_layout), with row_tokens the row width of "rows".
+        layout: "rows", "padded" or "varlen" (rlpipe.training.packing), default per device
+        (rlpipe.training.forward.default_layout), with row_tokens the row width of "rows".
         max_tokens_per_micro_batch: split each forward_backward into micro-batches of at most
         this many tokens (pads included) and accumulate their gradients; 0 = one piece."""
         if lora.rank < 1:
@@ -270,11 +130,12 @@ class TrainingClient:
         """Run on the adapter's parameters at each optimizer step, before clipping: the
         data-parallel learner sums the ranks' gradients here (rlpipe.pipeline.distributed), so
         clipping and the step see the whole batch's gradient."""
-        self.pass_sync: Callable[[int, bool], tuple[int, bool]] | None = None
-        """Given this call's micro-batch count and whether it computes reference logprobs, the
-        most of each over the ranks: ranks of a sharded base (FSDP) gather each layer's
-        weights in every pass, so they must all run as many passes (and the same reference
-        passes); a rank with fewer runs passes without data (_idle_passes)."""
+        self.before_passes: Callable[[TrainingClient, int, bool, bool], None] | None = None
+        """Run before each forward / forward_backward call's passes, given (this client, its
+        micro-batch count, whether it computes reference logprobs, whether with gradients):
+        the ranks of a sharded base (FSDP) gather each layer's weights in every pass, so they
+        must all run as many passes, and rlpipe.pipeline.distributed adds passes without data
+        here to a rank that has fewer."""
         self._sampler_versions = itertools.count(1)
         if self.base.softcap and layout == "varlen":
             raise ValueError(f"{self.base_model} soft-caps attention logits; the varlen layout cannot: use layout='rows'")
@@ -312,11 +173,11 @@ class TrainingClient:
         tokens = [np.asarray(d.model_input.to_ints(), dtype=np.int64) for d in data]
         targets = [d.loss_fn_inputs["target_tokens"].to_numpy().astype(np.int64) for d in data]
         for batch in self.forward_pass.plan([len(t) for t in tokens]):
-            ref = self._ref_logprobs(batch, tokens, targets, temperature) if with_ref else None
+            ref = self.reference_logprobs(batch, tokens, targets, temperature) if with_ref else None
             logprobs, entropy = self.forward_pass.logprobs(batch, tokens, targets, temperature)
             yield batch.datums, logprobs, entropy, ref
 
-    def _ref_logprobs(self, batch, tokens, targets, temperature: float) -> torch.Tensor:
+    def reference_logprobs(self, batch, tokens, targets, temperature: float) -> torch.Tensor:
         """The base model's target logprobs, for the KL penalty: this very model with its LoRA
         switched off (no second copy of the weights). peft's disable_adapter switches off every
         adapter, so on a SharedBase this is the base for every client too."""
@@ -338,8 +199,9 @@ class TrainingClient:
         temperature = float(config.pop("temperature", 1.0))
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not data and self.pass_sync is not None:
-            return self._idle_call(loss_fn, with_grad)
+        if not data and self.before_passes is not None:
+            self.before_passes(self, 0, False, with_grad)
+            return self._output(loss_fn, [], {})
         packing.check_data(data, self.vocab_size, LOSSES[loss_fn].required_inputs)
         inputs = [{name: t.to_torch().to(self.device) for name, t in d.loss_fn_inputs.items()} for d in data]
         batch_inputs = _cat(inputs, range(len(data)))
@@ -349,7 +211,9 @@ class TrainingClient:
                     and "kl_coef" in LOSSES[loss_fn].config_keys)
         placeholder = {"ref_logprobs": torch.zeros(len(batch_inputs["target_tokens"]))} if with_ref else {}
         check_inputs(loss_fn, batch_inputs | placeholder, config)  # before any gradient moves
-        idle = self._passes_to_match(data, with_ref)
+        if self.before_passes is not None:
+            self.before_passes(self, len(self.forward_pass.plan([d.model_input.length for d in data])), with_ref,
+                               with_grad)
         if not with_grad:
             per_datum, entropy, ref = self._logprobs(data, temperature, with_ref)
         else:
@@ -362,7 +226,6 @@ class TrainingClient:
                     loss, _ = compute_loss(loss_fn, lp, mb_inputs, config)
                     loss.backward()
                     _scatter((per_datum, entropy, ref), (lp.detach(), mb_entropy, mb_ref), data, indices)
-        self._idle_passes(idle, with_ref, with_grad)
         # Metrics (ratio statistics, ...) are over the whole batch, from the detached logprobs.
         if with_ref:
             batch_inputs["ref_logprobs"] = torch.cat(ref)
@@ -370,45 +233,13 @@ class TrainingClient:
         metrics["entropy:mean"] = _counted_mean(torch.cat(entropy), batch_inputs.get("weights"))
         return self._output(loss_fn, per_datum, metrics)
 
-    def _passes_to_match(self, data: list[Datum], with_ref: bool) -> int:
-        """How many passes without data this call adds so that every rank runs as many (pass_sync)."""
-        if self.pass_sync is None:
-            return 0
-        passes = len(self.forward_pass.plan([d.model_input.length for d in data]))
-        most, any_ref = self.pass_sync(passes, with_ref)
-        if any_ref != with_ref:
-            raise ValueError("the ranks disagree on computing reference logprobs (kl_coef): give every datum "
-                             "ref_logprobs, or none")
-        return most - passes
-
-    def _idle_call(self, loss_fn: str, with_grad: bool) -> ForwardBackwardOutput:
-        """A rank of a sharded base with no data this call: as many passes as the busiest rank."""
-        most, with_ref = self.pass_sync(0, False)
-        self._idle_passes(most, with_ref, with_grad)
-        return ForwardBackwardOutput(loss_fn_output_type=loss_fn, loss_fn_outputs=[], metrics={})
-
-    def _idle_passes(self, count: int, with_ref: bool, with_grad: bool) -> None:
-        """Passes over one token that change nothing (the loss is 0 times the logprob), each
-        with the same layer calls as a real one: reference forward, forward, backward."""
-        if not count:
-            return
-        tokens = targets = [np.zeros(1, dtype=np.int64)]
-        batch = self.forward_pass.plan([1])[0]
-        for _ in range(count):
-            if with_ref:
-                self._ref_logprobs(batch, tokens, targets, 1.0)
-            with torch.set_grad_enabled(with_grad):
-                logprobs, _ = self.forward_pass.logprobs(batch, tokens, targets, 1.0)
-            if with_grad:
-                (logprobs.sum() * 0.0).backward()
-
     @staticmethod
     def _output(kind: str, per_datum: list[torch.Tensor], metrics: dict) -> ForwardBackwardOutput:
         outputs = [{"logprobs": TensorData.from_torch(lp.float())} for lp in per_datum]
         return ForwardBackwardOutput(loss_fn_output_type=kind, loss_fn_outputs=outputs, metrics=metrics)
 
     def _custom(self, data: list[Datum], fn: CustomLossFn) -> ForwardBackwardOutput:
-        if self.pass_sync is not None:
+        if self.before_passes is not None:
             raise NotImplementedError("custom losses on a sharded base (FSDP): the ranks could not match their passes")
         packing.check_data(data, self.vocab_size, ("target_tokens",))
         if len(self.forward_pass.plan([d.model_input.length for d in data])) == 1:

@@ -1,6 +1,6 @@
 """Try an Env without the pipeline: roll out one group against a sampler and show it.
 
-    from rlpipe.envtools import debug_group
+    from rlpipe.pipeline.debug import debug_group
     trajectories = debug_group(builder)            # the embedded tiny model, local sampler
 
 Each episode is printed as the learner would see it: the env's tokens (prompt, observations)
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
+from pathlib import Path
 from typing import TextIO
 
 import msgspec
@@ -72,7 +73,7 @@ async def debug_group_async(
     if model is None:
         model = getattr(sampler, "base_model", None) if not isinstance(sampler, str) else None
     if model is None:
-        from rlpipe.tiny import default_model_path
+        from rlpipe.testing.embedded import default_model_path
 
         model = str(default_model_path())
     engine = None
@@ -81,7 +82,10 @@ async def debug_group_async(
 
         backend = default_backend() if sampler == "auto" else sampler
         if adapter is not None and backend == "vllm":
-            engine_options.setdefault("max_lora_rank", _adapter_rank(adapter))
+            from rlpipe.sampling.vllm_args import lora_rank_for
+            from rlpipe.training.checkpoint import adapter_rank
+
+            engine_options.setdefault("max_lora_rank", lora_rank_for(adapter_rank(Path(adapter))))
         engine, client = await asyncio.to_thread(_start_client, str(model), backend, adapter, engine_options)
     else:
         if adapter is not None:
@@ -122,16 +126,6 @@ def _start_client(model: str, backend: str, adapter: str | None, options: dict):
         engine.shutdown()
         raise
     return engine, SamplingClient(engine, loaded, 0)
-
-
-def _adapter_rank(path: str) -> int:
-    import json
-    from pathlib import Path
-
-    from rlpipe.sampling.vllm_args import VLLM_LORA_RANKS
-
-    rank = int(json.loads((Path(path) / "adapter_config.json").read_text())["r"])
-    return next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
 
 
 def format_trajectory(trajectory: Trajectory, tokenizer) -> str:

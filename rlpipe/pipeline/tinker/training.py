@@ -1,5 +1,5 @@
 """learner.backend = "tinker": the learner's TrainingClient over the official tinker SDK
-(see tinker_backend.py for the whole Tinker path)."""
+(see backend.py for the whole Tinker path)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rlpipe.pipeline.errors import Unrecoverable
-from rlpipe.pipeline.tinker_backend import (
+from rlpipe.pipeline.tinker.backend import (
     STATE_FILE,
     Done,
     Pending,
@@ -27,14 +27,14 @@ from rlpipe.pipeline.tinker_backend import (
     tinker_loss_config,
     to_tinker_datum,
 )
-from rlpipe.pipeline.tinker_explorer import TinkerSampler
+from rlpipe.pipeline.tinker.sampler import TinkerSampler
 from rlpipe.types import AdamParams, Datum, LoadResponse, LoraConfig, OptimStepResponse, SamplingParams, SaveResponse
 
 log = logging.getLogger(__name__)
 KEEP_VERSIONS = 8
 
 class TinkerTrainingClient:
-    """The methods of rlpipe.training.TrainingClient that the learner uses, over the SDK's
+    """The methods of rlpipe.training.client.TrainingClient that the learner uses, over the SDK's
     TrainingClient. The SDK client is made on first use: create_lora_training_client, or,
     when the first call is a load (a resumed learner, learner.init_from),
     create_training_client_from_state[_with_optimizer], as Tinker resumes."""

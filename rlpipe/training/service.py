@@ -6,8 +6,8 @@ import os
 import uuid
 from pathlib import Path
 
-from rlpipe import checkpoint
-from rlpipe.training import TrainingClient
+from rlpipe.training import checkpoint
+from rlpipe.training.client import TrainingClient
 from rlpipe.types import LoraConfig
 
 

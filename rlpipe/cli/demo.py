@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import time
 
-from rlpipe import console
+from rlpipe.cli import console
 from rlpipe.pipeline import launch
 from rlpipe.pipeline.config import RunConfig
 from rlpipe.pipeline.learner import latest_checkpoint
-from rlpipe.warmup import sft_warm_up
+from rlpipe.pipeline.warmup import sft_warm_up
 
 DIFFICULTY = 1
 SFT_STEPS = 250  # the answer format is learnt (about 8% greedy accuracy); RL then teaches the sums

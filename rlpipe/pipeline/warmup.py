@@ -17,8 +17,8 @@ def sft_warm_up(config: RunConfig, make_data: Callable[[object], list[Datum]], s
                 batch_size: int = 32) -> str:
     """`steps` cross-entropy steps on make_data(tokenizer) at the LoRA rule-of-thumb LR, with
     the run's LoRA rank; returns the save_state path to put in config.learner.init_from."""
-    from rlpipe.hyperparams import get_lr
-    from rlpipe.service import ServiceClient
+    from rlpipe.training.hyperparams import get_lr
+    from rlpipe.training.service import ServiceClient
 
     model = config.model_path()
     client = ServiceClient(config.run_dir / "sft").create_lora_training_client(model, rank=config.learner.rank, seed=config.seed)

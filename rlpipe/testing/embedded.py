@@ -81,7 +81,7 @@ def train_tokenizer(
 ):
     """A byte-level BPE tokenizer trained on texts, with special_tokens first (ids 0, 1, ...).
 
-    The defaults make the embedded model's tokenizer; rlpipe.families passes a model family's
+    The defaults make the embedded model's tokenizer; rlpipe.testing.families passes a model family's
     special tokens, roles (eos/pad/bos/unk) and chat template. add_bos_token: prepend bos_token
     on every encode, as Llama-3, Mistral and Gemma tokenizers do."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rlpipe import attention, packing
+from rlpipe.training import attention, packing
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,3 @@
+from rlpipe.cli.main import main
+
+main()
