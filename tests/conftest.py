@@ -4,7 +4,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest
+from tests.learning import SEED, THREADS  # noqa: E402
+
+if THREADS:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)  # the processes the tests start take it too
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Every test starts at the same torch thread count (RLPIPE_TEST_THREADS, else torch's
+    default), whatever the test before it set: an in-process Learner sets its own
+    (learner.cpu_threads), which made later tests' float sums depend on test order."""
+    import torch
+
+    before = torch.get_num_threads()
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def learning_seed() -> int:
+    """The seed a learning test varies (tests/learning.py): 0 unless RLPIPE_TEST_SEED says."""
+    return SEED
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from rlpipe.pipeline.config import RunConfig, check
 from rlpipe.pipeline.learner import Learner, latest_checkpoint
 from rlpipe.training.client import TrainingClient
 from rlpipe.training.lora import SharedBase
+from tests.learning import holds
 from tests.test_training import ADAM, TEXTS, sft_datum
 
 RL_LOSSES = ["importance_sampling", "ppo", "cispo", "dro"]
@@ -159,8 +160,9 @@ def test_kl_bad_input_is_refused(loss_fn, inputs, config, match):
         compute_loss(loss_fn, -torch.ones(T), base, config)
 
 
-def test_kl_pulls_a_moved_adapter_back_to_the_base_and_zero_kl_leaves_it(tiny_model_path, tmp_path):
-    client = TrainingClient(tiny_model_path, types.LoraConfig(rank=4, seed=0), tmp_path / "c")
+@pytest.mark.learning
+def test_kl_pulls_a_moved_adapter_back_to_the_base_and_zero_kl_leaves_it(tiny_model_path, tmp_path, learning_seed):
+    client = TrainingClient(tiny_model_path, types.LoraConfig(rank=4, seed=learning_seed), tmp_path / "c")
     move_away(client, TEXTS, steps=3)
     moved = client.save_state("moved").result().path
     data = rl_data(client, TEXTS)  # zero advantages: only the KL term can move the adapter
@@ -179,15 +181,19 @@ def test_kl_pulls_a_moved_adapter_back_to_the_base_and_zero_kl_leaves_it(tiny_mo
 
     client.load_state(moved).result()
     kls = []
-    for _ in range(8):
+    for _ in range(24):
         kls.append(client.forward_backward(data, "ppo", kl).result().metrics["kl_ref:mean"])
         client.optim_step(adam).result()
     kl_after = client.forward(data, "ppo", kl).result().metrics["kl_ref:mean"]
     full_after = kl_to_base(client, TEXTS)
     print(f"kl_ref {kl_before:.4f} -> {kl_after:.4f}; full-vocabulary KL to the base {full_before:.4f} -> {full_after:.4f}")
     assert kls[0] == pytest.approx(kl_before, rel=1e-5)
-    assert kl_after < 0.2 * kl_before, kls
-    assert full_after < 0.5 * full_before
+    # Bounds from benchmarks/learning_margins.md (seeds 0-2, 1-2 threads, AVX-512 and AVX2
+    # kernels): kl_ref falls to 0.01-0.12 of its start, the full-vocabulary KL to 0.22-0.50. The
+    # loss sees only the sampled tokens' KL (k3), so the rest of the distribution comes back
+    # more slowly: after 8 steps instead of 24, one seed's full KL still rose (x1.3).
+    holds(kl_after / kl_before, "<", 0.3, "kl_ref after 24 KL-only steps / before")
+    holds(full_after / full_before, "<", 0.9, "full-vocabulary KL to the base after / before")
     client.close()
 
 

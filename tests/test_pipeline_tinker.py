@@ -20,6 +20,7 @@ from rlpipe.pipeline.config import load, redacted
 from rlpipe.pipeline.stats import run_stats
 from rlpipe.types import WeightUpdate
 from tests.test_pipeline import REPO, accounting, assert_no_orphans, run_until_stopped, write_config
+from tests.learning import holds
 
 pytest.importorskip("tinker", reason="the tinker SDK is not installed")
 
@@ -108,13 +109,14 @@ def test_weight_updates_stay_wire_compatible():
     assert msgspec.msgpack.decode(wire, type=WeightUpdate) == WeightUpdate(version=3, sampler_path=path)
 
 
-def test_the_pipeline_learns_through_a_tinker_endpoint(endpoint, client_env, tmp_path):
+@pytest.mark.learning
+def test_the_pipeline_learns_through_a_tinker_endpoint(endpoint, client_env, tmp_path, learning_seed):
     steps = 14
     evaluation = ['eval_factory = "envs.arithmetic:eval_items"', "eval_args = { n = 12, difficulty = 1 }",
                   'nll_eval_factory = "envs.arithmetic:answer_datums"', "nll_eval_args = { n = 8 }"]
     config = tinker_config(tmp_path, "tk", endpoint.url, steps=steps, max_staleness=1, checkpoint_every=5,
                            episode_timeout_s=120, eval_every=7, dataset_lines=evaluation)
-    code, out, seconds = run_until_stopped(config, timeout_s=400)
+    code, out, seconds = run_until_stopped(config, "--set", f"seed={learning_seed}", timeout_s=400)
     run_dir = tmp_path / "tk"
     assert code == 0, out[-3000:] + "\n--- server ---\n" + endpoint.log_tail()
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -122,7 +124,7 @@ def test_the_pipeline_learns_through_a_tinker_endpoint(endpoint, client_env, tmp
     rewards = [round(r["reward/mean"], 3) for r in records]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     print(f"\nreward/mean by step: {rewards}\nfirst 4: {first:.3f}, last 4: {last:.3f}, run took {seconds:.0f} s")
-    assert last > first + 0.05, rewards
+    holds(last - first, ">", 0.05, "mean reward of the last 4 steps - the first 4")
     assert max(r["staleness/max"] for r in records) <= 1
     assert all("loss/sum" in r and "optim/grad_norm" in r for r in records)  # the endpoint's metrics
     assert records[-1]["explorer/version"] >= steps - 2  # the explorer followed the learner's versions

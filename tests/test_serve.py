@@ -14,6 +14,7 @@ from tinker.proto import tinker_public_pb2 as pb
 
 from rlpipe import types as rtypes
 from rlpipe.training.client import TrainingClient
+from tests.learning import holds
 
 VOCAB = 300  # below the tiny model's vocabulary (336)
 ADAM = T.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)
@@ -134,14 +135,15 @@ def test_forward_backward_custom_steps_like_the_in_process_client(service, tiny_
     local.close()
 
 
-def test_training_lowers_the_loss(service, tiny_model_path):
-    tc = new_client(service, tiny_model_path, seed=1)
+@pytest.mark.learning
+def test_training_lowers_the_loss(service, tiny_model_path, learning_seed):
+    tc = new_client(service, tiny_model_path, seed=1 + learning_seed)
     data = [sft_datum(list(range(20, 40))), sft_datum(list(range(60, 75)))]
     first = tc.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
     for _ in range(8):
         tc.optim_step(ADAM)
         last = tc.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
-    assert last < 0.7 * first
+    holds(last / first, "<", 0.7, "loss after 8 SFT steps through the SDK / before")
 
 
 def test_load_state_restores_the_weights_exactly_and_create_from_state_keeps_the_optimizer(service, tiny_model_path):

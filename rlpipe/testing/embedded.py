@@ -1,9 +1,20 @@
-"""Build the embedded default model: a tiny Llama-architecture LM with its own tokenizer.
+"""The embedded default model: a tiny Llama-architecture LM with its own tokenizer.
 
 Nothing is downloaded. A byte-level BPE tokenizer is trained on generated text, a small
 LlamaForCausalLM is built from a config and pre-trained briefly on the same text, and the
-result is saved as an ordinary Hugging Face directory (config.json, model.safetensors,
-tokenizer.json with a chat template), so every code path treats it like a user's model.
+result is an ordinary Hugging Face directory (config.json, model.safetensors, tokenizer.json
+with a chat template), so every code path treats it like a user's model.
+
+The default settings' result ships with the package (embedded_model/, 1.9 MB) rather than being
+built on each machine: pre-training is chaotic in the float rounding of the processor's kernels.
+The same recipe on the same machine with torch's AVX2 kernels instead of its AVX-512 ones
+(ATEN_CPU_CAPABILITY=avx2) moves weights by up to 0.15 after its 150 steps, and pre-training in
+float64 moves them as much (0.12), so neither a fixed thread count nor float64 makes the build
+identical across processors; every learning figure downstream then differed from machine to
+machine. Shipped, the demo, the recipes and the tests start from the same weights everywhere.
+`python -m rlpipe.testing.embedded OUT_DIR` runs the recipe again (to change it, rebuild, copy the
+files into embedded_model/ and update WEIGHTS_SHA256). Other settings (default_model_path(**overrides),
+used for test models of other sizes) are still built locally and cached.
 """
 
 from __future__ import annotations
@@ -179,8 +190,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLPIPE_CACHE", Path.home() / ".cache" / "rlpipe"))
 
 
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded_model"
+WEIGHTS_SHA256 = "b0103aa31a9b4340454c52c982fd34d7bdf925f6b9f4daa307f7a3f468c0feaf"
+"""sha256 of embedded_model/model.safetensors: build_tiny_model() with DEFAULTS on an AMD EPYC
+(AVX-512 kernels), torch 2.13.0+cpu, 2 threads, on 2026-12-07."""
+
+
 def default_model_path(**overrides) -> Path:
-    """The embedded default model, built once per machine and settings, then reused."""
+    """The embedded default model (the shipped files); with overrides of DEFAULTS, a model of
+    other settings, built once per machine and settings by the same recipe, then reused."""
+    if not {k: v for k, v in overrides.items() if DEFAULTS.get(k, v) != v or k not in DEFAULTS}:
+        if not (EMBEDDED_DIR / "model.safetensors").exists():
+            raise FileNotFoundError(f"the embedded model's files are missing from {EMBEDDED_DIR}: reinstall rlpipe")
+        return EMBEDDED_DIR
     cfg = {**DEFAULTS, **overrides, "version": VERSION}
     return cached_build("tiny-llama", cfg, lambda out: build_tiny_model(out, **overrides))
 
@@ -206,3 +228,13 @@ def cached_build(prefix: str, key: dict, build) -> Path:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m rlpipe.testing.embedded OUT_DIR   (runs the embedded model's recipe)")
+    out = build_tiny_model(sys.argv[1])
+    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    print(f"{out}: model.safetensors sha256 {digest} ({'the shipped weights' if digest == WEIGHTS_SHA256 else 'differs from the shipped weights'})")
