@@ -132,5 +132,6 @@ class SDKTrainingClient:
             step=step, metrics={k: float(v) for k, v in (getattr(out, "metrics", None) or {}).items()}), self.timeout_s)
 
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> SDKSamplingClient:
-        sampler = self.client.save_weights_and_get_sampling_client(name)
+        # SDK 0.38 hands back a future of the sampling client (name no longer has an effect)
+        sampler = self.client.save_weights_and_get_sampling_client(name).result(timeout=self.timeout_s)
         return SDKSamplingClient(sampler, policy_version=self.step)
