@@ -59,6 +59,7 @@ def accuracy(model: str, adapter: str | None) -> float:
 def main(args) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # quieter role logs
     config = demo_config(args.runs_dir, args.steps)
+    config.seed = args.seed
     # The SFT warm-up and the evaluations run here, in the launcher: their engine output goes
     # to the log file, the results to the console.
     with launch.launcher_output(config.run_dir, stop_engines=True):

@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = sub.add_parser("demo", help="SFT warm-up, then async RL on arithmetic; prints accuracy before/after")
     demo.add_argument("--steps", type=int, default=None, help="RL steps (default from the demo config)")
     demo.add_argument("--runs-dir", default="runs")
+    demo.add_argument("--seed", type=int, default=0, help="the warm-up's LoRA init and batch order (figures vary with it)")
     demo.add_argument("--quiet", action="store_true", help="no progress display, only the results")
     demo.set_defaults(run=cmd_demo)
     plot = sub.add_parser("plot", help="draw a run's curves (reward, accuracy, loss, KL, staleness, throughput) to a PNG")
