@@ -66,7 +66,7 @@ def main() -> None:
             f"groups_per_batch = {args.groups}",
             "[dataset]", 'factory = "envs.toy:DigitsDataset"', f"args = {{ group_size = {args.group_size} }}",
             "[explorer]", 'sampler = "vllm"', f"concurrency = {args.groups}", f"max_tokens = {args.max_tokens}",
-            "max_model_len = 512", "episode_timeout_s = 900", "first_weights_timeout_s = 1800",
+            "episode_timeout_s = 900", "first_weights_timeout_s = 1800", "[explorer.engine]", "max_model_len = 512",
             # A random-init model rarely writes a digit: constant-reward groups are trained
             # anyway (they carry no gradient) so that every step has its batch.
             "[buffer]", "drop_constant_reward_groups = false",

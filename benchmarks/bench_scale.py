@@ -36,7 +36,7 @@ on real hardware. What they show: the stale-drop share stays at 0 as explorers a
 shared admission budget keeps them from starting groups that would be trained too late; with
 each explorer deciding alone, 3 explorers lost 19-33% of their groups as stale here), and the
 extra processes cost little once each explorer's engine takes its own share of the cores
-(explorer.cpu_threads; before that, 2 explorers ran 15x slower than 1, every engine's OpenMP
+(explorer.engine.cpu_threads; before that, 2 explorers ran 15x slower than 1, every engine's OpenMP
 threads spinning on both cores). Two engines of one thread each sample the tiny model faster
 than one engine of two threads (small matrices: per-call overhead, not arithmetic, bounds
 it), hence the 1.4x; 2 learner ranks on 2 shared cores gain nothing and lose little.

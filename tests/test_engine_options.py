@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from rlpipe.pipeline.config import load
-from rlpipe.pipeline.explorer import engine_options, use_device
+from rlpipe.pipeline.explorer_sampler import engine_options, use_device
 from rlpipe.sampling.vllm_args import CPU_KV_CACHE_CAP, MiB, lora_rank_for
 
 
@@ -25,30 +25,30 @@ def test_rl_refuses_greedy_and_truncated_sampling(tmp_path):
     assert config(tmp_path).explorer.temperature == 1.0  # the defaults pass
     with pytest.raises(ValueError, match=r"explorer.temperature must be in \(0, 2\], got 0.*greedy"):
         config(tmp_path, **{"explorer.temperature": 0})
-    for key, value in (("top_p", 0.9), ("top_k", 40)):
-        with pytest.raises(ValueError, match=rf"explorer.{key} = {value} is not supported for RL: the learner "
-                                             r"scores each sampled token under the full softmax.*biased"):
+    for key, value, bound in (("top_p", 0.9, 1), ("top_k", 40, 0), ("top_k", -1, 0)):
+        with pytest.raises(ValueError, match=rf"explorer.{key} must be {bound}, got {value}: RL samples the full "
+                                             r"softmax: the learner scores each sampled token under it.*bias"):
             config(tmp_path, **{f"explorer.{key}": value})
 
 
 def test_engine_settings_are_checked(tmp_path):
-    ok = config(tmp_path, **{"explorer.device": "cuda:0,1", "explorer.tensor_parallel_size": 2,
-                             "explorer.max_lora_rank": 32, "explorer.engine_args": {"max_num_seqs": 64}})
-    assert ok.explorer.engine_args == {"max_num_seqs": 64}
+    ok = config(tmp_path, **{"explorer.engine.device": "cuda:0,1", "explorer.engine.tensor_parallel_size": 2,
+                             "explorer.engine.max_lora_rank": 32, "explorer.engine.engine_args": {"max_num_seqs": 64}})
+    assert ok.explorer.engine.engine_args == {"max_num_seqs": 64}
     bad = {
-        "explorer.device": ("gpu:1", "explorer.device must be"),
-        "explorer.tensor_parallel_size": (2, None),  # with device cuda:1 below: one GPU named
-        "explorer.max_lora_rank": (12, r"one of the ranks vLLM supports, \(1, 8, 16"),
-        "explorer.gpu_memory_utilization": (1.5, "gpu_memory_utilization must be in"),
+        "explorer.engine.device": ("gpu:1", "explorer.engine.device must be"),
+        "explorer.engine.tensor_parallel_size": (2, None),  # with device cuda:1 below: one GPU named
+        "explorer.engine.max_lora_rank": (12, r"max_lora_rank must be one of \(0, 1, 8, 16, .*\), got 12"),
+        "explorer.engine.gpu_memory_utilization": (1.5, r"gpu_memory_utilization must be in \[0, 1\], got 1.5"),
     }
     for key, (value, match) in bad.items():
-        extra = {"explorer.device": "cuda:1"} if key.endswith("tensor_parallel_size") else {}
+        extra = {"explorer.engine.device": "cuda:1"} if key.endswith("tensor_parallel_size") else {}
         with pytest.raises(ValueError, match=match or "needs as many GPUs"):
             config(tmp_path, **{key: value, **extra})
-    with pytest.raises(ValueError, match="must not set 'max_model_len': use explorer.max_model_len instead"):
-        config(tmp_path, **{"explorer.engine_args": {"max_model_len": 64}})
+    with pytest.raises(ValueError, match="must not set 'max_model_len': use explorer.engine.max_model_len instead"):
+        config(tmp_path, **{"explorer.engine.engine_args": {"max_model_len": 64}})
     with pytest.raises(ValueError, match="must not set 'enable_lora': rlpipe sets it itself"):
-        config(tmp_path, **{"explorer.engine_args": {"enable_lora": False}})
+        config(tmp_path, **{"explorer.engine.engine_args": {"enable_lora": False}})
     with pytest.raises(ValueError, match="learner.rank 600 is above the largest LoRA rank vLLM serves"):
         config(tmp_path, **{"learner.rank": 600})
     assert config(tmp_path, **{"learner.rank": 600, "explorer.sampler": "local"}).learner.rank == 600
@@ -67,13 +67,15 @@ def test_lora_rank_is_rounded_up_and_logged(caplog):
 
 
 def test_engine_options_from_the_run_config(tmp_path):
-    cfg = config(tmp_path, **{"learner.rank": 12, "max_staleness": 2, "explorer.max_model_len": 256,
-                              "explorer.gpu_memory_utilization": 0.4, "explorer.engine_args": {"max_num_seqs": 32}})
-    assert engine_options(cfg, "vllm") == {
-        "max_loaded_adapters": 4, "max_lora_rank": 12, "max_model_len": 256, "dtype": None, "enforce_eager": True,
+    cfg = config(tmp_path, **{"learner.rank": 12, "max_staleness": 2, "explorer.engine.max_model_len": 256,
+                              "explorer.engine.gpu_memory_utilization": 0.4,
+                              "explorer.engine.engine_args": {"max_num_seqs": 32}})
+    assert engine_options(cfg, "vllm") == {  # "" and 0: vLLM's default
+        "max_loaded_adapters": 4, "max_lora_rank": 12, "max_model_len": 256, "dtype": "", "enforce_eager": True,
         "gpu_memory_utilization": 0.4, "tensor_parallel_size": 1, "device": "", "max_num_seqs": 32,
     }
-    local = config(tmp_path, **{"explorer.sampler": "local", "explorer.device": "cuda:1", "explorer.dtype": "bfloat16"})
+    local = config(tmp_path, **{"explorer.sampler": "local", "explorer.engine.device": "cuda:1",
+                                "explorer.engine.dtype": "bfloat16"})
     assert engine_options(local, "local") == {"max_loaded_adapters": 3, "max_model_len": None, "dtype": "bfloat16", "device": "cuda"}
 
 
@@ -120,8 +122,8 @@ def test_options_reach_the_vllm_config(tmp_path, tiny_model_path):
 
     from rlpipe.sampling.vllm_args import engine_config
 
-    cfg = config(tmp_path, base_model=tiny_model_path, **{"learner.rank": 12, "explorer.max_model_len": 256,
-                                                          "explorer.engine_args": {"max_num_seqs": 32}})
+    cfg = config(tmp_path, base_model=tiny_model_path, **{"learner.rank": 12, "explorer.engine.max_model_len": 256,
+                                                          "explorer.engine.engine_args": {"max_num_seqs": 32}})
     vllm_config = engine_config(tiny_model_path, **engine_options(cfg, "vllm"))
     assert vllm_config.model_config.max_model_len == 256
     assert vllm_config.lora_config.max_lora_rank == 16  # rank 12 rounded up

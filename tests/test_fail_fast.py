@@ -32,8 +32,8 @@ def seconds_since_failure(run_dir, role: str) -> float:
 def test_adapter_the_explorer_cannot_load_stops_the_run(tmp_path):
     # A real misconfiguration: the explorer's engine takes adapters up to rank 8, the learner trains rank 16.
     config = write_config(tmp_path, "rank", steps=5)
-    code, out, took = run_until_stopped(config, "--set", "learner.rank=16", "--set", "explorer.max_lora_rank=8",
-                                        "--set", "explorer.max_model_len=512", timeout_s=300)
+    code, out, took = run_until_stopped(config, "--set", "learner.rank=16", "--set", "explorer.engine.max_lora_rank=8",
+                                        "--set", "explorer.engine.max_model_len=512", timeout_s=300)
     run_dir = tmp_path / "rank"
     stopped_after = seconds_since_failure(run_dir, "explorer")
     assert code == 1, out[-3000:]

@@ -85,7 +85,7 @@ def test_three_explorers_share_one_budget(tmp_path):
         assert explorer["version"] == steps, (i, explorer)
         log = (run_dir / "logs" / f"explorer-{i}.log").read_text()
         assert f"explorer-{i}: sampling with version {steps}" in log
-        assert "explorer.device 'cpu': CUDA_VISIBLE_DEVICES=''" in log
+        assert "explorer.engine.device 'cpu': CUDA_VISIBLE_DEVICES=''" in log
         threads = max(1, len(os.sched_getaffinity(0)) // 2 // EXPLORERS)  # a share of the cores, not every core
         assert f"explorer explorer-{i}: {threads} CPU threads" in log
     admission = json.loads((run_dir / "buffer_stats.json").read_text())["admission"]

@@ -18,10 +18,10 @@ def config_file(tmp_path, *lines: str):
 
 
 def explorer_devices(supervisor: Supervisor) -> dict[str, str | None]:
-    """role -> the explorer.device its command sets (the last --set of it wins), None if none."""
+    """role -> the explorer.engine.device its command sets (the last --set of it wins), None if none."""
     out = {}
     for name, role in supervisor.roles.items():
-        sets = [v for k, v in zip(role.command, role.command[1:]) if k == "--set" and v.startswith("explorer.device=")]
+        sets = [v for k, v in zip(role.command, role.command[1:]) if k == "--set" and v.startswith("explorer.engine.device=")]
         out[name] = sets[-1].partition("=")[2] if sets else None
     return out
 
@@ -29,8 +29,8 @@ def explorer_devices(supervisor: Supervisor) -> dict[str, str | None]:
 def test_each_explorer_gets_its_own_device(tmp_path):
     path = config_file(tmp_path, "[explorer]", "count = 3", 'devices = ["cuda:0", "cuda:1", "cuda:2,3"]')
     config = load(path, {})
-    supervisor = Supervisor(config, str(path), ["explorer.device=cpu"], resume=False)
-    # The run's own --set explorer.device goes to every role; each explorer's device comes after it.
+    supervisor = Supervisor(config, str(path), ["explorer.engine.device=cpu"], resume=False)
+    # The run's own --set explorer.engine.device goes to every role; each explorer's device comes after it.
     assert explorer_devices(supervisor) == {"buffer": "cpu", "learner": "cpu", "explorer-0": '"cuda:0"',
                                             "explorer-1": '"cuda:1"', "explorer-2": '"cuda:2,3"'}
     # Without devices, the run's own --set items alone.
@@ -86,7 +86,7 @@ def test_explorers_on_one_cpu_host_share_its_cores(tmp_path, monkeypatch):
     cores = sorted(os.sched_getaffinity(0))
     before = torch.get_num_threads()
     try:
-        config = load(config_file(tmp_path, "[explorer]", "count = 3", 'device = "cpu"'), {})
+        config = load(config_file(tmp_path, "[explorer]", "count = 3", "[explorer.engine]", 'device = "cpu"'), {})
         seen = []
         for k in range(3):
             monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
@@ -103,7 +103,7 @@ def test_explorers_on_one_cpu_host_share_its_cores(tmp_path, monkeypatch):
         share_cores(config, "explorer-0")
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
         torch.set_num_threads(before)
-        share_cores(load(config_file(tmp_path, "[explorer]", "count = 1", 'device = "cpu"'), {}), "explorer-0")
+        share_cores(load(config_file(tmp_path, "[explorer]", "count = 1", "[explorer.engine]", 'device = "cpu"'), {}), "explorer-0")
         assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)

