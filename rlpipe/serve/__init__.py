@@ -7,8 +7,8 @@
 app.py holds the server and the session endpoints, training_routes.py / sampling_routes.py /
 rest_routes.py the others; trainers.py the per-model queues over SharedBase-backed
 TrainingClients, samplers.py the sampling sessions, registry.py what survives a restart,
-futures.py the long-poll future protocol, wire.py the protobuf/JSON bodies, http.py the
-request parsing and error answers.
+futures.py the long-poll future protocol, bodies.py the JSON request bodies (one msgspec
+Struct each), wire.py the protobuf bodies, http.py the reading of requests and the error answers.
 """
 
 from __future__ import annotations

@@ -16,13 +16,13 @@ import time
 import uuid
 from pathlib import Path
 
-import msgspec
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from rlpipe.serve import rest_routes, sampling_routes, training_routes
+from rlpipe.serve import bodies, rest_routes, sampling_routes, training_routes
 from rlpipe.serve.futures import PROTOBUF, Futures, NotFound, UserError
-from rlpipe.serve.http import API, TooLarge, error_response, field, read_json
+from rlpipe.serve.http import API, TooLarge, error_response, read
 from rlpipe.serve.registry import Registry, UnknownPath, tinker_path
 from rlpipe.serve.samplers import Samplers
 from rlpipe.serve.trainers import Trainers, run_job
@@ -112,11 +112,16 @@ def create_app(server: Server, api_key: str | None = None, max_body_bytes: int =
             return error_response(404, str(e))
         except TooLarge as e:
             return error_response(413, str(e))
-        except (UserError, UnknownPath, ValueError, msgspec.ValidationError) as e:
+        except (UserError, UnknownPath, ValueError) as e:
             return error_response(400, str(e))
         except Exception as e:  # a bug of ours: say so, keep serving
             log.exception("%s %s failed", request.method, request.url.path)
             return error_response(500, f"{type(e).__name__}: {e}", category="server")
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_query(request: Request, e: RequestValidationError):  # FastAPI's own answer has no "error"
+        return error_response(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+
     # ------------------------------------------------------------------ session and service
 
     @app.post(API + "/client/config")
@@ -133,27 +138,26 @@ def create_app(server: Server, api_key: str | None = None, max_body_bytes: int =
 
     @app.post(API + "/create_session")
     async def create_session(request: Request):
-        body = await read_json(request)
+        body = await read(request, bodies.CreateSession)
         session_id = f"sess-{uuid.uuid4().hex[:12]}"
-        s.registry.add_session(session_id, body.get("tags") or [], body.get("user_metadata") or {})
+        s.registry.add_session(session_id, body.tags, body.user_metadata or {})
         s.last_seen[session_id] = time.monotonic()
         return {"session_id": session_id, "type": "create_session"}
 
     @app.post(API + "/session_heartbeat")
     async def heartbeat(request: Request):
-        body = await read_json(request)
-        if not s.registry.session_exists(field(body, "session_id", str)):
-            raise NotFound(f"unknown session {body['session_id']!r}")
-        s.last_seen[body["session_id"]] = time.monotonic()
+        body = await read(request, bodies.SessionHeartbeat)
+        if not s.registry.session_exists(body.session_id):
+            raise NotFound(f"unknown session {body.session_id!r}")
+        s.last_seen[body.session_id] = time.monotonic()
         return {"type": "session_heartbeat"}
 
     @app.post(API + "/sessions/{session_id}/finish")
     async def finish_session(session_id: str, request: Request):
-        body = await read_json(request)
+        body = await read(request, bodies.FinishSession)
         if not s.registry.session_exists(session_id):
             raise NotFound(f"unknown session {session_id!r}")
-        reason = body.get("reason") or {}
-        s.registry.finish_session(session_id, reason.get("type", "success") if isinstance(reason, dict) else str(reason))
+        s.registry.finish_session(session_id, body.reason.type)
         s.last_seen.pop(session_id, None)
         await s.trainers.unload_session(session_id)  # its checkpoints stay
         return {}
@@ -178,10 +182,10 @@ def create_app(server: Server, api_key: str | None = None, max_body_bytes: int =
 
     @app.post(API + "/retrieve_future")
     async def retrieve_future(request: Request):
-        body = await read_json(request)
-        entry = s.futures.get(field(body, "request_id", str))
+        body = await read(request, bodies.RetrieveFuture)
+        entry = s.futures.get(body.request_id)
         if entry is None:
-            raise NotFound(f"unknown request_id {body['request_id']!r}")
+            raise NotFound(f"unknown request_id {body.request_id!r}")
         if not await s.futures.wait(entry):
             return JSONResponse({"type": "try_again", "request_id": entry.request_id, "queue_state": "active"}, status_code=408)
         if entry.error is not None:

@@ -4,14 +4,16 @@ JSON body with "error" (and "category"), never an empty 4xx."""
 from __future__ import annotations
 
 import datetime
-import json
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from rlpipe.serve import bodies
 from rlpipe.serve.futures import NotFound, UserError
 
 API = "/api/v1"
+T = TypeVar("T")
 
 
 class TooLarge(UserError):
@@ -38,34 +40,17 @@ async def read_body(request: Request) -> bytes:
     return b"".join(parts)
 
 
-async def read_json(request: Request) -> dict:
-    try:
-        body = json.loads(await read_body(request))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"malformed JSON body: {e}") from None
-    if not isinstance(body, dict):
-        raise UserError("the JSON body must be an object")
-    return body
+async def read(request: Request, kind: type[T]) -> T:
+    """The JSON body as kind (a Struct of bodies.py): a UserError naming the field if it does not fit."""
+    return bodies.decode(await read_body(request), kind)
 
 
-def field(body: dict, name: str, kind: type | tuple, required: bool = True, default=None):
-    value = body.get(name, default)
-    if value is None:
-        if required:
-            raise UserError(f"missing field {name!r}")
-        return default
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"field {name!r} has the wrong type: {value!r}")
-    return value
-
-
-def known_session(registry, body: dict) -> str:
-    session_id = field(body, "session_id", str)
+def known_session(registry, session_id: str) -> None:
+    """Refuse a session that does not exist (404) or has finished (400)."""
     if not registry.session_exists(session_id):
         raise NotFound(f"unknown session {session_id!r}: create_session first")
     if registry.session_finished(session_id):
         raise UserError(f"session {session_id!r} has finished: create a new ServiceClient")
-    return session_id
 
 
 def future_reply(entry) -> dict:

@@ -3,19 +3,30 @@ weights_info and the download URLs of exported weights."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 
+from rlpipe.serve import bodies
 from rlpipe.serve.futures import NotFound, UserError
-from rlpipe.serve.http import API, field, iso, read_json
+from rlpipe.serve.http import API, iso, read
 from rlpipe.serve.registry import KIND_PREFIX, PREFIX_KIND, UnknownPath, parse_tinker_path, tinker_path
 
 
 def file_urls(path: Path) -> dict[str, str]:
     """{relative path: file:// URL} of every file of a checkpoint: the SDK fetches them with urlretrieve."""
     return {str(p.relative_to(path)): p.as_uri() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def unknown_is_404():
+    """An unknown checkpoint is what a REST read looks up: 404 (elsewhere it is bad input, 400)."""
+    try:
+        yield
+    except UnknownPath as e:
+        raise NotFound(str(e)) from None
 
 
 def register(app: FastAPI, s) -> None:
@@ -66,41 +77,32 @@ def register(app: FastAPI, s) -> None:
     @app.delete(API + "/training_runs/{model_id}/checkpoints/{checkpoint_id:path}")
     async def delete_checkpoint(model_id: str, checkpoint_id: str):
         kind, name = _checkpoint_key(model_id, checkpoint_id)
-        try:
+        with unknown_is_404():
             s.registry.delete_checkpoint(model_id, kind, name)
-        except UnknownPath as e:
-            raise NotFound(str(e)) from None
         return {}
 
     @app.get(API + "/training_runs/{model_id}/checkpoints/{prefix}/{name}/external_weights_urls")
     async def external_weights_urls(model_id: str, prefix: str, name: str):
         kind, name = _checkpoint_key(model_id, f"{prefix}/{name}")
-        try:
+        with unknown_is_404():
             row = s.registry.checkpoint(tinker_path(model_id, kind, name))
-        except UnknownPath as e:
-            raise NotFound(str(e)) from None
         expires = iso(time.time() + 7 * 86400)
         return {"urls": file_urls(Path(row["path"])), "expires": expires}
 
     @app.put(API + "/training_runs/{model_id}/checkpoints/{prefix}/{name}/ttl")
     async def set_ttl(model_id: str, prefix: str, name: str, request: Request):
         kind, name = _checkpoint_key(model_id, f"{prefix}/{name}")
-        ttl = field(await read_json(request), "ttl_seconds", (int, float), required=False)
-        try:
+        ttl = (await read(request, bodies.SetTtl)).ttl_seconds
+        with unknown_is_404():
             s.registry.set_expiry(model_id, kind, name, ttl)
-        except UnknownPath as e:
-            raise NotFound(str(e)) from None
         return {}
 
     @app.post(API + "/weights_info")
     async def weights_info(request: Request):
-        body = await read_json(request)
-        path = field(body, "tinker_path", str)
+        path = (await read(request, bodies.WeightsInfo)).tinker_path
         model_id, _, _ = parse_tinker_path(path)
-        try:
+        with unknown_is_404():
             s.registry.checkpoint(path)
-        except UnknownPath as e:
-            raise NotFound(str(e)) from None
         row = s.registry.model(model_id)
         lora = row["lora"]
         return {"base_model": row["base_model"], "is_lora": True, "lora_rank": lora["rank"], "optimizer_config": {"type": "adamw"},

@@ -7,35 +7,34 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 
-from rlpipe.serve import wire
+from rlpipe.serve import bodies, wire
 from rlpipe.serve.futures import UserError
-from rlpipe.serve.http import API, field, known_session, read_json
+from rlpipe.serve.http import API, known_session, read
 
 
-def add_sampler(s, sampler_id: str, body: dict) -> None:
-    """Register sampler_id for body's model_path (a tinker:// sampler checkpoint) or base_model."""
-    model_path = field(body, "model_path", str, required=False)
+def add_sampler(s, sampler_id: str, model_path: str | None, base_model: str | None) -> None:
+    """Register sampler_id for model_path (a tinker:// sampler checkpoint) or base_model."""
     if model_path is not None:
         source = s.registry.checkpoint(model_path)
         if source["kind"] != "sampler":
             raise UserError(f"{model_path} is not a sampler checkpoint (tinker://.../sampler_weights/...)")
         base_model = s.registry.model(source["model_id"])["base_model"]
         s.registry.add_sampler(sampler_id, base_model, model_path, Path(source["path"]))
-    else:
-        base_model = field(body, "base_model", str)
+    elif base_model is not None:
         s.trainers.base_dir(base_model)
         s.registry.add_sampler(sampler_id, base_model, None, None)
+    else:
+        raise UserError("a sampler needs a model_path (tinker://.../sampler_weights/...) or a base_model")
 
 
 def register(app: FastAPI, s) -> None:
 
     @app.post(API + "/create_sampling_session")
     async def create_sampling_session(request: Request):
-        body = await read_json(request)
-        session_id = known_session(s.registry, body)
-        seq = field(body, "sampling_session_seq_id", int)
-        sampler_id = f"{session_id}:sample:{seq}"
-        add_sampler(s, sampler_id, body)
+        body = await read(request, bodies.CreateSamplingSession)
+        known_session(s.registry, body.session_id)
+        sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
+        add_sampler(s, sampler_id, body.model_path, body.base_model)
         return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
     @app.get(API + "/samplers/{sampler_id}")
@@ -45,35 +44,25 @@ def register(app: FastAPI, s) -> None:
 
     @app.post(API + "/asample")
     async def asample(request: Request):
-        body = await read_json(request)
-        sampler_id = body.get("sampling_session_id")
+        body = await read(request, bodies.Sample)
+        sampler_id = body.sampling_session_id
         adhoc = sampler_id is None
         if adhoc:  # a one-off sampler from base_model / model_path
-            sampler_id = f"adhoc:{body.get('model_path') or body.get('base_model')}"
+            sampler_id = f"adhoc:{body.model_path or body.base_model}"
             if s.registry.sampler(sampler_id) is None:
-                add_sampler(s, sampler_id, body)
-        if not isinstance(sampler_id, str):
-            raise UserError("sampling_session_id must be a string")
+                add_sampler(s, sampler_id, body.model_path, body.base_model)
         s.samplers.info(sampler_id)
-        num_samples = field(body, "num_samples", int, required=False, default=1)
-        if not 1 <= num_samples <= 4096:
-            raise UserError(f"num_samples must be in [1, 4096], got {num_samples}")
-        prompt = wire.prompt_from_json(body.get("prompt"))
-        params = wire.sampling_params_from_json(body.get("sampling_params") or {})
-        prompt_logprobs = bool(body.get("prompt_logprobs"))
-        last_n = field(body, "prompt_logprobs_last_n", int, required=False)
-        for unsupported in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k", "target_prompt_logprobs"):
-            if body.get(unsupported):
-                raise UserError(f"{unsupported} is not supported by rlpipe serve")
-        seq = body.get("seq_id")
+        if unsupported := body.unsupported():
+            raise UserError(f"{', '.join(unsupported)}: not supported by rlpipe serve")
+        params, prompt_logprobs = body.sampling_params.params(), bool(body.prompt_logprobs)
         # One-off samplers are shared by every client, so their seq_ids are not a retry's identity.
-        key = None if adhoc or seq is None else ("sample", sampler_id, seq)
+        key = None if adhoc or body.seq_id is None else ("sample", sampler_id, body.seq_id)
         entry, fresh = s.futures.new("sample", key=key)
         if fresh:
             async def job():
-                response = await s.samplers.sample(sampler_id, prompt, num_samples, params, prompt_logprobs)
-                return wire.encode_sample(response, prompt_logprobs_last_n=last_n)
+                response = await s.samplers.sample(sampler_id, body.prompt, body.num_samples, params, prompt_logprobs)
+                return wire.encode_sample(response, prompt_logprobs_last_n=body.prompt_logprobs_last_n)
 
             s.spawn(entry, job)
-        ids = [f"{entry.request_id}:{i}" for i in range(num_samples)]
+        ids = [f"{entry.request_id}:{i}" for i in range(body.num_samples)]
         return {"request_id": entry.request_id, "sample_sequence_ids": ids}

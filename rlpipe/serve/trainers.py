@@ -165,11 +165,9 @@ class Trainers:
             self.queues[model_id] = ModelQueue(model_id, self.futures)
         return self.queues[model_id]
 
-    def submit(self, model_id: str, seq_id, kind: str, job: Callable[[], Awaitable]) -> Entry:
+    def submit(self, model_id: str, seq_id: int, kind: str, job: Callable[[], Awaitable]) -> Entry:
         """Queue job for model_id; a retry of the same (model_id, seq_id) gets the first entry."""
         queue = self.queue(model_id)
-        if not isinstance(seq_id, int) or isinstance(seq_id, bool):
-            raise UserError(f"seq_id must be an int, got {seq_id!r}")
         entry, fresh = self.futures.new(kind, key=("model", model_id, seq_id))
         if fresh:
             self.registry.touch(model_id)

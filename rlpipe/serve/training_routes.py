@@ -9,15 +9,14 @@ import json
 import shutil
 from pathlib import Path
 
-import msgspec
 from fastapi import FastAPI, Request
 
-from rlpipe.training import checkpoint
-from rlpipe.serve import wire
+from rlpipe.serve import bodies, wire
 from rlpipe.serve.futures import UserError
-from rlpipe.serve.http import API, TooLarge, field, future_reply, known_session, read_body, read_json
+from rlpipe.serve.http import API, TooLarge, future_reply, known_session, read, read_body
 from rlpipe.serve.registry import dir_size, tinker_path
-from rlpipe.types import AdamParams, LoraConfig
+from rlpipe.training import checkpoint
+from rlpipe.types import LoraConfig
 
 EPHEMERAL_KEEP = 64
 """Newest ephemeral sampler adapters kept per model (save_weights_and_get_sampling_client)."""
@@ -28,25 +27,16 @@ def register(app: FastAPI, s) -> None:
 
     @app.post(API + "/create_model")
     async def create_model(request: Request):
-        body = await read_json(request)
-        session_id = known_session(s.registry, body)
-        seq = field(body, "model_seq_id", int)
-        base_model = field(body, "base_model", str)
-        s.trainers.base_dir(base_model)  # an unknown base is refused now, not in the future
-        lora_body = field(body, "lora_config", dict, required=False, default={})
-        optimizer = field(body, "optimizer_config", dict, required=False, default={"type": "adamw"})
-        if optimizer.get("type", "adamw") != "adamw":
-            raise UserError(f"optimizer {optimizer.get('type')!r} is not supported: rlpipe trains with adamw")
-        lora = msgspec.convert({k: v for k, v in lora_body.items() if k in ("rank", "seed", "train_mlp", "train_attn", "train_unembed")},
-                               LoraConfig)
-        await asyncio.to_thread(s.samplers.check_lora, s.trainers.base_dir(base_model), lora)
-        model_id = f"{session_id}:train:{seq}"
-        entry, fresh = s.futures.new("create_model", key=("create", session_id, seq))
+        body = await read(request, bodies.CreateModel)
+        known_session(s.registry, body.session_id)
+        base_dir = s.trainers.base_dir(body.base_model)  # an unknown base is refused now, not in the future
+        lora = body.lora_config.config() if body.lora_config else LoraConfig()
+        await asyncio.to_thread(s.samplers.check_lora, base_dir, lora)
+        model_id = f"{body.session_id}:train:{body.model_seq_id}"
+        entry, fresh = s.futures.new("create_model", key=("create", body.session_id, body.model_seq_id))
         if fresh:
-            metadata = field(body, "user_metadata", dict, required=False, default={})
-
             async def job():
-                await s.trainers.create(model_id, session_id, base_model, lora, metadata)
+                await s.trainers.create(model_id, body.session_id, body.base_model, lora, body.user_metadata or {})
                 return {"model_id": model_id, "type": "create_model"}
 
             s.spawn(entry, job)
@@ -54,8 +44,7 @@ def register(app: FastAPI, s) -> None:
 
     @app.post(API + "/get_info")
     async def get_info(request: Request):
-        body = await read_json(request)
-        model_id = field(body, "model_id", str)
+        model_id = (await read(request, bodies.ModelRef)).model_id
         client = s.trainers.client(model_id)
         row = s.registry.model(model_id)
         config = json.loads((Path(client.base_model) / "config.json").read_text())
@@ -66,8 +55,7 @@ def register(app: FastAPI, s) -> None:
 
     @app.post(API + "/unload_model")
     async def unload_model(request: Request):
-        body = await read_json(request)
-        model_id = field(body, "model_id", str)
+        model_id = (await read(request, bodies.ModelRef)).model_id
         s.trainers.client(model_id)
         await s.trainers.unload(model_id)
         return future_reply(s.futures.completed("unload_model", {"model_id": model_id, "type": "unload_model"}))
@@ -98,70 +86,68 @@ def register(app: FastAPI, s) -> None:
 
     @app.post(API + "/optim_step")
     async def optim_step(request: Request):
-        body = await read_json(request)
-        model_id = field(body, "model_id", str)
-        client = s.trainers.client(model_id)
-        optimizer = field(body, "optimizer_params", dict, required=False, default={})
-        if optimizer.get("type", "adamw") != "adamw":
-            raise UserError(f"optimizer {optimizer.get('type')!r} is not supported: rlpipe trains with adamw")
-        params = msgspec.convert(field(body, "adam_params", dict, required=False, default={}), AdamParams)
+        body = await read(request, bodies.OptimStep)
+        client = s.trainers.client(body.model_id)
+        params = body.adam_params.params()
 
         async def job():
             out = await client.optim_step(params).result_async()
             return {"metrics": out.metrics}
 
-        return future_reply(s.trainers.submit(model_id, body.get("seq_id"), "optim_step", job))
+        return future_reply(s.trainers.submit(body.model_id, body.seq_id, "optim_step", job))
 
     @app.post(API + "/save_weights")
     async def save_weights(request: Request):
-        body = await read_json(request)
-        model_id = field(body, "model_id", str)
+        body = await read(request, bodies.SaveWeights)
+        model_id = body.model_id
         client = s.trainers.client(model_id)
-        name = checkpoint.check_name(field(body, "path", str))
-        overwrite, ttl = bool(body.get("overwrite")), field(body, "ttl_seconds", (int, float), required=False)
+        name = checkpoint.check_name(body.path)
 
         async def job():
-            if not overwrite and (client.checkpoint_dir / "state" / name).exists():
+            if not body.overwrite and (client.checkpoint_dir / "state" / name).exists():
                 raise UserError(f"checkpoint {tinker_path(model_id, 'training', name)} exists (overwrite=false)")
             out = await client.save_state(name).result_async()
-            return {"path": s.registry.add_checkpoint(model_id, "training", name, Path(out.path), ttl), "type": "save_weights"}
+            return {"path": s.registry.add_checkpoint(model_id, "training", name, Path(out.path), body.ttl_seconds),
+                    "type": "save_weights"}
 
-        return future_reply(s.trainers.submit(model_id, body.get("seq_id"), "save_weights", job))
+        return future_reply(s.trainers.submit(model_id, body.seq_id, "save_weights", job))
 
     @app.post(API + "/load_weights")
     async def load_weights(request: Request):
-        body = await read_json(request)
-        path = field(body, "path", str)
-        with_optimizer = bool(body.get("optimizer"))
+        body = await read(request, bodies.LoadWeights)
+        path = body.path
         source = s.registry.checkpoint(path)
         if source["kind"] != "training":
             raise UserError(f"{path} is not a training checkpoint (tinker://.../weights/...)")
-        if "model_id" in body and body["model_id"] is not None:
-            model_id = field(body, "model_id", str)
+        if body.model_id is not None:
+            model_id = body.model_id
             client = s.trainers.client(model_id)
             trained_on = s.registry.model(source["model_id"])["base_model"]
             if s.trainers.base_dir(trained_on) != client.base_model:
                 raise UserError(f"{path} was trained on {trained_on}, model {model_id} on {s.registry.model(model_id)['base_model']}")
+            if body.seq_id is None:
+                raise UserError("load_weights into model_id needs its seq_id")
 
             async def job():
-                await load(client, source["path"], with_optimizer)
+                await load(client, source["path"], body.optimizer)
                 return {"path": path, "model_id": model_id, "type": "load_weights"}
 
-            return future_reply(s.trainers.submit(model_id, body.get("seq_id"), "load_weights", job))
+            return future_reply(s.trainers.submit(model_id, body.seq_id, "load_weights", job))
         # create_training_client_from_state: the client names the new model itself.
-        session_id = known_session(s.registry, body)
-        seq = field(body, "model_seq_id", int)
-        model_id = f"{session_id}:train:{seq}"
+        if body.session_id is None or body.model_seq_id is None:
+            raise UserError("load_weights needs model_id and seq_id, or session_id and model_seq_id (a new model)")
+        known_session(s.registry, body.session_id)
+        model_id = f"{body.session_id}:train:{body.model_seq_id}"
         origin = s.registry.model(source["model_id"])
-        entry, fresh = s.futures.new("load_weights", key=("create", session_id, seq))
+        entry, fresh = s.futures.new("load_weights", key=("create", body.session_id, body.model_seq_id))
         if fresh:
             meta = checkpoint.read_meta(source["path"])
-            metadata = field(body, "user_metadata", dict, required=False) or origin["user_metadata"]
+            metadata = body.user_metadata or origin["user_metadata"]
 
             async def job():
                 await asyncio.to_thread(s.samplers.check_lora, s.trainers.base_dir(origin["base_model"]), meta.lora)
-                client = await s.trainers.create(model_id, session_id, origin["base_model"], meta.lora, metadata)
-                await load(client, source["path"], with_optimizer)
+                client = await s.trainers.create(model_id, body.session_id, origin["base_model"], meta.lora, metadata)
+                await load(client, source["path"], body.optimizer)
                 return {"path": path, "model_id": model_id, "type": "load_weights"}
 
             s.spawn(entry, job)
@@ -169,20 +155,19 @@ def register(app: FastAPI, s) -> None:
 
     @app.post(API + "/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request):
-        body = await read_json(request)
-        model_id = field(body, "model_id", str)
+        body = await read(request, bodies.SaveWeightsForSampler)
+        model_id = body.model_id
         client = s.trainers.client(model_id)
-        name, ttl = body.get("path"), field(body, "ttl_seconds", (int, float), required=False)
         row = s.registry.model(model_id)
-        if name is not None:
-            name = checkpoint.check_name(field(body, "path", str))
+        if body.path is not None:
+            name = checkpoint.check_name(body.path)
 
             async def job():
                 out = await client.save_weights_for_sampler(name).result_async()
-                return {"path": s.registry.add_checkpoint(model_id, "sampler", name, Path(out.path), ttl),
+                return {"path": s.registry.add_checkpoint(model_id, "sampler", name, Path(out.path), body.ttl_seconds),
                         "type": "save_weights_for_sampler"}
-        else:
-            seq = field(body, "sampling_session_seq_id", int)
+        elif body.sampling_session_seq_id is not None:
+            seq = body.sampling_session_seq_id
             sampler_id = f"{row['session_id']}:sample:{seq}"
 
             async def job():
@@ -190,27 +175,26 @@ def register(app: FastAPI, s) -> None:
                 s.registry.add_sampler(sampler_id, row["base_model"], None, Path(out.path))
                 await asyncio.to_thread(_prune_ephemeral, client.checkpoint_dir / "sampler_weights")
                 return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+        else:
+            raise UserError("save_weights_for_sampler needs a path or a sampling_session_seq_id")
 
-        return future_reply(s.trainers.submit(model_id, body.get("seq_id"), "save_weights_for_sampler", job))
+        return future_reply(s.trainers.submit(model_id, body.seq_id, "save_weights_for_sampler", job))
 
     @app.post(API + "/save_weights_external")
     async def save_weights_external(request: Request):
-        body = await read_json(request)
-        model_id = field(body, "model_id", str)
+        body = await read(request, bodies.SaveWeightsExternal)
+        model_id = body.model_id
         client = s.trainers.client(model_id)
-        name = checkpoint.check_name(field(body, "path", str))
-
-        recipients = field(body, "age_encryption_recipients", list, required=False)
-        ttl = field(body, "ttl_seconds", (int, float), required=False)
+        name = checkpoint.check_name(body.path)
 
         async def job():
             files = await client.get_sampler_weights().result_async()
             path = s.registry.model_dir(model_id) / "external_weights" / name
-            await asyncio.to_thread(_write_export, path, files, recipients)
-            return {"path": s.registry.add_checkpoint(model_id, "external", name, path, ttl),
+            await asyncio.to_thread(_write_export, path, files, body.age_encryption_recipients)
+            return {"path": s.registry.add_checkpoint(model_id, "external", name, path, body.ttl_seconds),
                     "size_bytes": dir_size(path), "type": "save_weights_external"}
 
-        return future_reply(s.trainers.submit(model_id, body.get("seq_id"), "save_weights_external", job))
+        return future_reply(s.trainers.submit(model_id, body.seq_id, "save_weights_external", job))
 
 
 async def load(client, path: str, with_optimizer: bool) -> None:

@@ -1,4 +1,4 @@
-"""Tinker's protobuf and JSON bodies <-> rlpipe's types.
+"""Tinker's protobuf bodies <-> rlpipe's types (the JSON ones are in bodies.py).
 
 The message classes are the SDK's own (`tinker.proto.tinker_public_pb2`), so the server
 and the client cannot disagree on the schema. Every decode error is a UserError naming the
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import msgspec
 import numpy as np
 from google.protobuf.message import DecodeError
 from tinker.proto import tinker_public_pb2 as pb
@@ -21,7 +20,6 @@ from rlpipe.types import (
     ForwardBackwardOutput,
     ModelInput,
     SampleResponse,
-    SamplingParams,
     TensorData,
 )
 
@@ -127,43 +125,7 @@ def encode_sample(response: SampleResponse, prompt_logprobs_last_n: int | None =
     if response.prompt_logprobs is not None:
         values = [math.nan if v is None else v for v in response.prompt_logprobs]
         if prompt_logprobs_last_n is not None:
-            keep_from = len(values) - max(0, prompt_logprobs_last_n)
+            keep_from = len(values) - prompt_logprobs_last_n
             values = [math.nan if i < keep_from else v for i, v in enumerate(values)]
         msg.prompt_logprobs = np.asarray(values, dtype=np.float32).tobytes()
     return msg.SerializeToString()
-
-
-def prompt_from_json(prompt) -> ModelInput:
-    if not isinstance(prompt, dict) or not isinstance(prompt.get("chunks"), list):
-        raise UserError("prompt must be {\"chunks\": [...]}")
-    chunks = []
-    for i, chunk in enumerate(prompt["chunks"]):
-        if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
-            raise UserError(f"prompt chunk {i}: rlpipe serves text models only (encoded_text chunks)")
-        tokens = chunk.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            raise UserError(f"prompt chunk {i}: tokens must be a list of ints")
-        chunks.append(EncodedTextChunk(tokens=tokens))
-    return ModelInput(chunks=chunks)
-
-
-def sampling_params_from_json(params) -> SamplingParams:
-    if not isinstance(params, dict):
-        raise UserError("sampling_params must be an object")
-    stop = params.get("stop")
-    if not (stop is None or isinstance(stop, str) or (isinstance(stop, list) and (
-            all(isinstance(x, str) for x in stop) or all(isinstance(x, int) and not isinstance(x, bool) for x in stop)))):
-        raise UserError(f"sampling_params.stop must be a string, a list of strings or a list of token ids, got {stop!r}")
-    try:
-        checked = msgspec.convert({k: v for k, v in params.items() if k in _Numbers.__struct_fields__ and v is not None}, _Numbers)
-    except msgspec.ValidationError as e:
-        raise UserError(f"sampling_params: {e}") from None
-    return SamplingParams(stop=stop, **msgspec.structs.asdict(checked))
-
-
-class _Numbers(msgspec.Struct):
-    max_tokens: int | None = None
-    seed: int | None = None
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
