@@ -27,9 +27,9 @@ What it does
    same optimisation. For the evaluation the frozen lm_head LoRA is put back next to TRL's
    trained adapter: one adapter on the original base, in rlpipe's format.
    Same problems in the same order (the demo dataset, `shuffle_dataset=False`), prompts rendered
-   by the tiny tokenizer's chat template (checked token-identical to
-   `envs.arithmetic.prompt_tokens` at every step), reward = `envs.arithmetic.grade` on the
-   completion decoded as `ArithmeticEnv.step` decodes it (correct + 0.1 format). 8 prompts x 16
+   by the tiny tokenizer's chat template (checked token-identical to the env's prompt,
+   `rlpipe.env.problem_prompt`, at every step), reward = `envs.arithmetic.grade` on the
+   completion decoded as `ProblemEnv.step` decodes it (correct + 0.1 format). 8 prompts x 16
    generations per optimizer step, max_completion_length 12, temperature 1, top_p 1, top_k 0,
    lr 3e-4 constant, AdamW(0.9, 0.95, eps 1e-12) as rlpipe's, no weight decay, grad-norm clip 1,
    float32, no KL (beta 0), one optimizer step per generation batch.
@@ -110,7 +110,9 @@ def trl_worker(spec_path: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from envs.arithmetic import ArithmeticDataset, grade, prompt_tokens
+    from envs.arithmetic import ArithmeticDataset, grade
+    from rlpipe.env import problem_prompt
+    from rlpipe.renderers import get_renderer
 
     out = Path(spec["out_dir"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -124,7 +126,8 @@ def trl_worker(spec_path: str) -> None:
     groups, group_size = spec["groups_per_batch"], spec["group_size"]
     problems = ArithmeticDataset(tokenizer, groups_per_batch=groups, group_size=group_size,
                                  **spec["dataset_args"]).problems[: groups * spec["steps"]]
-    expected_prompt = {p.question: prompt_tokens(tokenizer, p.question) for p in problems}
+    renderer = get_renderer(tokenizer)
+    expected_prompt = {p.question: problem_prompt(renderer, p).to_ints() for p in problems}
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p.question}], "answer": p.answer}
                                  for p in problems])
 
@@ -132,7 +135,7 @@ def trl_worker(spec_path: str) -> None:
     correct_log: list[list[float]] = []
 
     def arithmetic_reward(completions, completion_ids, answer, **kwargs) -> list[float]:
-        # Decoded as ArithmeticEnv.step decodes the sampled tokens, graded by the env's grade().
+        # Decoded as ProblemEnv.step decodes the sampled tokens, graded by the env's grade().
         graded = [grade(tokenizer.decode(ids, skip_special_tokens=True), a) for ids, a in zip(completion_ids, answer)]
         rewards_log.append([r for r, _ in graded])
         correct_log.append([m["correct"] for _, m in graded])

@@ -13,6 +13,7 @@ earns the format term; without either, the last number in the text is still grad
 correctness but earns no format term. Numbers may have thousands separators, decimals, a
 minus sign and a dollar sign: "$1,234.50", "-7", "\\$12".
 Reward = 1 for a correct answer + FORMAT_BONUS (0.1) for the "#### N" / "\\boxed{N}" form.
+Each problem is a rlpipe.env.ProblemEnv, its question followed by INSTRUCTION on a new line.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from rlpipe.data_files import load_rows, row_error
-from rlpipe.env import StepResult
-from rlpipe.types import ModelInput
+from rlpipe.env import ProblemGroupBuilder, reference_datum
+from rlpipe.renderers import get_renderer
 
 SAMPLE_PATH = Path(__file__).parent / "data" / "gsm8k_sample.jsonl"
 FORMAT_BONUS = 0.1
@@ -77,10 +78,25 @@ def grade(text: str, answer: Decimal) -> tuple[float, dict[str, float]]:
 
 @dataclass(frozen=True)
 class Problem:
+    """A word problem; the rlpipe.env.Problem a ProblemEnv asks and grades."""
+
     question: str
     solution: str
     """The worked solution as in the file, "#### N" line included."""
     answer: Decimal
+
+    def check_answer(self, response: str) -> bool:
+        given = extract_answer(response)[0]
+        return given is not None and given == self.answer
+
+    def check_format(self, response: str) -> bool:
+        return extract_answer(response)[1]
+
+    def metrics(self, response: str) -> dict[str, float]:
+        return {"answered": float(extract_answer(response)[0] is not None)}
+
+    def reference_answer(self) -> str:
+        return self.solution.strip()
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
@@ -129,47 +145,13 @@ def load_problems(path: str | Path = SAMPLE_PATH) -> list[Problem]:
     return problems
 
 
-def prompt_tokens(tokenizer, question: str, instruction: str = INSTRUCTION) -> list[int]:
-    content = f"{question}\n{instruction}" if instruction else question
-    messages = [{"role": "user", "content": content}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-class GSM8KEnv:
-    def __init__(self, problem: Problem, tokenizer, instruction: str = INSTRUCTION):
-        self.problem = problem
-        self.tokenizer = tokenizer
-        self.instruction = instruction
-
-    async def initial_observation(self):
-        tokens = prompt_tokens(self.tokenizer, self.problem.question, self.instruction)
-        return ModelInput.from_ints(tokens), [self.tokenizer.eos_token_id]
-
-    async def step(self, action: list[int]) -> StepResult:
-        text = self.tokenizer.decode(action, skip_special_tokens=True)
-        reward, metrics = grade(text, self.problem.answer)
-        return StepResult(reward=reward, episode_done=True, metrics=metrics)
-
-
-@dataclass
-class GSM8KGroupBuilder:
-    problem: Problem
-    tokenizer: object
-    group_size: int
-    instruction: str = INSTRUCTION
-
-    async def make_envs(self):
-        return [GSM8KEnv(self.problem, self.tokenizer, self.instruction) for _ in range(self.group_size)]
-
-
 class GSM8KDataset:
     """groups_per_batch problems per batch, each rolled out group_size times; the problems
     are shuffled once with `seed` (None keeps the file order)."""
 
     def __init__(self, tokenizer, path: str | Path, groups_per_batch: int = 8, group_size: int = 8,
                  seed: int | None = 0, instruction: str = INSTRUCTION):
-        self.tokenizer = tokenizer
+        self.renderer = get_renderer(tokenizer)
         self.groups_per_batch = groups_per_batch
         self.group_size = group_size
         self.instruction = instruction
@@ -183,7 +165,14 @@ class GSM8KDataset:
     def __len__(self) -> int:
         return len(self.problems) // self.groups_per_batch
 
-    def get_batch(self, index: int) -> list[GSM8KGroupBuilder]:
+    def get_batch(self, index: int) -> list[ProblemGroupBuilder]:
         start = (index % len(self)) * self.groups_per_batch
-        return [GSM8KGroupBuilder(p, self.tokenizer, self.group_size, self.instruction)
+        return [ProblemGroupBuilder(p, self.renderer, self.group_size, FORMAT_BONUS, self.instruction)
                 for p in self.problems[start : start + self.groups_per_batch]]
+
+
+def answer_datums(tokenizer, path: str | Path = SAMPLE_PATH, instruction: str = INSTRUCTION):
+    """The worked solutions of a file as cross-entropy Datums after their prompts (loss on the
+    solution and its end of turn only): SFT warm-up data."""
+    renderer = get_renderer(tokenizer)
+    return [reference_datum(renderer, p, instruction) for p in load_problems(path)]

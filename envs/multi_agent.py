@@ -22,8 +22,9 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from envs.tool_use import next_turn_tokens, prompt_tokens
+from envs.tool_use import next_turn_tokens
 from rlpipe.env import StepResult
+from rlpipe.renderers import ChatTemplateRenderer
 from rlpipe.types import ModelInput, Trajectory
 
 # --------------------------------------------------------------------------- tic-tac-toe
@@ -127,7 +128,7 @@ class TicTacToePlayerEnv:
             await self.game.wait_for_turn("O")
         intro = f"You play {self.mark}." + (" You move first." if self.mark == "X" else "")
         messages = [{"role": "system", "content": RULES}, {"role": "user", "content": f"{intro}\n{self.report()}"}]
-        return ModelInput.from_ints(prompt_tokens(self.tokenizer, messages)), [self.tokenizer.eos_token_id]
+        return ChatTemplateRenderer(self.tokenizer).build_generation_prompt(messages), [self.tokenizer.eos_token_id]
 
     async def step(self, action: list[int]) -> StepResult:
         if not self.game.over:  # it is over already if the opponent's first move was illegal
@@ -199,8 +200,8 @@ class GuessNumberEnv:
     async def initial_observation(self):
         text = (f"I am thinking of an integer from {self.low} to {self.high}. Guess it: reply with a single number. "
                 f"I will say 'higher', 'lower' or 'correct'. You have {self.max_turns} guesses.")
-        tokens = prompt_tokens(self.tokenizer, [{"role": "user", "content": text}])
-        return ModelInput.from_ints(tokens), [self.tokenizer.eos_token_id]
+        prompt = ChatTemplateRenderer(self.tokenizer).build_generation_prompt([{"role": "user", "content": text}])
+        return prompt, [self.tokenizer.eos_token_id]
 
     def metrics(self, found: bool) -> dict[str, float]:
         return {"found": float(found), "guesses": float(self.turns), "invalid": float(self.invalid)}

@@ -35,6 +35,7 @@ from envs.gsm8k import NUMBER_RE, parse_number, read_jsonl
 from envs.sandbox import SandboxLimits, run_python
 from envs.search import DOCS_PATH, BM25Index
 from rlpipe.env import StepResult
+from rlpipe.renderers import ChatTemplateRenderer
 from rlpipe.types import ModelInput
 
 TASKS_PATH = Path(__file__).parent / "data" / "tool_use_tasks.jsonl"
@@ -53,12 +54,6 @@ def neutralize_special_tokens(tokenizer, text: str) -> str:
         if len(token) > 1 and token in text:
             text = text.replace(token, token[0] + "\u200b" + token[1:])
     return text
-
-
-def prompt_tokens(tokenizer, messages: list[dict]) -> list[int]:
-    """A conversation rendered by the chat template, ending with the assistant header."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def next_turn_tokens(tokenizer, messages: list[dict], action: list[int]) -> list[int]:
@@ -287,11 +282,14 @@ class ToolUseEnv:
         self.task, self.tokenizer, self.tools = task, tokenizer, tools
         self.max_turns, self.max_tool_output_chars, self.format_bonus = max_turns, max_tool_output_chars, format_bonus
         self.turns = self.tool_calls = self.errors = 0
+        # The chat template's own renderer: the turns appended later (next_turn_tokens) are
+        # the template's too, so a tokenizer without one is refused here.
+        self.renderer = ChatTemplateRenderer(tokenizer)
 
     async def initial_observation(self):
         messages = [{"role": "system", "content": system_prompt(self.tools)},
                     {"role": "user", "content": self.task.question}]
-        return ModelInput.from_ints(prompt_tokens(self.tokenizer, messages)), [self.tokenizer.eos_token_id]
+        return self.renderer.build_generation_prompt(messages), [self.tokenizer.eos_token_id]
 
     def metrics(self, correct: float, answered: float) -> dict[str, float]:
         return {"correct": correct, "answered": answered, "format": float(answered and not self.errors),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlpipe.env import StepResult
+from rlpipe.renderers import get_renderer
 from rlpipe.types import ModelInput
 
 
@@ -16,20 +17,20 @@ def digit_share(text: str) -> float:
     return sum(ch.isdigit() for ch in text) / max(len(text), 1)
 
 
-def prompt_tokens(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def render(renderer, prompt: str) -> ModelInput:
+    return renderer.build_generation_prompt([{"role": "user", "content": prompt}])
 
 
 class DigitsEnv:
-    def __init__(self, tokenizer, prompt: str, tokens: list[int] | None = None):
-        """tokens: the rendered prompt, if the caller has it (a group renders it once)."""
+    def __init__(self, tokenizer, prompt: str, rendered: ModelInput | None = None):
+        """rendered: the prompt's tokens, if the caller has them (a group renders it once)."""
         self.tokenizer = tokenizer
+        self.renderer = get_renderer(tokenizer)
         self.prompt = prompt
-        self.tokens = tokens if tokens is not None else prompt_tokens(tokenizer, prompt)
+        self.rendered = rendered if rendered is not None else render(self.renderer, prompt)
 
     async def initial_observation(self):
-        return ModelInput.from_ints(self.tokens), [self.tokenizer.eos_token_id]
+        return self.rendered, list(self.renderer.stop_sequences)
 
     async def step(self, action: list[int]) -> StepResult:
         share = digit_share(self.tokenizer.decode(action, skip_special_tokens=True))
@@ -43,8 +44,8 @@ class DigitsGroupBuilder:
     group_size: int
 
     async def make_envs(self):
-        tokens = prompt_tokens(self.tokenizer, self.prompt)
-        return [DigitsEnv(self.tokenizer, self.prompt, tokens) for _ in range(self.group_size)]
+        rendered = render(get_renderer(self.tokenizer), self.prompt)
+        return [DigitsEnv(self.tokenizer, self.prompt, rendered) for _ in range(self.group_size)]
 
 
 class DigitsDataset:

@@ -37,6 +37,7 @@ from rlpipe import ServiceClient, types
 from rlpipe.training.hyperparams import get_lr
 from rlpipe.renderers import conversation_to_datum, get_renderer
 from rlpipe.testing.embedded import default_model_path
+from rlpipe.training.sft import minibatches, train_step
 
 
 def make_pairs(n: int, seed: int) -> list[tuple[list[dict], list[dict]]]:
@@ -95,18 +96,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=None, help="default: get_lr(model) / 2 (DPO likes a smaller step)")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--checkpoint-dir", default="runs/dpo")
+    parser.add_argument("--seed", type=int, default=0, help="added to every seed the recipe uses (0: the documented run)")
     args = parser.parse_args(argv)
 
     model = args.model or str(default_model_path())
     lr = args.lr or get_lr(model) / 2
-    client = ServiceClient(args.checkpoint_dir).create_lora_training_client(model, rank=args.rank, seed=0)
+    seed = args.seed  # every seed below is its base (0 unless written) + --seed
+    client = ServiceClient(args.checkpoint_dir).create_lora_training_client(model, rank=args.rank, seed=seed)
     renderer = get_renderer(client.get_tokenizer())
 
     def to_data(pairs):  # chosen, rejected, chosen, rejected, ...
         return [conversation_to_datum(renderer, c, "last_assistant") for pair in pairs for c in pair]
 
-    train = with_reference(to_data(make_pairs(400, seed=0)), client)  # step 0: the policy is still the reference
-    held_out = to_data(make_pairs(64, seed=1))
+    train = with_reference(to_data(make_pairs(400, seed=seed)), client)  # step 0: the policy is still the reference
+    held_out = to_data(make_pairs(64, seed=seed + 1))
     ref_held_out = answer_logprobs(client, held_out)
     print(f"model {model}\nLoRA rank {args.rank}, lr {lr:.2e}, beta {args.beta}, {len(train) // 2} training pairs")
 
@@ -118,15 +121,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     start_acc, start_margin = evaluate()
     print(f"step   0  held-out preference accuracy {start_acc:.2f}  reward margin {start_margin:+.3f}")
-    rng = np.random.default_rng(0)
+    adam = types.AdamParams(learning_rate=lr, grad_clip_norm=1.0)
     t0 = time.time()
-    for step in range(1, args.steps + 1):
-        pairs = rng.choice(len(train) // 2, args.pairs_per_batch, replace=False)
-        batch = [train[2 * i + k] for i in pairs for k in (0, 1)]  # keep each pair adjacent
-        fwd_bwd = client.forward_backward_custom(batch, dpo_loss(args.beta))
-        optim = client.optim_step(types.AdamParams(learning_rate=lr, grad_clip_norm=1.0))
-        metrics = fwd_bwd.result().metrics
-        optim.result()
+    # group=2 keeps each chosen/rejected pair together, as the loss reads them
+    for step, batch in enumerate(minibatches(train, args.steps, args.pairs_per_batch, seed, group=2), 1):
+        metrics = train_step(client, batch, adam, dpo_loss(args.beta))
         if step % args.eval_every == 0 or step == args.steps:
             acc, margin = evaluate()
             print(f"step {step:3d}  train loss {metrics['loss:sum']:.3f} margin {metrics['margin:mean']:+.3f}  "

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 from rlpipe.cli import console
-from rlpipe.datums import supervised_datum
 from rlpipe.metrics import window_mean
 from rlpipe.pipeline import launch, transport
 from rlpipe.pipeline.config import RunConfig
@@ -55,11 +54,13 @@ def parse_args(argv):
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--eval-n", type=int, default=200, help="held-out arithmetic problems")
     p.add_argument("--lr", type=float, default=3e-4, help="RL learning rate")
+    p.add_argument("--seed", type=int, default=0, help="added to every seed the recipe uses (0: the documented run)")
     return p.parse_args(argv)
 
 
 def make_config(args) -> RunConfig:
-    config = RunConfig(name=args.name, runs_dir=args.runs_dir, base_model=args.base_model,
+    # Every seed is its base (0 unless written) + --seed; config.seed seeds the LoRA init and the warm-up.
+    config = RunConfig(name=args.name, runs_dir=args.runs_dir, base_model=args.base_model, seed=args.seed,
                        max_staleness=1, groups_per_batch=args.groups_per_batch)
     config.explorer.sampler = args.sampler
     config.explorer.concurrency = args.groups_per_batch * 2
@@ -68,14 +69,14 @@ def make_config(args) -> RunConfig:
     config.learner.checkpoint_every = max(args.steps, 1)
     if args.gsm8k:
         config.dataset.factory = "envs.gsm8k:GSM8KDataset"
-        config.dataset.args = {"path": os.path.abspath(args.gsm8k), "group_size": args.group_size}
+        config.dataset.args = {"path": os.path.abspath(args.gsm8k), "group_size": args.group_size, "seed": args.seed}
         config.explorer.max_tokens = 128
         config.buffer.drop_constant_reward_groups = False  # see the docstring
     else:
-        config.dataset.args = {"group_size": args.group_size, "difficulty": args.difficulty, "seed": 1}
+        config.dataset.args = {"group_size": args.group_size, "difficulty": args.difficulty, "seed": args.seed + 1}
         config.explorer.max_tokens = 12
         config.dataset.eval_factory = "envs.arithmetic:eval_items"
-        config.dataset.eval_args = {"n": args.eval_n, "difficulty": args.difficulty, "seed": 999}
+        config.dataset.eval_args = {"n": args.eval_n, "difficulty": args.difficulty, "seed": args.seed + 999}
         config.dataset.nll_eval_factory = "envs.arithmetic:answer_datums"  # NLL of the right answers
         config.dataset.nll_eval_args = dict(config.dataset.eval_args)
         config.learner.eval_every = args.steps  # greedy held-out accuracy once, after the last step
@@ -86,16 +87,13 @@ def make_config(args) -> RunConfig:
 
 
 def sft_data(tokenizer, args) -> list:
-    eos = [tokenizer.eos_token_id]
     if args.gsm8k:
-        from envs.gsm8k import load_problems, prompt_tokens
+        from envs.gsm8k import answer_datums as solution_datums
 
-        return [supervised_datum(prompt_tokens(tokenizer, p.question),
-                                 tokenizer(p.solution.strip(), add_special_tokens=False)["input_ids"] + eos)
-                for p in load_problems(args.gsm8k)]
+        return solution_datums(tokenizer, args.gsm8k)
     from envs.arithmetic import answer_datums
 
-    return answer_datums(tokenizer, 2000, args.difficulty, seed=123)  # seed 123: not the RL or eval seed
+    return answer_datums(tokenizer, 2000, args.difficulty, seed=args.seed + 123)  # 123: not the RL or eval seed
 
 
 def heldout_accuracy(model: str, adapter: str | None, config: RunConfig) -> float:
@@ -116,12 +114,15 @@ def sampled_eval(model: str, adapter: str | None, config: RunConfig, samples: in
     a policy that is right only some of the time)."""
     from transformers import AutoTokenizer
 
-    from envs.arithmetic import ArithmeticGroupBuilder, make_problems
+    from envs.arithmetic import FORMAT_BONUS, make_problems
+    from rlpipe.env import ProblemGroupBuilder
     from rlpipe.evaluators import run_rollout_eval
+    from rlpipe.renderers import get_renderer
     from rlpipe.types import SamplingParams
 
-    tok, a = AutoTokenizer.from_pretrained(model), config.dataset.eval_args
-    builders = [ArithmeticGroupBuilder(p, tok, samples) for p in make_problems(a["n"], a["difficulty"], a["seed"])]
+    renderer, a = get_renderer(AutoTokenizer.from_pretrained(model)), config.dataset.eval_args
+    builders = [ProblemGroupBuilder(p, renderer, samples, FORMAT_BONUS)
+                for p in make_problems(a["n"], a["difficulty"], a["seed"])]
     params = SamplingParams(max_tokens=config.explorer.max_tokens, temperature=config.explorer.temperature)
     return run_rollout_eval(model, adapter, builders, params, backend=config.learner.eval_sampler, max_turns=1)
 

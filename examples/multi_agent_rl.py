@@ -94,6 +94,7 @@ def parse_args(argv):
     p.add_argument("--games-per-batch", type=int, default=16, help="groups per batch (one game = one group)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-games", type=int, default=64, help="self-play games measured before and after RL")
+    p.add_argument("--seed", type=int, default=0, help="added to every seed the recipe uses (0: the documented run)")
     return p.parse_args(argv)
 
 
@@ -101,7 +102,9 @@ def make_config(args):
     from rlpipe.pipeline import transport
     from rlpipe.pipeline.config import RunConfig
 
-    config = RunConfig(name=args.name, runs_dir=args.runs_dir, max_staleness=1, groups_per_batch=args.games_per_batch)
+    # config.seed seeds the LoRA init and the warm-up
+    config = RunConfig(name=args.name, runs_dir=args.runs_dir, max_staleness=1, groups_per_batch=args.games_per_batch,
+                       seed=args.seed)
     config.dataset.factory = "envs.multi_agent:TicTacToeDataset"
     # A player whose episode dies stops moving; its opponent gives up after this long and the
     # game counts as abandoned (0 for both) instead of holding an explorer slot.
@@ -153,7 +156,8 @@ def run(args) -> dict:
     config = make_config(args)
     t0 = time.time()
     if args.sft_steps:
-        config.learner.init_from = sft_warm_up(config, lambda tok: transcripts(tok, n_games=100), args.sft_steps, batch_size=8)
+        config.learner.init_from = sft_warm_up(config, lambda tok: transcripts(tok, n_games=100, seed=args.seed),
+                                               args.sft_steps, batch_size=8)
         console.say(f"SFT warm-up on scripted legal games: {args.sft_steps} steps ({time.time() - t0:.0f} s)")
     adapter = f"{config.learner.init_from}/adapter" if config.learner.init_from else None
     before = play_eval(config, adapter, args.eval_games) if args.eval_games else {}

@@ -22,8 +22,6 @@ equation form the prompt asks for (next to the prompted teacher's own rate).
 import argparse
 import time
 
-import numpy as np
-
 from envs.arithmetic import ANSWER_FORM, make_problems
 from rlpipe import ServiceClient, types
 from rlpipe.datums import supervised_datum
@@ -31,6 +29,7 @@ from rlpipe.evaluators import nll_eval, run_sampling_eval
 from rlpipe.training.hyperparams import get_lr
 from rlpipe.renderers import conversation_to_datum, get_renderer
 from rlpipe.testing.embedded import default_model_path
+from rlpipe.training.sft import sft_steps
 
 SYSTEM_PROMPT = (
     "You are Calc, a terse calculator. Whatever the user asks, reply with the whole equation "
@@ -41,16 +40,6 @@ SYSTEM_PROMPT = (
 
 def ask(question: str, system: bool) -> list[dict]:
     return ([{"role": "system", "content": SYSTEM_PROMPT}] if system else []) + [{"role": "user", "content": question}]
-
-
-def train_steps(client, data, steps: int, batch_size: int, lr: float, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        batch = [data[i] for i in rng.choice(len(data), min(batch_size, len(data)), replace=False)]
-        fwd_bwd = client.forward_backward(batch, "cross_entropy")
-        optim = client.optim_step(types.AdamParams(learning_rate=lr, grad_clip_norm=1.0))
-        fwd_bwd.result()  # raises if the batch was bad
-        optim.result()
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -64,24 +53,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=None, help="default: rlpipe.training.hyperparams.get_lr(model)")
     parser.add_argument("--temperature", type=float, default=1.0, help="teacher sampling temperature")
     parser.add_argument("--checkpoint-dir", default="runs/prompt_distillation")
+    parser.add_argument("--seed", type=int, default=0, help="added to every seed the recipe uses (0: the documented run)")
     args = parser.parse_args(argv)
 
     model = args.model or str(default_model_path())
     lr = args.lr or get_lr(model)
+    adam = types.AdamParams(learning_rate=lr, grad_clip_norm=1.0)
+    seed = args.seed  # every seed below is its base (0 unless written) + --seed
     service = ServiceClient(args.checkpoint_dir)
-    teacher = service.create_lora_training_client(model, rank=args.rank, seed=0)
+    teacher = service.create_lora_training_client(model, rank=args.rank, seed=seed)
     renderer = get_renderer(teacher.get_tokenizer())
     prompt_tokens = len(teacher.get_tokenizer()(SYSTEM_PROMPT, add_special_tokens=False)["input_ids"])
     print(f"model {model}\nLoRA rank {args.rank}, lr {lr:.2e}, system prompt {prompt_tokens} tokens")
 
     if args.prompt_sft_steps:
         chats = []
-        for i, p in enumerate(make_problems(512, difficulty=1, seed=100)):
+        for i, p in enumerate(make_problems(512, difficulty=1, seed=seed + 100)):
             system = i % 2 == 0  # half with the prompt (equation form), half without (a sentence)
             answer = p.solution() if system else f"The answer is {p.answer}."
             chats.append(ask(p.question, system) + [{"role": "assistant", "content": answer}])
         data = [conversation_to_datum(renderer, c) for c in chats]
-        train_steps(teacher, data, args.prompt_sft_steps, args.batch_size, lr, seed=100)
+        sft_steps(teacher, data, args.prompt_sft_steps, args.batch_size, adam, seed=seed + 100)
         print(f"stage 0: {args.prompt_sft_steps} SFT steps so the model follows the system prompt")
     # The student starts as an exact copy of the teacher's weights; only the prompt differs.
     teacher_state = teacher.save_state("teacher").result().path
@@ -92,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         """The teacher's sampled answers (with the prompt) as token lists, each ending in the stop token."""
         # One seed per question: reproducible, and different questions get different random draws.
         futures = [teacher_sampler.sample(renderer.build_generation_prompt(ask(q, True)), 1, types.SamplingParams(
-                       max_tokens=24, temperature=temperature, seed=i, stop=renderer.stop_sequences))
+                       max_tokens=24, temperature=temperature, seed=seed + i, stop=renderer.stop_sequences))
                    for i, q in enumerate(questions)]
         return [f.result().sequences[0] for f in futures]
 
@@ -102,8 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return [supervised_datum(renderer.build_generation_prompt(ask(q, False)).to_ints(), a.tokens)
                 for q, a in zip(questions, answers) if a.stop_reason == "stop"]
 
-    train_q = [p.question for p in make_problems(args.questions, difficulty=1, seed=0)]
-    held_q = [p.question for p in make_problems(48, difficulty=1, seed=1)]
+    train_q = [p.question for p in make_problems(args.questions, difficulty=1, seed=seed)]
+    held_q = [p.question for p in make_problems(48, difficulty=1, seed=seed + 1)]
     t0 = time.time()
     train = student_data(train_q, teacher_answers(train_q, args.temperature))
     held_out = student_data(held_q, teacher_answers(held_q, args.temperature))
@@ -126,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     nll_before, form_before = nll_eval(student, held_out)["eval/nll"], equation_rate(teacher_sampler, system=False)
     print(f"before: student NLL/token of teacher answers {nll_before:.3f}, equation-form answers {form_before:.2f} "
           f"(the prompted teacher: {teacher_rate:.2f})")
-    train_steps(student, train, args.steps, args.batch_size, lr, seed=0)
+    sft_steps(student, train, args.steps, args.batch_size, adam, seed=seed)
     nll_after = nll_eval(student, held_out)["eval/nll"]
     student_sampler = student.save_weights_and_get_sampling_client("student", backend="local")
     form_after = equation_rate(student_sampler, system=False)

@@ -5,7 +5,7 @@
 
 1. SFT: the policy learns the answer form "a + b = c" from demonstrations.
 2. Reward model: the SFT policy answers training questions, and a labeller prefers the
-   reference solution over each wrong answer (envs.arithmetic.grade stands in for the human
+   reference solution over each wrong answer (the problem's check_answer stands in for the human
    raters). Two corrupted references per question (a wrong result; a true equation about
    other numbers) widen the wrong answers beyond the policy's own. The reward model is a copy
    of the SFT policy with its own LoRA; its score is the mean logprob of the answer's tokens,
@@ -31,33 +31,15 @@ import time
 import numpy as np
 import torch
 
-from envs.arithmetic import grade, make_problems
+from envs.arithmetic import make_problems
 from rlpipe import ServiceClient, types
 from rlpipe.training.hyperparams import get_lr
 from rlpipe.renderers import conversation_to_datum, get_renderer
 from rlpipe.rollouts import center_advantages
 from rlpipe.testing.embedded import default_model_path
+from rlpipe.training.sft import sft_steps, train_step
 
 SAMPLE_TOKENS = 16
-
-
-def train_steps(client, data, steps, batch_size, lr, seed, loss="cross_entropy", pairs=False):
-    """Plain minibatch training; with pairs=True, data alternates chosen/rejected and a custom
-    loss gets whole pairs."""
-    rng = np.random.default_rng(seed)
-    metrics = {}
-    for _ in range(steps):
-        if pairs:
-            idx = rng.choice(len(data) // 2, batch_size, replace=False)
-            batch = [data[2 * i + k] for i in idx for k in (0, 1)]
-            fwd_bwd = client.forward_backward_custom(batch, loss)
-        else:
-            batch = [data[i] for i in rng.choice(len(data), batch_size, replace=False)]
-            fwd_bwd = client.forward_backward(batch, loss)
-        optim = client.optim_step(types.AdamParams(learning_rate=lr, grad_clip_norm=1.0))
-        metrics = fwd_bwd.result().metrics
-        optim.result()
-    return metrics
 
 
 def sample_params(renderer, seed: int, index: int) -> types.SamplingParams:
@@ -114,7 +96,7 @@ def preference_pairs(renderer, sampler, problems, seed) -> list[types.Datum]:
     for p, future in zip(problems, futures):
         answers = [renderer.parse_response(seq.tokens)[0]["content"] for seq in future.result().sequences]
         for answer in answers + corruptions(p, rng):
-            if grade(answer, p.answer)[1]["correct"] == 0.0:  # a right answer ties with the reference
+            if not p.check_answer(answer):  # a right answer ties with the reference
                 data += [answer_datum(renderer, p.question, p.solution()), answer_datum(renderer, p.question, answer)]
     return data
 
@@ -134,7 +116,7 @@ def rollouts(renderer, sampler, rm, problems, group_size, seed):
     # An answer cut off at max_tokens never ended its turn: it gets the lowest reward.
     ended = np.array([[ok for _, ok in group] for group in answers])
     rewards = np.where(ended, rewards, 0.0)
-    correct = np.array([[grade(msg["content"], p.answer)[1]["correct"] for msg, _ in group]
+    correct = np.array([[float(p.check_answer(msg["content"])) for msg, _ in group]
                         for p, group in zip(problems, answers)])
     return prompts, groups, rewards, correct
 
@@ -165,12 +147,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=None, help="default: rlpipe.training.hyperparams.get_lr(model)")
     parser.add_argument("--checkpoint-dir", default="runs/rlhf")
+    parser.add_argument("--seed", type=int, default=0, help="added to every seed the recipe uses (0: the documented run)")
     args = parser.parse_args(argv)
 
     model = args.model or str(default_model_path())
     lr = args.lr or get_lr(model)
+    adam = types.AdamParams(learning_rate=lr, grad_clip_norm=1.0)
+    seed = args.seed  # every seed below is its base (0 unless written) + --seed
     service = ServiceClient(args.checkpoint_dir)
-    policy = service.create_lora_training_client(model, rank=args.rank, seed=0)
+    policy = service.create_lora_training_client(model, rank=args.rank, seed=seed)
     renderer = get_renderer(policy.get_tokenizer())
     print(f"model {model}\nLoRA rank {args.rank}, lr {lr:.2e}")
     t0 = time.time()
@@ -178,16 +163,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # 1. SFT on demonstrations.
     demos = [conversation_to_datum(renderer, [{"role": "user", "content": p.question},
                                               {"role": "assistant", "content": p.solution()}])
-             for p in make_problems(1000, difficulty=1, seed=0)]
-    metrics = train_steps(policy, demos, args.sft_steps, args.batch_size, lr, seed=0)
+             for p in make_problems(1000, difficulty=1, seed=seed)]
+    metrics = sft_steps(policy, demos, args.sft_steps, args.batch_size, adam, seed=seed)[-1]
     sft_state = policy.save_state("sft").result().path
     sft_sampler = policy.save_weights_and_get_sampling_client("sft", backend="local")
     print(f"[1 SFT] {args.sft_steps} steps, last batch NLL sum {metrics['loss:sum']:.1f}  ({time.time() - t0:.0f} s)")
 
     # 2. Reward model: starts from the SFT weights, so it already reads the task's language.
     rm = service.create_training_client_from_state(sft_state)
-    train_pairs = preference_pairs(renderer, sft_sampler, make_problems(256, difficulty=1, seed=1), seed=1)
-    held_pairs = preference_pairs(renderer, sft_sampler, make_problems(64, difficulty=1, seed=2), seed=2)
+    train_pairs = preference_pairs(renderer, sft_sampler, make_problems(256, difficulty=1, seed=seed + 1), seed=seed + 1)
+    held_pairs = preference_pairs(renderer, sft_sampler, make_problems(64, difficulty=1, seed=seed + 2), seed=seed + 2)
 
     def rm_accuracy() -> float:
         s = rm_scores(rm, held_pairs)
@@ -195,34 +180,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     rm_before = rm_accuracy()
     pairs_per_batch = min(args.batch_size, len(train_pairs) // 2)
-    train_steps(rm, train_pairs, args.rm_steps, pairs_per_batch, lr, seed=1, loss=bradley_terry, pairs=True)
+    sft_steps(rm, train_pairs, args.rm_steps, pairs_per_batch, adam, seed=seed + 1, loss_fn=bradley_terry, group=2)
     rm_after = rm_accuracy()
     print(f"[2 RM] {len(train_pairs) // 2} pairs, held-out pairwise accuracy {rm_before:.2f} -> {rm_after:.2f}"
           f"  ({time.time() - t0:.0f} s)")
 
     # 3. RL against the frozen reward model.
-    held_problems = make_problems(32, difficulty=1, seed=3)
+    held_problems = make_problems(32, difficulty=1, seed=seed + 3)
 
     def evaluate(sampler) -> tuple[float, float]:
-        _, _, rewards, correct = rollouts(renderer, sampler, rm, held_problems, 4, seed=3)
+        _, _, rewards, correct = rollouts(renderer, sampler, rm, held_problems, 4, seed=seed + 3)
         return float(rewards.mean()), float(correct.mean())
 
     reward_before, correct_before = evaluate(sft_sampler)
     print(f"[3 RL] step  0  held-out reward {reward_before:.3f}  correct {correct_before:.2f}")
-    train_problems = make_problems(args.rl_steps * args.problems_per_step, difficulty=1, seed=4)
+    train_problems = make_problems(args.rl_steps * args.problems_per_step, difficulty=1, seed=seed + 4)
     sampler = sft_sampler
     for step in range(1, args.rl_steps + 1):
         problems = train_problems[(step - 1) * args.problems_per_step : step * args.problems_per_step]
-        prompts, groups, rewards, correct = rollouts(renderer, sampler, rm, problems, args.group_size, seed=step)
+        prompts, groups, rewards, correct = rollouts(renderer, sampler, rm, problems, args.group_size, seed=seed + step)
         n = rewards.size
         # Group-centred advantages (the group mean is the baseline), divided by the number of
         # answers so that the summed loss is a mean over answers.
         data = [rl_datum(prompt, seq, a / n) for prompt, group, r in zip(prompts, groups, rewards)
                 for seq, a in zip(group, center_advantages(r.tolist()))]
-        fwd_bwd = policy.forward_backward(data, "importance_sampling")
-        optim = policy.optim_step(types.AdamParams(learning_rate=lr, grad_clip_norm=1.0))
-        fwd_bwd.result()
-        optim.result()
+        train_step(policy, data, adam, "importance_sampling")
         sampler = policy.save_weights_and_get_sampling_client(backend="local")  # on-policy: sample the new weights
         print(f"[3 RL] step {step:2d}  reward {rewards.mean():.3f}  correct {correct.mean():.2f}"
               f"  ({time.time() - t0:.0f} s)")

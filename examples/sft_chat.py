@@ -26,6 +26,7 @@ from rlpipe.evaluators import nll_eval
 from rlpipe.training.hyperparams import get_lr
 from rlpipe.renderers import conversation_to_datum, get_renderer
 from rlpipe.testing.embedded import default_model_path
+from rlpipe.training.sft import minibatches, train_step
 
 
 def make_chat(rng: random.Random) -> list[dict]:
@@ -74,11 +75,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=None, help="default: rlpipe.training.hyperparams.get_lr(model)")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--checkpoint-dir", default="runs/sft_chat")
+    parser.add_argument("--seed", type=int, default=0, help="added to every seed the recipe uses (0: the documented run)")
     args = parser.parse_args(argv)
 
     model = args.model or str(default_model_path())
     lr = args.lr or get_lr(model)
-    client = ServiceClient(args.checkpoint_dir).create_lora_training_client(model, rank=args.rank, seed=0)
+    seed = args.seed  # every seed below is its base (0 unless written) + --seed
+    client = ServiceClient(args.checkpoint_dir).create_lora_training_client(model, rank=args.rank, seed=seed)
     renderer = get_renderer(client.get_tokenizer())
     # all_assistant: every assistant turn is a target, not only the last one, so one
     # conversation teaches the first answer and each follow-up.
@@ -87,16 +90,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if len(chats) < 2:
             raise ValueError(f"{args.data}: {len(chats)} conversation; at least 2 are needed (one is held out)")
         # A fixed shuffle before the split, so a file sorted by topic still holds out a mix.
-        keep = np.random.default_rng(0).permutation(len(chats))
+        keep = np.random.default_rng(seed).permutation(len(chats))
         n_held = min(48, max(1, len(chats) // 10))
         held_out_chats = [chats[i] for i in keep[:n_held]]
         held_out = [datums[i] for i in keep[:n_held]]
         train = [datums[i] for i in keep[n_held:]]
     else:
-        rng = random.Random(0)
+        rng = random.Random(seed)
         train = [conversation_to_datum(renderer, make_chat(rng), "all_assistant", args.max_length)
                  for _ in range(1000)]
-        held_out_chats = [make_chat(random.Random(10_000 + i)) for i in range(48)]
+        held_out_chats = [make_chat(random.Random(seed + 10_000 + i)) for i in range(48)]
         held_out = [conversation_to_datum(renderer, c, "all_assistant", args.max_length) for c in held_out_chats]
     if len(train) < args.batch_size:
         raise ValueError(f"{len(train)} training conversations, fewer than --batch-size {args.batch_size}")
@@ -105,20 +108,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     start_nll = nll_eval(client, held_out)["eval/nll"]
     print(f"step   0  held-out NLL/assistant token {start_nll:.3f}")
-    order = np.random.default_rng(0)
+    adam = types.AdamParams(learning_rate=lr, grad_clip_norm=1.0)
     t0 = time.time()
-    for step in range(1, args.steps + 1):
-        batch = [train[i] for i in order.choice(len(train), args.batch_size, replace=False)]
+    for step, batch in enumerate(minibatches(train, args.steps, args.batch_size, seed), 1):
         # The loss is a sum over tokens; dividing the weights by the batch's token count turns it
         # into the mean NLL per token, so the gradient (and the clip at 1.0) has one scale
         # whatever the length of this batch's conversations.
         n_tokens = sum(weights(d).sum() for d in batch)
         batch = [types.Datum(d.model_input, {**d.loss_fn_inputs, "weights": weights(d) / n_tokens})
                  for d in batch]
-        fwd_bwd = client.forward_backward(batch, "cross_entropy")
-        optim = client.optim_step(types.AdamParams(learning_rate=lr, grad_clip_norm=1.0))
-        train_nll = fwd_bwd.result().metrics["loss:sum"]
-        optim.result()
+        train_nll = train_step(client, batch, adam)["loss:sum"]
         if step % args.eval_every == 0 or step == args.steps:
             print(f"step {step:3d}  train NLL {train_nll:.3f}  held-out {nll_eval(client, held_out)['eval/nll']:.3f}"
                   f"  ({time.time() - t0:.0f} s)")

@@ -138,6 +138,7 @@ def parse_args(argv):
                    help="questions are a + b or a * b with 2 <= a, b <= this; the tiny model learns the call "
                         "format with 9 (short calls), not with 99")
     p.add_argument("--eval-tasks", type=int, default=128, help="tasks (another seed) measured before and after RL, 2 episodes each")
+    p.add_argument("--seed", type=int, default=0, help="added to every seed the recipe uses (0: the documented run)")
     p.add_argument("--keep-no-signal", action="store_true",
                    help="train on groups whose rewards are all equal too (zero advantages): for smoke tests; "
                         "by default the buffer drops them and the explorer rolls out others")
@@ -148,10 +149,12 @@ def make_config(args, tasks_path: Path):
     from rlpipe.pipeline import transport
     from rlpipe.pipeline.config import RunConfig
 
-    config = RunConfig(name=args.name, runs_dir=args.runs_dir, max_staleness=1, groups_per_batch=args.groups_per_batch)
+    # config.seed seeds the LoRA init and the warm-up; the dataset's seed shuffles the tasks.
+    config = RunConfig(name=args.name, runs_dir=args.runs_dir, max_staleness=1, groups_per_batch=args.groups_per_batch,
+                       seed=args.seed)
     config.dataset.factory = "tool_use_rl:calculator_dataset"
     config.dataset.args = {"path": str(tasks_path), "group_size": args.group_size, "max_turns": args.max_turns,
-                           "format_bonus": args.format_bonus}
+                           "format_bonus": args.format_bonus, "seed": args.seed}
     config.explorer.sampler = args.sampler
     config.explorer.concurrency = args.groups_per_batch * 2
     config.explorer.max_turns = args.max_turns
@@ -166,8 +169,8 @@ def make_config(args, tasks_path: Path):
 
 
 def tool_eval(config, adapter: str | None, args) -> dict[str, float]:
-    """args.eval_tasks tasks drawn with seed 2 (the RL and SFT tasks use 1 and 7; with small
-    operands the questions still overlap, see above), two episodes each at the explorer's
+    """args.eval_tasks tasks drawn with seed 2 + --seed (the RL and SFT tasks use 1 and 7; with
+    small operands the questions still overlap, see above), two episodes each at the explorer's
     temperature, nothing trained: mean reward and env metrics."""
     from transformers import AutoTokenizer
 
@@ -179,7 +182,7 @@ def tool_eval(config, adapter: str | None, args) -> dict[str, float]:
     tokenizer, tools = AutoTokenizer.from_pretrained(model), calculator_tools()
     builders = [ToolUseGroupBuilder(ToolTask(t["question"], t["answer"]), tokenizer, tools, 2, args.max_turns,
                                     args.format_bonus)
-                for t in make_tasks(args.eval_tasks, seed=2, max_operand=args.max_operand)]
+                for t in make_tasks(args.eval_tasks, seed=args.seed + 2, max_operand=args.max_operand)]
     params = SamplingParams(max_tokens=config.explorer.max_tokens, temperature=config.explorer.temperature)
     return run_rollout_eval(model, adapter, builders, params, backend=config.learner.eval_sampler,
                             max_turns=args.max_turns)
@@ -214,12 +217,12 @@ def run(args) -> dict:
     run_dir = Path(args.runs_dir) / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
     tasks_path = run_dir / "tasks.jsonl"
-    tasks_path.write_text("".join(json.dumps(t) + "\n" for t in make_tasks(500, seed=1, max_operand=args.max_operand)))
+    tasks_path.write_text("".join(json.dumps(t) + "\n" for t in make_tasks(500, seed=args.seed + 1, max_operand=args.max_operand)))
     config = make_config(args, tasks_path)
     t0 = time.time()
     if args.sft_steps:
-        # seed 7: tasks the RL run does not use
-        sft_tasks = make_tasks(256, seed=7, max_operand=args.max_operand)
+        # seed 7 (+ --seed): tasks the RL run does not use
+        sft_tasks = make_tasks(256, seed=args.seed + 7, max_operand=args.max_operand)
         config.learner.init_from = sft_warm_up(
             config, lambda tok: transcripts(tok, sft_tasks, args.max_turns), args.sft_steps, batch_size=8)
         console.say(f"SFT warm-up on scripted transcripts: {args.sft_steps} steps ({time.time() - t0:.0f} s)")

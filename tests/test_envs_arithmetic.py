@@ -3,8 +3,9 @@
 import pytest
 from transformers import AutoTokenizer
 
-from envs.arithmetic import (FORMAT_BONUS, ArithmeticDataset, Problem, answer_datums, eval_items, grade,
-                             make_problems, prompt_tokens)
+from envs.arithmetic import FORMAT_BONUS, ArithmeticDataset, Problem, answer_datums, eval_items, grade, make_problems
+from rlpipe.env import ProblemEnv
+from rlpipe.renderers import get_renderer
 from rlpipe.rollouts import do_group
 from rlpipe.types import SampledSequence, SampleResponse, SamplingParams
 from tests.scripted import fake_logprobs
@@ -13,6 +14,11 @@ from tests.scripted import fake_logprobs
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_path):
     return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+def prompt_tokens(tokenizer, question: str) -> list[int]:
+    """The question as a user message, rendered for generation: what the env prompts with."""
+    return get_renderer(tokenizer).build_generation_prompt([{"role": "user", "content": question}]).to_ints()
 
 
 @pytest.mark.parametrize("text, reward, correct, formatted", [
@@ -96,13 +102,11 @@ async def test_group_rollout(tokenizer):
 
 async def test_group_with_different_prompts_samples_env_by_env(tokenizer):
     """Envs that do not share their first observation each get their own request."""
-    from envs.arithmetic import ArithmeticEnv
-
     problems = [Problem(1, "+", 2), Problem(3, "+", 4)]
 
     class Mixed:
         async def make_envs(self):
-            return [ArithmeticEnv(p, tokenizer) for p in problems]
+            return [ProblemEnv(p, get_renderer(tokenizer)) for p in problems]
 
     sampler = AnswerSampler(tokenizer, ["3", "9"])
     group = await do_group(Mixed(), lambda: sampler, SamplingParams(max_tokens=12))

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
-
 from rlpipe.pipeline.config import RunConfig
 from rlpipe.types import AdamParams, Datum
 
@@ -16,17 +14,14 @@ from rlpipe.types import AdamParams, Datum
 def sft_warm_up(config: RunConfig, make_data: Callable[[object], list[Datum]], steps: int,
                 batch_size: int = 32) -> str:
     """`steps` cross-entropy steps on make_data(tokenizer) at the LoRA rule-of-thumb LR, with
-    the run's LoRA rank; returns the save_state path to put in config.learner.init_from."""
+    the run's LoRA rank and seed; returns the save_state path to put in config.learner.init_from.
+    A step that fails (a bad datum, say) raises."""
     from rlpipe.training.hyperparams import get_lr
     from rlpipe.training.service import ServiceClient
+    from rlpipe.training.sft import sft_steps
 
     model = config.model_path()
     client = ServiceClient(config.run_dir / "sft").create_lora_training_client(model, rank=config.learner.rank, seed=config.seed)
     data = make_data(client.get_tokenizer())
-    rng = np.random.default_rng(config.seed)
-    params = AdamParams(learning_rate=get_lr(model), grad_clip_norm=1.0)
-    for _ in range(steps):
-        batch = [data[i] for i in rng.choice(len(data), min(batch_size, len(data)), replace=False)]
-        client.forward_backward(batch, "cross_entropy")
-        client.optim_step(params).result()
+    sft_steps(client, data, steps, batch_size, AdamParams(learning_rate=get_lr(model), grad_clip_norm=1.0), config.seed)
     return client.save_state("warmup").result().path
