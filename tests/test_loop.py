@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from rlpipe.loop import main, rl_loop, train_step, trainable
