@@ -59,14 +59,14 @@ def test_each_learner_rank_takes_its_gpu(monkeypatch):
     assert distributed.rank_device("cuda:3,4") == "cuda:3"  # not under torchrun: the first
 
 
-def test_the_readme_layout_is_a_valid_config(tmp_path):
-    """The layout the README's *Scaling out* section shows loads, and places the roles as it says."""
+def test_the_documented_layout_is_a_valid_config(tmp_path):
+    """The layout docs/scaling.md shows loads, and places the roles as it says."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"```toml\n(# layout\.toml.*?)```", readme, re.DOTALL)
-    assert block, "the README has no layout.toml block"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "scaling.md").read_text()
+    block = re.search(r"```toml\n(# layout\.toml.*?)```", page, re.DOTALL)
+    assert block, "docs/scaling.md has no layout.toml block"
     path = config_file(tmp_path, block.group(1))
     config = load(path, {})
     assert (config.explorer.count, config.learner.processes, config.learner.strategy) == (3, 4, "ddp")

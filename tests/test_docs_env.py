@@ -1,9 +1,11 @@
-"""README "Write your own Env": its code blocks, exactly as written, run as a user runs them.
+"""The worked examples of the docs, exactly as written, run as a user runs them.
 
-Each block of the section follows a marker `<!-- readme-env: NAME -->`; the test writes it
-to tmp_path/NAME and runs it there (cwd = tmp_path, offline): the debugging script, the
-command `rlpipe run myenv.toml`, and train.py through rlpipe.run. About 80 s on 2 CPU cores
-(each pipeline run starts a vLLM engine).
+docs/env.md ("Write your own env"): each file of the example follows a marker
+`<!-- docs: example myenv/NAME -->` (tests/test_docs.py reads the markers); the files are written
+to one directory and run there (cwd = that directory, offline): the debugging script, the
+command `rlpipe run myenv.toml`, and train.py through rlpipe.run. The README's sevens.py
+(`example readme/sevens.py`) runs the same way. About 60 s for each pipeline run on 2 CPU cores
+(each starts a vLLM engine).
 """
 
 from __future__ import annotations
@@ -18,19 +20,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.learning import holds
 
-ROOT = Path(__file__).resolve().parents[1]
-SECTION = "## Write your own Env"
-MARKER = re.compile(r"<!-- readme-env: (\S+) -->\n```[a-z]*\n(.*?)\n```", re.DOTALL)
-STEPS = 15  # what myenv.toml and train.py say
+from tests.learning import holds
+from tests.test_docs import example_files
+
+STEPS = 15  # what myenv.toml, train.py and sevens.py say
 
 
 def section_blocks() -> dict[str, str]:
-    text = (ROOT / "README.md").read_text()
-    start = text.index(SECTION)
-    end = text.find("\n## ", start + len(SECTION))
-    blocks = {name: body + "\n" for name, body in MARKER.findall(text[start:end if end > 0 else None])}
+    blocks = example_files("myenv")
     assert set(blocks) == {"myenv.py", "myenv.toml", "command", "mygroup.py", "debug_myenv.py", "train.py"}, blocks.keys()
     return blocks
 
@@ -124,6 +122,21 @@ def test_train_script_as_written(workdir):
     records = read_records(workdir / "runs" / "myenv-py" / "metrics.jsonl")
     check_run(records)
     assert f"reward {records[0]['reward/mean']:.3f} -> {records[-1]['reward/mean']:.3f}" in done.stdout
+
+
+@pytest.mark.slow
+def test_readme_example_as_written(tmp_path):
+    """The README's sevens.py: env classes and rlpipe.run in one file, run as `python sevens.py`."""
+    files = example_files("readme")
+    assert list(files) == ["sevens.py"]
+    (tmp_path / "sevens.py").write_text(files["sevens.py"])
+    done = run_user([sys.executable, "sevens.py"], tmp_path, 300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    records = read_records(tmp_path / "runs" / "sevens" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(r["reward/mean"]) and -1.0 <= r["reward/mean"] <= 1.0 for r in records)
+    assert f"reward {records[0]['reward/mean']:.3f} -> {records[-1]['reward/mean']:.3f}" in done.stdout
+    assert (tmp_path / "runs" / "sevens" / "curves.png").stat().st_size > 0
 
 
 def test_run_refuses_what_is_not_a_run_config():
