@@ -12,9 +12,10 @@ from rlpipe.types import AdamParams, Datum
 
 
 def sft_warm_up(config: RunConfig, make_data: Callable[[object], list[Datum]], steps: int,
-                batch_size: int = 32) -> str:
-    """`steps` cross-entropy steps on make_data(tokenizer) at the LoRA rule-of-thumb LR, with
-    the run's LoRA rank and seed; returns the save_state path to put in config.learner.init_from.
+                batch_size: int = 32, learning_rate: float | None = None) -> str:
+    """`steps` cross-entropy steps on make_data(tokenizer) at learning_rate (default: the LoRA
+    rule-of-thumb LR), with the run's LoRA rank and seed; returns the save_state path to put
+    in config.learner.init_from.
     A step that fails (a bad datum, say) raises."""
     from rlpipe.training.hyperparams import get_lr
     from rlpipe.training.service import ServiceClient
@@ -23,5 +24,5 @@ def sft_warm_up(config: RunConfig, make_data: Callable[[object], list[Datum]], s
     model = config.model_path()
     client = ServiceClient(config.run_dir / "sft").create_lora_training_client(model, rank=config.learner.rank, seed=config.seed)
     data = make_data(client.get_tokenizer())
-    sft_steps(client, data, steps, batch_size, AdamParams(learning_rate=get_lr(model), grad_clip_norm=1.0), config.seed)
+    sft_steps(client, data, steps, batch_size, AdamParams(learning_rate=learning_rate or get_lr(model), grad_clip_norm=1.0), config.seed)
     return client.save_state("warmup").result().path
