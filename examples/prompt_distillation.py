@@ -103,29 +103,36 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"teacher answered {len(train)}/{len(train_q)} training questions ({time.time() - t0:.0f} s), "
           f"e.g. {held_q[0]!r} -> {example!r}")
 
-    # Behaviour on held-out questions: how often the greedy answer has the equation form the
-    # system prompt asks for (the tiny model's numbers are mostly wrong either way, so exact
-    # agreement with the teacher would measure its arithmetic, not the distillation).
-    def equation_rate(sampler, system: bool) -> float:
+    # Behaviour on held-out questions: how often the answer has the equation form the system
+    # prompt asks for (the tiny model's numbers are mostly wrong either way, so exact agreement
+    # with the teacher would measure its arithmetic, not the distillation). Greedy, the tiny
+    # model answers every question in one form, so that rate is all or nothing; 4 samples per
+    # question at temperature 1 measure the form's probability, which moves smoothly.
+    def equation_rate(sampler, system: bool, samples: int = 1) -> float:
         items = [(renderer.build_generation_prompt(ask(q, system)), lambda text: ANSWER_FORM.match(text) is not None)
                  for q in held_q]
-        params = types.SamplingParams(max_tokens=24, temperature=0.0, stop=renderer.stop_sequences)
-        metrics = run_sampling_eval(sampler, items, params, decode=lambda t: renderer.parse_response(t)[0]["content"])
+        params = types.SamplingParams(max_tokens=24, temperature=0.0 if samples == 1 else 1.0,
+                                      stop=renderer.stop_sequences)
+        metrics = run_sampling_eval(sampler, items, params, num_samples=samples,
+                                    decode=lambda t: renderer.parse_response(t)[0]["content"])
         return metrics["eval/accuracy"]
 
     teacher_rate = equation_rate(teacher_sampler, system=True)
     # Before training the student has the teacher's weights, so the teacher's sampler serves for both.
     nll_before, form_before = nll_eval(student, held_out)["eval/nll"], equation_rate(teacher_sampler, system=False)
+    sampled_before = equation_rate(teacher_sampler, system=False, samples=4)
     print(f"before: student NLL/token of teacher answers {nll_before:.3f}, equation-form answers {form_before:.2f} "
           f"(the prompted teacher: {teacher_rate:.2f})")
     sft_steps(student, train, args.steps, args.batch_size, adam, seed=seed)
     nll_after = nll_eval(student, held_out)["eval/nll"]
     student_sampler = student.save_weights_and_get_sampling_client("student", backend="local")
     form_after = equation_rate(student_sampler, system=False)
+    sampled_after = equation_rate(student_sampler, system=False, samples=4)
     print(f"after {args.steps} steps ({time.time() - t0:.0f} s), no system prompt: NLL/token of teacher answers "
-          f"{nll_before:.3f} -> {nll_after:.3f}, equation-form answers {form_before:.2f} -> {form_after:.2f}")
+          f"{nll_before:.3f} -> {nll_after:.3f}, equation-form answers {form_before:.2f} -> {form_after:.2f} greedy, "
+          f"{sampled_before:.2f} -> {sampled_after:.2f} sampled")
     return {"nll_before": nll_before, "nll_after": nll_after, "form_before": form_before, "form_after": form_after,
-            "form_teacher": teacher_rate}
+            "sampled_form_before": sampled_before, "sampled_form_after": sampled_after, "form_teacher": teacher_rate}
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 
 from envs.arithmetic import make_problems
 from rlpipe import ServiceClient, types
+from rlpipe.datums import group_datums
 from rlpipe.training.hyperparams import get_lr
 from rlpipe.renderers import conversation_to_datum, get_renderer
 from rlpipe.rollouts import center_advantages
@@ -121,18 +122,16 @@ def rollouts(renderer, sampler, rm, problems, group_size, seed):
     return prompts, groups, rewards, correct
 
 
-def rl_datum(prompt: types.ModelInput, seq: types.SampledSequence, advantage: float) -> types.Datum:
-    """Prompt plus the sampled tokens, shifted; only sampled tokens carry logprobs and advantage."""
-    tokens = prompt.to_ints() + seq.tokens
-    n_prompt = prompt.length - 1  # targets that are prompt tokens
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": tokens[1:],
-            "logprobs": [0.0] * n_prompt + list(seq.logprobs),
-            "advantages": [0.0] * n_prompt + [advantage] * len(seq.tokens),
-        },
-    )
+def trajectory_group(prompt: types.ModelInput, group: list[types.SampledSequence], rewards: list[float],
+                     version: int) -> types.TrajectoryGroup:
+    """A group of answers to one prompt as the pipeline's explorer makes it: prompt plus sampled
+    tokens, only the sampled ones acting (with their logprobs and version), advantages centred."""
+    n = prompt.length
+    trajectories = [types.Trajectory(tokens=prompt.to_ints() + seq.tokens, action_mask=[0] * n + [1] * len(seq.tokens),
+                                     sampling_logprobs=[0.0] * n + list(seq.logprobs),
+                                     policy_versions=[-1] * n + [version] * len(seq.tokens), reward=r, advantage=a)
+                    for seq, r, a in zip(group, rewards, center_advantages(rewards))]
+    return types.TrajectoryGroup(group_id=f"{version}-{id(prompt)}", trajectories=trajectories)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -199,11 +198,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for step in range(1, args.rl_steps + 1):
         problems = train_problems[(step - 1) * args.problems_per_step : step * args.problems_per_step]
         prompts, groups, rewards, correct = rollouts(renderer, sampler, rm, problems, args.group_size, seed=seed + step)
-        n = rewards.size
-        # Group-centred advantages (the group mean is the baseline), divided by the number of
-        # answers so that the summed loss is a mean over answers.
-        data = [rl_datum(prompt, seq, a / n) for prompt, group, r in zip(prompts, groups, rewards)
-                for seq, a in zip(group, center_advantages(r.tolist()))]
+        # The pipeline's datum step: group-centred advantages (the group mean is the baseline)
+        # spread over the sampled tokens and divided by the batch's sampled tokens.
+        data = group_datums([trajectory_group(prompt, group, r.tolist(), step - 1)
+                             for prompt, group, r in zip(prompts, groups, rewards)])
         train_step(policy, data, adam, "importance_sampling")
         sampler = policy.save_weights_and_get_sampling_client(backend="local")  # on-policy: sample the new weights
         print(f"[3 RL] step {step:2d}  reward {rewards.mean():.3f}  correct {correct.mean():.2f}"

