@@ -21,6 +21,7 @@ import torch
 
 from rlpipe.metrics import read_metrics
 from rlpipe.pipeline.launch import group_members
+from rlpipe.pipeline.learner import latest_checkpoint
 from tests.test_pipeline import SAMPLER, assert_no_orphans, rlpipe, write_config
 
 STEPS = 36
@@ -95,7 +96,7 @@ def test_sigkill_of_every_role_loses_nothing(tmp_path):
     assert explorer_stats.get("engine_restarts", 0) >= 1, explorer_stats
 
     # The optimizer took exactly STEPS steps across the learner restart (Adam's own count).
-    latest = json.loads((run_dir / "learner" / "latest.json").read_text())
+    latest = latest_checkpoint(run_dir)
     adam = torch.load(Path(latest["path"]) / "optimizer.pt", weights_only=False)
     assert {int(s["step"]) for s in adam["state"].values()} == {STEPS}
     # After the learner restart every batch came from the new incarnation's adapters.

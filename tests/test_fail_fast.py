@@ -25,7 +25,7 @@ TOTAL_S = 60
 
 
 def seconds_since_failure(run_dir, role: str) -> float:
-    """How long ago the role recorded its error (launch.record_failure): run just returned."""
+    """How long ago the role recorded its error (role.record_failure): run just returned."""
     return time.time() - (run_dir / "logs" / f"{role}.failed").stat().st_mtime
 
 

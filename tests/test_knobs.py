@@ -2,6 +2,7 @@
 schedule, overlong handling, several optimizer steps per batch. Real TrainingClients and real
 Learners on the tiny model; batches are hand-made TrajectoryGroups (no buffer, no sampler)."""
 
+import contextlib
 import math
 
 import msgspec
@@ -86,18 +87,25 @@ def batch_of(groups) -> types.Batch:
     return types.Batch(groups=groups, seqs=list(range(1, len(groups) + 1)))
 
 
-@pytest.fixture
-def make_learner(tmp_path):
+@contextlib.contextmanager
+def learners(tmp_path):
+    """make(resume=False, runs_dir=tmp_path, **learner) -> a Learner; all closed at the end."""
     made = []
 
-    def make(resume=False, **learner):
-        made.append(Learner(learner_config(tmp_path, **learner), resume=resume))
+    def make(resume=False, runs_dir=None, **learner):
+        made.append(Learner(learner_config(tmp_path if runs_dir is None else runs_dir, **learner), resume=resume))
         return made[-1]
 
     yield make
     for learner in made:
         learner.metrics.close()
         learner.client.close()
+
+
+@pytest.fixture
+def make_learner(tmp_path):
+    with learners(tmp_path) as make:
+        yield make
 
 
 # --------------------------------------------------------------------------- 1. KL penalty
@@ -280,7 +288,7 @@ def test_the_learner_passes_the_scheduled_lr_to_optim_step(make_learner):
     for step in range(4):
         groups = [group([trajectory(rng, advantage=a) for a in (1.0, -1.0)], f"g{step}-{i}") for i in range(4)]
         record = learner._train(batch_of(groups), learner.minibatch_datums(groups))
-        seen.append(learner.client.optimizer.param_groups[0]["lr"])
+        seen.append(learner.client.training.optimizer.param_groups[0]["lr"])
         assert record["optim/lr"] == seen[-1] and record["step"] == step + 1
     want = [scheduled_lr(s, 1e-2, schedule="cosine", warmup_steps=2, total_steps=4, min_ratio=0.5) for s in range(4)]
     assert seen == pytest.approx(want, rel=1e-12)
@@ -319,12 +327,12 @@ def test_an_all_truncated_batch_is_skipped_and_still_counted(make_learner):
     learner = make_learner(overlong="drop")
     rng = np.random.default_rng(2)
     cut = [group([trajectory(rng, advantage=a, stop_reason="length") for a in (1.0, -1.0)], f"c{i}") for i in range(4)]
-    state = learner.client.trainable_state()
+    state = learner.client.training.trainable_state()
     record = learner._train(batch_of(cut), learner.minibatch_datums(cut))
     assert record["optim/updates"] == 0 and record["reward/truncated_frac"] == 1.0 and record["tokens/trained"] == 0
     assert record["reward/overlong_dropped"] == 8.0  # 4 groups of 2, all truncated, all left out
     assert learner.step == 1 and learner.client.step == 0 and learner.after_seq == 4
-    assert all(torch.equal(v, state[k]) for k, v in learner.client.trainable_state().items())
+    assert all(torch.equal(v, state[k]) for k, v in learner.client.training.trainable_state().items())
     mixed = [group([trajectory(rng, advantage=1.0), trajectory(rng, advantage=-1.0, stop_reason="context_limit")], f"m{i}")
              for i in range(4)]
     record = learner._train(batch_of(mixed), learner.minibatch_datums(mixed))
@@ -366,7 +374,7 @@ def on_policy_groups(client, rng, n_groups=4):
 def test_several_optimizer_steps_per_batch_move_the_ratio_and_one_step_does_not(make_learner):
     ppo = dict(loss_fn="ppo", groups_per_batch=4)
     split = make_learner(optim_steps_per_batch=4, **ppo)
-    groups = on_policy_groups(split.client, np.random.default_rng(3))
+    groups = on_policy_groups(split.client.training, np.random.default_rng(3))
     record = split._train(batch_of(groups), split.minibatch_datums(groups))
     assert record["optim/updates"] == 4 and split.client.step == 4 and split.step == 1
     assert record["ratio:min"] < 1 - 1e-3 or record["ratio:max"] > 1 + 1e-3, record
@@ -402,8 +410,8 @@ def test_resume_restores_the_learner_step_apart_from_the_optimizer_steps(make_le
     assert latest["step"] == 1 and latest["optim_steps"] == 2 and latest["path"].endswith("step-000001")
     resumed = make_learner(resume=True, optim_steps_per_batch=2, groups_per_batch=2)
     assert resumed.step == 1 and resumed.client.step == 2 and resumed.after_seq == 2
-    for name, value in learner.client.trainable_state().items():
-        assert torch.equal(resumed.client.trainable_state()[name], value)
+    for name, value in learner.client.training.trainable_state().items():
+        assert torch.equal(resumed.client.training.trainable_state()[name], value)
 
 
 # --------------------------------------------------------------------------- config

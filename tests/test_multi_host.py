@@ -84,14 +84,18 @@ def test_the_cli_refuses_a_public_bind_in_one_line(tmp_path):
 
 
 def test_run_id_is_shared_and_a_different_one_refused(tmp_path):
-    from rlpipe.cli import main as cli
-    from rlpipe.pipeline.identity import read_run_id
+    from rlpipe.pipeline.identity import adopt_run_id, read_run_id, run_id
 
-    cli._adopt_run_id(tmp_path / "run", "exp-7")
-    cli._adopt_run_id(tmp_path / "run", "exp-7")  # the same id again: fine
-    assert read_run_id(tmp_path / "run") == "exp-7"
-    with pytest.raises(SystemExit, match="holds run 'exp-7', not --run-id 'exp-8'"):
-        cli._adopt_run_id(tmp_path / "run", "exp-8")
+    adopt_run_id(tmp_path / "run", "exp-7")
+    adopt_run_id(tmp_path / "run", "exp-7")  # the same id again: fine
+    assert read_run_id(tmp_path / "run") == "exp-7" and run_id(tmp_path / "run") == "exp-7"
+    with pytest.raises(ValueError, match="holds run 'exp-7', not --run-id 'exp-8'"):
+        adopt_run_id(tmp_path / "run", "exp-8")
+    with pytest.raises(ValueError, match="use 1-64 letters"):
+        adopt_run_id(tmp_path / "other", "a b")
+    assert not (tmp_path / "other" / "run.json").exists()
+    made = run_id(tmp_path / "fresh")  # made on first use, then kept
+    assert len(made) == 12 and run_id(tmp_path / "fresh") == made
 
 
 def test_binding_another_hosts_address_is_unrecoverable():

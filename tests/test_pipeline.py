@@ -18,6 +18,7 @@ import torch
 
 from rlpipe.pipeline import transport
 from rlpipe.pipeline.launch import group_members
+from rlpipe.pipeline.learner import latest_checkpoint
 from rlpipe.pipeline.config import vocab_size
 from rlpipe.metrics import read_metrics
 from rlpipe.pipeline.identity import read_run_id
@@ -238,7 +239,7 @@ def test_restarted_learner_resumes_and_explorer_follows_it(tmp_path):
     assert all(0 <= int(k.split("/")[1]) <= 1 for r in resumed for k in r if k.startswith("staleness/") and k != "staleness/max")
     assert "resumed at step" in (logs / "learner2.log").read_text()
     # The optimizer state went on: Adam's step count equals the total number of steps.
-    final = json.loads((run_dir / "learner" / "latest.json").read_text())
+    final = latest_checkpoint(run_dir)
     adam = torch.load(Path(final["path"]) / "optimizer.pt", weights_only=False)
     assert {int(s["step"]) for s in adam["state"].values()} == {STEPS_TO_RESUME}
 

@@ -145,8 +145,11 @@ def test_the_pipeline_learns_through_a_tinker_endpoint(endpoint, client_env, tmp
     rest = tinker.ServiceClient(base_url=endpoint.url, api_key=API_KEY).create_rest_client()
     run_id = published[0].removeprefix("tinker://").split("/")[0]
     on_endpoint = rest.list_checkpoints(run_id).result(timeout=30).checkpoints
-    versions = {c.tinker_path for c in on_endpoint if c.checkpoint_type == "sampler"}
-    assert len(versions) == 8 and published[-1] in versions and published[0] not in versions  # no pile-up
+    on_endpoint = {c.tinker_path for c in on_endpoint if c.checkpoint_type == "sampler"}
+    # No pile-up: the newest max_staleness + 2 versions stay (TinkerTrainingClient.keep_versions),
+    # and the newest keep_checkpoints evaluation weights.
+    assert {p for p in on_endpoint if "/sampler_weights/v" in p} == set(published[-3:]), (on_endpoint, published)
+    assert len([p for p in on_endpoint if "/sampler_weights/eval-" in p]) == 2  # evaluated at steps 7 and 14
 
     # Checkpoints are tinker:// paths on the endpoint, with the step recorded in the run dir.
     latest = json.loads((run_dir / "learner" / "latest.json").read_text())

@@ -18,7 +18,7 @@ from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE
 ROLE = """
 import sys, time
 from pathlib import Path
-from rlpipe.pipeline.launch import start_heartbeat
+from rlpipe.pipeline.role import start_heartbeat
 run_dir, role, behaviour = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 starts = run_dir / f"{role}.starts"
 n = int(starts.read_text()) + 1 if starts.exists() else 1
@@ -163,7 +163,7 @@ config = RunConfig(name="orphan", runs_dir={str(tmp_path)!r})
 (config.run_dir / "logs").mkdir(parents=True)
 sup = launch.Supervisor(config, "unused.toml", [], resume=False)
 for role in sup.roles.values():
-    role.command = [sys.executable, "-c", "from rlpipe.pipeline.launch import die_with_launcher; "
+    role.command = [sys.executable, "-c", "from rlpipe.pipeline.role import die_with_launcher; "
                                           "die_with_launcher(); import time; time.sleep(600)"]
     sup.start(role)
 print(" ".join(str(r.proc.pid) for r in sup.roles.values()), flush=True)

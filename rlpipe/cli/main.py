@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import faulthandler
 import json
 import logging
 import signal
 import sys
-import threading
 
 log = logging.getLogger("rlpipe")
 
@@ -44,6 +42,7 @@ def _parse_sets(items: list[str]) -> dict:
 def _config(args):
     import msgspec
 
+    from rlpipe.pipeline import identity
     from rlpipe.pipeline.addresses import for_role, public_bind_refusal
     from rlpipe.pipeline.config import load, resolve_train_unembed
     from rlpipe.pipeline.transport import is_loopback
@@ -61,7 +60,10 @@ def _config(args):
         if (refusal := public_bind_refusal(config.addresses, args.command)) is not None:
             raise SystemExit(f"rlpipe {args.command}: {refusal}")
         if getattr(args, "run_id", None):
-            _adopt_run_id(config.run_dir, args.run_id)
+            try:
+                identity.adopt_run_id(config.run_dir, args.run_id)
+            except ValueError as err:  # not the config's fault
+                raise SystemExit(f"rlpipe: {err}") from None
         if args.command == "explorer":  # the learner resolves it itself when it starts, `rlpipe run` before the roles
             resolve_train_unembed(config)  # what the sampler cannot serve is refused now, not after a step
         return config
@@ -99,160 +101,37 @@ def _did_you_mean(message: str) -> str:
     return f"; did you mean {' or '.join(where(d) for d in dotted)} (--set {dotted[0]}=...)?"
 
 
-def _adopt_run_id(run_dir, run_id: str) -> None:
-    """--run-id: this host's run_dir/run.json holds run_id, so that roles on several hosts (each
-    with its own run_dir) take each other's messages for the same run. Made if missing; a
-    run_dir that already holds another run is refused."""
-    import os
-    import re
-
-    from rlpipe.pipeline import identity
-
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", run_id):
-        raise SystemExit(f"rlpipe: --run-id {run_id!r}: use 1-64 letters, digits, '_', '.' or '-'")
-    path = run_dir / identity.RUN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        if (held := identity.read_run_id(run_dir)) != run_id:
-            raise SystemExit(f"rlpipe: {path} holds run {held!r}, not --run-id {run_id!r}: an earlier run used "
-                             f"{run_dir}; choose another name or runs_dir, or remove it") from None
-        return
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps({"run_id": run_id}))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-EXIT_SIGTERM = 128 + signal.SIGTERM
-"""How a buffer or explorer stopped by SIGTERM exits: only a stop the learner asked for
-(Shutdown) is exit 0, which `rlpipe run` takes for "finished" rather than restarting the role."""
-
-
-def _stop_on_sigterm() -> threading.Event:
-    stop = threading.Event()
-
-    def handler(signum, frame):
-        stop.set()
-        raise KeyboardInterrupt  # unwinds through finally blocks, closing sockets
-
-    signal.signal(signal.SIGTERM, handler)
-    return stop
-
-
-@contextlib.contextmanager
-def _role(role: str, config):
-    """A role beats its heartbeat file while it runs (launch.start_heartbeat). Its error is
-    logged with its traceback, recorded for `rlpipe run` to print (launch.record_failure),
-    and ends the process at once: exit code 3 for an error restarting cannot fix
-    (errors.Unrecoverable: the supervisor stops the run), 1 for any other (it restarts the role)."""
-    from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE, Unrecoverable
-    from rlpipe.pipeline.launch import record_failure, start_heartbeat
-
-    beating = start_heartbeat(config.run_dir, role)
-    try:
-        yield
-    except Exception as err:
-        log.error("%s failed: %s: %s", role, type(err).__name__, err, exc_info=True)
-        record_failure(config.run_dir, role, err)
-        sys.exit(EXIT_UNRECOVERABLE if isinstance(err, Unrecoverable) else 1)
-    finally:
-        beating.set()
-
-
 def cmd_buffer(args) -> None:
-    from rlpipe.pipeline import identity
-    from rlpipe.pipeline.buffer import read_stats, serve
-    from rlpipe.pipeline.config import vocab_size
+    from rlpipe.pipeline.buffer import run_buffer
+    from rlpipe.pipeline.role import stop_on_sigterm
 
     config = _config(args)
-    stop = _stop_on_sigterm()
-    buffer_dir, stats_path = config.run_dir / "buffer", config.run_dir / "buffer_stats.json"
-
-    admission: dict = {}  # the budget's figures live in memory only: the last ones are kept for the final file
-
-    def write_stats(stats: dict) -> None:  # atomic: a reader never sees half a file
-        admission.update({k: v for k, v in stats.items() if k == "admission"})
-        stats = {**stats, **admission}
-        tmp = stats_path.with_name(f".{stats_path.name}.tmp")
-        tmp.write_text(json.dumps(stats, indent=1))
-        tmp.replace(stats_path)
-
-    stopped_by_signal = False
-    try:
-        with _role("buffer", config):
-            serve(buffer_dir, config.addresses.experience, config.addresses.batches,
-                  vocab_size=vocab_size(config.model_path()), max_staleness=config.max_staleness,
-                  drop_no_signal=config.buffer.drop_constant_reward_groups, run_id=identity.run_id(config.run_dir),
-                  groups_per_batch=config.groups_per_batch,
-                  intake_per_round=config.buffer.intake_per_round, on_stats=write_stats, stop=stop)
-    except KeyboardInterrupt:  # SIGTERM: not the learner's Shutdown, so not "finished" (exit 143)
-        stopped_by_signal = True
-    finally:
-        # However it stopped (SIGTERM, Shutdown, an error): the figures from the store itself,
-        # which holds every committed decision. A store that cannot be read keeps the last file.
-        try:
-            write_stats(read_stats(buffer_dir))
-        except Exception as err:  # noqa: BLE001  (must not hide the error that stopped the role)
-            log.error("buffer: could not write %s: %s", stats_path, err)
-    if stopped_by_signal:
-        sys.exit(EXIT_SIGTERM)
+    sys.exit(run_buffer(config, stop_on_sigterm()))
 
 
 def cmd_learner(args) -> None:
-    import os
-    from pathlib import Path
-
-    from rlpipe.pipeline import distributed, identity, transport
-    from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE
-    from rlpipe.pipeline.learner import Learner, follow
-    from rlpipe.types import Shutdown
+    from rlpipe.pipeline.learner import run_learner
+    from rlpipe.pipeline.role import stop_on_sigterm
 
     config = _config(args)
-    _stop_on_sigterm()
-    if config.learner.processes > 1 and not distributed.under_torchrun():
-        # learner.processes = N: this very command again as N ranks under torchrun; this process
-        # only waits (it is what `rlpipe run` supervises and stops).
-        try:
-            sys.exit(distributed.run_torchrun(config.learner.processes, args.argv,
-                                              config.run_dir / "logs" / "learner.unrecoverable"))
-        except KeyboardInterrupt:  # SIGTERM: torchrun and its workers were stopped on the way out
-            sys.exit(EXIT_SIGTERM)
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        if rank != 0:  # a torchrun rank other than 0: it only trains. Its heartbeat and error files
-            # are its own: learner.failed keeps rank 0's error, not the others' "connection closed"
-            with _role(f"learner-rank{rank}", config):
-                follow(config)
-            return
-        with _role("learner", config):
-            Learner(config, resume=args.resume).run()
-    except SystemExit as stop:
-        if stop.code == EXIT_UNRECOVERABLE and (mark := os.environ.get(distributed.UNRECOVERABLE_MARK)):
-            Path(mark).touch()  # torchrun itself exits 1 whatever its ranks exit with
-        raise
-    # Tell the buffer we are done so it writes its final stats and exits.
-    client = transport.RequestClient(config.addresses.batches)
-    try:
-        client.request(Shutdown(reason="learner finished", run_id=identity.run_id(config.run_dir)), timeout_s=10)
-    finally:
-        client.close()
+    stop_on_sigterm()
+    sys.exit(run_learner(config, args.argv, resume=args.resume))
 
 
 def cmd_explorer(args) -> None:
     from rlpipe.pipeline.explorer import Explorer
     from rlpipe.pipeline.launch import explorer_role
+    from rlpipe.pipeline.role import EXIT_SIGTERM, stop_on_sigterm, supervised
 
     config = _config(args)
     if args.id is None:
         log.warning("explorer started without --id: a restart under another name cannot re-send this one's "
                     "unacknowledged groups (run_dir/<id>/outbox.sqlite); give a stable --id")
-    _stop_on_sigterm()
+    stop_on_sigterm()
     try:
         # Explorer.run shuts down its own engine (SIGTERM included: it unwinds through run's
         # finally, which also gives the outbox a few seconds to deliver).
-        with _role(explorer_role(config.explorer.count, args.id), config):
+        with supervised(explorer_role(config.explorer.count, args.id), config):
             asyncio.run(Explorer(config, args.id).run())
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGTERM)  # not the learner's Shutdown: a supervisor restarts it
@@ -398,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # how `rlpipe learner` runs itself under torchrun
     if args.command in ("buffer", "learner", "explorer", "serve"):
-        from rlpipe.pipeline.launch import die_with_launcher
+        from rlpipe.pipeline.role import die_with_launcher
 
         die_with_launcher()
         from rlpipe.pipeline.distributed import die_with_agent
@@ -408,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command in ("buffer", "learner", "explorer", "serve") or args.debug:
-        args.run(args)  # a role's errors go to its log with their traceback (_role)
+        args.run(args)  # a role's errors go to its log with their traceback (role.supervised)
         return
     try:
         args.run(args)

@@ -1,7 +1,11 @@
 """The experience buffer: validate, deduplicate, persist, bound staleness, serve batches.
 
+(About 460 lines, over the 400 a module keeps to: the buffer's logic and its process role,
+which tests, benchmarks and the explorer import from here; the role half, from _take on,
+could be a module of its own.)
+
 `ExperienceBuffer` is the whole logic as a plain in-process class; `serve()` runs it as its own
-role: a ROUTER socket where explorers send TrajectoryGroups (each answered with a GroupAck)
+role (`run_buffer()` is `rlpipe buffer`: serve() supervised, its figures in buffer_stats.json): a ROUTER socket where explorers send TrajectoryGroups (each answered with a GroupAck)
 and CreditRequests (answered from the global admission budget, rlpipe/pipeline/admission.py,
 which follows the learner through its requests), and a ROUTER socket where the learner sends
 BatchRequests.
@@ -78,6 +82,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SHUTDOWN_LINGER_S = 0.5  # how long the batch socket stays open after acknowledging a Shutdown
+STATS_FILE = "buffer_stats.json"
+"""In the run directory: the buffer's stats() as `rlpipe buffer` last wrote them (run_buffer)."""
 
 _group_decoder = msgspec.msgpack.Decoder(TrajectoryGroup)
 
@@ -420,3 +426,38 @@ def serve(buffer_dir: str | os.PathLike, experience_address: str, batch_address:
 
 def _with_admission(stats: dict, admission: Admission | None) -> dict:
     return stats if admission is None else {**stats, "admission": admission.stats()}
+
+
+def run_buffer(config, stop: threading.Event) -> int:
+    """`rlpipe buffer`: serve() the run's buffer as a supervised role (role.supervised) until
+    the learner's Shutdown (returns 0) or SIGTERM (returns role.EXIT_SIGTERM), with its
+    figures in run_dir/buffer_stats.json every second and at the end."""
+    from rlpipe.pipeline import identity
+    from rlpipe.pipeline.config import vocab_size
+    from rlpipe.pipeline.role import EXIT_SIGTERM, supervised
+    from rlpipe.training.checkpoint import write_json_atomic
+
+    buffer_dir, stats_path = config.run_dir / "buffer", config.run_dir / STATS_FILE
+    admission: dict = {}  # the budget's figures live in memory only: the last ones are kept for the final file
+
+    def write_stats(stats: dict) -> None:
+        admission.update({k: v for k, v in stats.items() if k == "admission"})
+        write_json_atomic(stats_path, {**stats, **admission}, indent=1)
+
+    try:
+        with supervised("buffer", config):
+            serve(buffer_dir, config.addresses.experience, config.addresses.batches,
+                  vocab_size=vocab_size(config.model_path()), max_staleness=config.max_staleness,
+                  drop_no_signal=config.buffer.drop_constant_reward_groups, run_id=identity.run_id(config.run_dir),
+                  groups_per_batch=config.groups_per_batch,
+                  intake_per_round=config.buffer.intake_per_round, on_stats=write_stats, stop=stop)
+    except KeyboardInterrupt:  # SIGTERM: not the learner's Shutdown, so not "finished" (exit 143)
+        return EXIT_SIGTERM
+    finally:
+        # However it stopped (SIGTERM, Shutdown, an error): the figures from the store itself,
+        # which holds every committed decision. A store that cannot be read keeps the last file.
+        try:
+            write_stats(read_stats(buffer_dir))
+        except Exception as err:  # noqa: BLE001  (must not hide the error that stopped the role)
+            log.error("buffer: could not write %s: %s", stats_path, err)
+    return 0

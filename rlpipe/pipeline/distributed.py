@@ -125,7 +125,7 @@ def local_torchrun(processes: int, module_args: list[str]):
 def run_torchrun(processes: int, cli_args: list[str], mark: Path) -> int:
     """Run `rlpipe <cli_args>` as `processes` ranks under torchrun on this host (local_torchrun)
     and wait for it; its exit code, EXIT_UNRECOVERABLE if a rank created `mark`. A SIGTERM to
-    this process (KeyboardInterrupt, see cli._stop_on_sigterm) is passed on: torchrun stops its
+    this process (KeyboardInterrupt, see role.stop_on_sigterm) is passed on: torchrun stops its
     workers, which are in sessions of their own."""
     mark.unlink(missing_ok=True)
     with local_torchrun(processes, ["-m", "rlpipe.cli", *cli_args]) as (cmd, env):

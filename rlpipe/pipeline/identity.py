@@ -11,36 +11,48 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
+
+from rlpipe.training.checkpoint import write_json_atomic
 
 RUN_FILE = "run.json"
 INCARNATION_FILE = "incarnation"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def run_id(run_dir: str | os.PathLike) -> str:
-    """The run's id, made on first use. Safe when roles start at the same moment: the file
-    is created exclusively, and a role that loses the race reads the winner's id."""
+def _create_run_file(run_dir: str | os.PathLike, run_id: str) -> bool:
+    """Create run_dir/run.json holding run_id, exclusively and durably; False if it exists
+    already (made by another role, maybe at this very moment: read it with read_run_id)."""
     path = Path(run_dir) / RUN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
-        return read_run_id(run_dir)
+        return False
     with os.fdopen(fd, "w") as f:
-        f.write(json.dumps({"run_id": uuid.uuid4().hex[:12]}))
+        f.write(json.dumps({"run_id": run_id}))
         f.flush()
         os.fsync(f.fileno())
+    return True
+
+
+def run_id(run_dir: str | os.PathLike) -> str:
+    """The run's id, made on first use. Safe when roles start at the same moment: the file
+    is created exclusively, and a role that loses the race reads the winner's id."""
+    _create_run_file(run_dir, uuid.uuid4().hex[:12])
     return read_run_id(run_dir)
+
+
+def adopt_run_id(run_dir: str | os.PathLike, run_id: str) -> None:
+    """--run-id: run_dir/run.json holds run_id, so that roles on several hosts (each with its
+    own run_dir) take each other's messages for the same run. Made if missing; a ValueError
+    for a malformed id or a run_dir that already holds another run."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", run_id):
+        raise ValueError(f"--run-id {run_id!r}: use 1-64 letters, digits, '_', '.' or '-'")
+    if not _create_run_file(run_dir, run_id) and (held := read_run_id(run_dir)) != run_id:
+        raise ValueError(f"{Path(run_dir) / RUN_FILE} holds run {held!r}, not --run-id {run_id!r}: an earlier run "
+                         f"used {run_dir}; choose another name or runs_dir, or remove it")
 
 
 def read_run_id(run_dir: str | os.PathLike, attempts: int = 50) -> str:
@@ -61,7 +73,7 @@ def next_incarnation(learner_dir: str | os.PathLike) -> int:
     path = Path(learner_dir) / INCARNATION_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     n = current_incarnation(learner_dir) + 1
-    _write_atomic(path, str(n))
+    write_json_atomic(path, n)  # the number alone, as JSON writes it
     return n
 
 

@@ -13,8 +13,8 @@ times; each restart is printed and counted in run_dir/restarts.json. A restarted
 resumes from its last checkpoint, a restarted buffer replays its store, a restarted explorer
 (same id) re-sends its outbox and loads the newest adapter. A role that exits with
 EXIT_UNRECOVERABLE (an error no restart can fix), or that has used up its restarts, stops
-the run at once: the launcher prints the role and its error line (record_failure, written by
-the `rlpipe <role>` command) and the end of the role's log.
+the run at once: the launcher prints the role and its error line (role.record_failure, written
+by the `rlpipe <role>` command) and the end of the role's log. role.py is the roles' side of this.
 
 A run directory belongs to one run: starting into one that already holds a run is refused
 unless --resume is given (then every role continues from its durable state).
@@ -30,7 +30,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from rlpipe.pipeline import identity
 from rlpipe.pipeline.addresses import pick_addresses, taken_address, with_addresses
 from rlpipe.pipeline.config import RunConfig, dump, load, redacted, resolve_train_unembed
 from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE
+from rlpipe.training.checkpoint import write_json_atomic
 
 ROLES = ("buffer", "learner", "explorer")
 """The roles of a run with one explorer; with explorer.count > 1 "explorer" is replaced by
@@ -63,29 +63,6 @@ def failure_file(run_dir: Path, role: str) -> Path:
 
 def heartbeat_file(run_dir: Path, role: str) -> Path:
     return Path(run_dir) / "logs" / f"{role}.heartbeat"
-
-
-def record_failure(run_dir: Path, role: str, error: BaseException) -> None:
-    """What a failing role leaves for the launcher to print: its exception line."""
-    path = failure_file(run_dir, role)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{type(error).__name__}: {error}\n")
-
-
-def start_heartbeat(run_dir: Path, role: str) -> threading.Event:
-    """Touch the role's heartbeat file every HEARTBEAT_S from a daemon thread, until the
-    returned event is set. A frozen process (SIGSTOP, a hang holding the GIL) stops touching it."""
-    path = heartbeat_file(run_dir, role)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-
-    def beat():
-        while not stop.is_set():
-            path.touch()
-            stop.wait(HEARTBEAT_S)
-
-    threading.Thread(target=beat, name="rlpipe-heartbeat", daemon=True).start()
-    return stop
 
 
 def holds_a_run(run_dir: Path) -> list[str]:
@@ -176,12 +153,6 @@ def read_restarts(run_dir: Path) -> dict[str, int]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 @dataclass
 class Role:
     name: str
@@ -218,7 +189,7 @@ class Supervisor:
                                          env={**os.environ, LAUNCHER_ENV: str(os.getpid())})
         role.started = time.monotonic()
         role.restart_at = None
-        _write_json(self.run_dir / "pids.json", {r: p.pid for r, p in self.procs.items()})
+        write_json_atomic(self.run_dir / "pids.json", {r: p.pid for r, p in self.procs.items()}, indent=1)
 
     def check(self, now: float) -> str | None:
         """Restart what died or hangs; the reason the run must stop, or None."""
@@ -252,7 +223,7 @@ class Supervisor:
             backoff = min(sup.backoff_s * 2 ** role.restarts_here, sup.max_backoff_s)
             role.restarts_here += 1
             self.restarts[role.name] = self.restarts.get(role.name, 0) + 1
-            _write_json(self.run_dir / RESTARTS_FILE, self.restarts)
+            write_json_atomic(self.run_dir / RESTARTS_FILE, self.restarts, indent=1)
             self.note(f"role {role.name} died ({error}): restart {role.restarts_here}/{sup.max_restarts} "
                       f"in {backoff:.0f} s")
             if role.name == "learner":
@@ -424,21 +395,6 @@ def run_to_end(config: RunConfig, filename: str, replace: bool = False, quiet: b
     if code != 0:
         raise SystemExit(f"the pipeline failed (exit code {code}); see {config.run_dir / 'logs'}")
     return read_metrics(config.run_dir / "metrics.jsonl")
-
-
-def die_with_launcher() -> None:
-    """Called first thing by a role that `rlpipe run` started (it names itself in LAUNCHER_ENV):
-    the role gets SIGTERM when the launcher dies, even by SIGKILL, so no role outlives it holding
-    the run's store, ports and explorer ids (Linux). Done in the role rather than in a
-    preexec_fn, which can deadlock in a launcher that has threads (the demo's warm-up)."""
-    launcher = os.environ.pop(LAUNCHER_ENV, None)  # not for the role's own children
-    if launcher is None or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != int(launcher):  # the launcher died before the line above
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _wait_all(procs: dict[str, subprocess.Popen], timeout_s: float) -> None:

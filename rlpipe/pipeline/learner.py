@@ -1,18 +1,21 @@
 """The learner role: pull batches from the buffer, train, publish adapters, checkpoint.
 
     while step < steps:
-        batch = buffer.next(groups_per_batch)     # BatchRequest(after_seq = last trained seq)
+        batch = buffer.next(groups_per_batch)     # fetched a step ahead (fetch.py)
         for each of optim_steps_per_batch mini-batches: forward_backward(datums); optim_step
         step += 1
-        every sync_interval steps: WeightUpdate(version = step, adapter bytes) -> explorers
-        every checkpoint_every steps: save_state + the buffer position
+        every sync_interval steps: WeightUpdate(version = step) -> explorers   (control.py, while
+                                                                                the next step trains)
+        every checkpoint_every steps: a checkpoint, and the buffer position (latest.json)
 
-With learner.backend = "tinker" the client is the official tinker SDK's on a Tinker endpoint
-(rlpipe/pipeline/tinker/backend.py): the WeightUpdate carries the tinker:// sampler path of
-save_weights_for_sampler instead of the bytes, and checkpoints are tinker:// paths.
+The learner calls one client, whichever backend trains; training_client() is the one place
+learner.backend is looked at: LocalTrainingClient (pipeline/local_training.py, which lists the
+calls) over a TrainingClient in this process, or TinkerTrainingClient (pipeline/tinker/
+training.py) over the official tinker SDK on a Tinker endpoint.
 
 With learner.processes = N (or under torchrun) the learner is N data-parallel ranks: this
-class runs on rank 0, the other ranks run follow() (rlpipe/pipeline/distributed.py).
+class runs on rank 0, the other ranks run follow() (rlpipe/pipeline/distributed.py);
+run_learner() is `rlpipe learner`, which starts them.
 
 The policy version is the learner's step count (batches trained), kept by the learner apart
 from the client's optimizer-step count (several per batch with optim_steps_per_batch > 1), so
@@ -21,49 +24,62 @@ from the client's optimizer-step count (several per batch with optim_steps_per_b
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import json
 import logging
 import os
-import shutil
-import threading
 import time
 from pathlib import Path
 
 import msgspec
 import torch
 
-from rlpipe.training import checkpoint
-from rlpipe.training.hyperparams import get_lr, scheduled_lr
+from rlpipe.datums import batch_metrics, group_datums, is_truncated, split_groups
 from rlpipe.metrics import MetricsWriter
 from rlpipe.pipeline import distributed, identity, transport
-from rlpipe.datums import batch_metrics, group_datums, is_truncated, split_groups
 from rlpipe.pipeline.config import RunConfig, import_callable, redacted, resolve_train_unembed
-from rlpipe.pipeline.errors import Unrecoverable
-from rlpipe.training.client import TrainingClient
-from rlpipe.types import (
-    AdamParams,
-    Batch,
-    BatchRequest,
-    Datum,
-    LoraConfig,
-    Shutdown,
-    TrajectoryGroup,
-    WeightUpdate,
-)
+from rlpipe.pipeline.control import ControlThread
+from rlpipe.pipeline.errors import EXIT_UNRECOVERABLE
+from rlpipe.pipeline.fetch import BatchFetcher
+from rlpipe.pipeline.local_training import LocalTrainingClient
+from rlpipe.training.checkpoint import write_json_atomic
+from rlpipe.training.hyperparams import get_lr, scheduled_lr
+from rlpipe.types import AdamParams, Batch, Datum, LoraConfig, Shutdown, TrajectoryGroup, WeightUpdate
 
 log = logging.getLogger(__name__)
 LATEST = "latest.json"
+LATEST_FORMAT = 2
+"""latest.json's "path" is relative to the run directory (or a tinker:// path), so a run
+resumes from any working directory, and after its directory moved. Format 1 (no "format")
+held the path as the learner had it: relative to the working directory it ran in."""
 SHUTDOWN_GRACE_S = 3.0
+PUBLISH_DRAIN_S = 600.0  # the most the end of a run waits for its last adapter to be sent
 
 
 def latest_checkpoint(run_dir: Path) -> dict | None:
     """The learner's newest checkpoint, {"path", "step", "optim_steps", "after_seq",
     "groups_trained", "incarnation"} (its PEFT adapter is path/adapter; "step" counts learner
     steps, "optim_steps" the optimizer's, absent before optim_steps_per_batch), or None before
-    the first one."""
+    the first one. "path" is usable from this working directory."""
     latest = Path(run_dir) / "learner" / LATEST
-    return json.loads(latest.read_text()) if latest.exists() else None
+    if not latest.exists():
+        return None
+    record = json.loads(latest.read_text())
+    path = record["path"]
+    if path.startswith("tinker://"):  # the endpoint's
+        return record
+    if record.get("format", 1) >= 2:
+        record["path"] = str(Path(run_dir) / path)
+    elif not Path(path).exists():  # format 1, read from elsewhere: the same checkpoint by its name
+        record["path"] = str(Path(run_dir) / "learner" / "state" / Path(path).name)
+    return record
+
+
+def write_latest(run_dir: Path, path: str, **fields) -> None:
+    """Make the checkpoint at path (in run_dir, or tinker://) the newest, atomically: a crash
+    leaves the previous one in force."""
+    stored = path if path.startswith("tinker://") else os.path.relpath(path, run_dir)
+    write_json_atomic(Path(run_dir) / "learner" / LATEST, {"format": LATEST_FORMAT, "path": stored, **fields})
 
 
 def _lora(config: RunConfig) -> LoraConfig:
@@ -78,8 +94,6 @@ def _join_ranks(config: RunConfig) -> tuple[distributed.Ranks, str]:
     lc = config.learner
     device = distributed.rank_device(lc.device)
     ranks = distributed.Ranks(device, lc.dist_timeout_s, lc.strategy)
-    if ranks.size > 1 and lc.backend == "tinker":
-        raise ValueError('a learner under torchrun needs learner.backend = "local": with "tinker" the endpoint trains')
     threads = lc.cpu_threads
     if not threads and not torch.cuda.is_available():
         # the cores this process may use (taskset, cgroups), shared by the ranks on this host
@@ -89,21 +103,24 @@ def _join_ranks(config: RunConfig) -> tuple[distributed.Ranks, str]:
     return ranks, device
 
 
-def _local_client(config: RunConfig, device: str, checkpoint_dir: Path, ranks: distributed.Ranks) -> TrainingClient:
-    lc = config.learner
-    return TrainingClient(config.model_path(), _lora(config), checkpoint_dir, device=device or None,
-                          dtype=lc.dtype or None, layout=lc.layout or None,
-                          max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
-                          gradient_checkpointing=lc.gradient_checkpointing, place=ranks.place)
+def training_client(config: RunConfig, learner_dir: Path, ranks: distributed.Ranks, device: str):
+    """The learner's client for learner.backend (see the module's docstring)."""
+    if config.learner.backend == "tinker":
+        if ranks.size > 1:
+            raise ValueError('a learner under torchrun needs learner.backend = "local": with "tinker" the endpoint trains')
+        from rlpipe.pipeline.tinker.training import TinkerTrainingClient
+
+        return TinkerTrainingClient(config, _lora(config), learner_dir)
+    return LocalTrainingClient(config, _lora(config), learner_dir, ranks, device)
 
 
 def follow(config: RunConfig) -> None:
     """A learner rank other than 0 (torchrun): the same model, given rank 0's adapter and
     optimizer state, trained on the shares of each batch that rank 0 sends, until it stops."""
     ranks, device = _join_ranks(config)
-    client = _local_client(config, device, config.run_dir / "learner", ranks)
+    client = training_client(config, config.run_dir / "learner", ranks, device)
     try:
-        ranks.attach(client)
+        client.start_from(None, with_optimizer=False)
         ranks.follow(client)
     finally:
         client.close()
@@ -115,39 +132,30 @@ class Learner:
         self.config = config
         self.dir = config.run_dir / "learner"
         self.ranks, device = _join_ranks(config)
-        model = config.model_path()
         lc = config.learner
-        self.tinker = lc.backend == "tinker"
-        if self.tinker:
-            from rlpipe.pipeline.tinker.training import TinkerTrainingClient
-
-            self.client = TinkerTrainingClient(config, _lora(config), self.dir)
-        else:
-            self.client = _local_client(config, device, self.dir, self.ranks)
+        self.client = training_client(config, self.dir, self.ranks, device)
         self.step = 0
         """Learner steps (batches trained): the policy version. The client counts optimizer steps."""
         self.after_seq = 0
         self.durable_seq = 0
         """The buffer position of the newest checkpoint: a restart asks again from there."""
         self.groups_trained = 0
-        self._stop_fetching = threading.Event()
         self.run_id = identity.run_id(config.run_dir)
         self.incarnation = identity.next_incarnation(self.dir)
         latest = latest_checkpoint(config.run_dir) if resume else None
         if latest is not None:
-            self.client.load_state_with_optimizer(latest["path"]).result()
+            self.client.start_from(latest["path"], with_optimizer=True)
             self.step = latest["step"]
             self.after_seq = self.durable_seq = latest["after_seq"]
             self.groups_trained = latest.get("groups_trained", 0)
             log.info("resumed at step %d (%d optimizer steps), buffer position %d", self.step, self.client.step,
                      self.after_seq)
-        elif config.learner.init_from:
-            self.client.load_state(config.learner.init_from).result()
-        self.ranks.attach(self.client)  # the other ranks start from this rank's adapter and optimizer state
+        else:
+            self.client.start_from(lc.init_from or None, with_optimizer=False)
         log.info("learner incarnation %d of run %s", self.incarnation, self.run_id)
-        self.lr = config.learner.learning_rate or get_lr(model)
+        self.lr = lc.learning_rate or get_lr(config.model_path())
         """The peak learning rate; each step's is scheduled_lr (learner.lr_schedule)."""
-        self.loss_config = {**config.learner.loss_fn_config, "temperature": config.explorer.temperature}
+        self.loss_config = {**lc.loss_fn_config, "temperature": config.explorer.temperature}
         if lc.kl_coef > 0:
             self.loss_config["kl_coef"] = lc.kl_coef
         self.metrics = MetricsWriter(config.run_dir / "metrics.jsonl", logging=config.logging, run_name=config.name,
@@ -169,26 +177,26 @@ class Learner:
 
     def run(self) -> None:
         cfg = self.config
-        control = transport.ControlServer(cfg.addresses.control)
-        # The next batch is fetched on its own thread (which owns the request socket) while
-        # the current one trains, so a step does not wait for the buffer's round trips.
-        fetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlpipe-fetch")
-        requests = fetcher.submit(transport.RequestClient, cfg.addresses.batches).result()
-        try:
+        with contextlib.ExitStack() as closing:  # on the way out, in this order: fetcher, control, metrics
+            closing.callback(self.metrics.close)
+            control = ControlThread(cfg.addresses.control)
+            closing.callback(control.close)
+            fetcher = BatchFetcher(cfg, self.run_id, self.incarnation, lambda: self.durable_seq, self.minibatch_datums)
+            closing.callback(fetcher.close)
             self._publish(control)
-            # A batch is asked for with the version it will be trained at, so the buffer's
-            # staleness check is exact even though the batch is fetched a step early.
-            next_batch = fetcher.submit(self._next_batch, requests, self.after_seq, self.step)
+            next_batch = fetcher.submit(self.after_seq, self.step)
             while self.step < cfg.learner.steps:
                 t0 = time.monotonic()
-                batch, data = self._wait_batch(next_batch, control)
+                batch, data = control.wait(next_batch)  # the control thread's errors are raised meanwhile
                 t1 = time.monotonic()
                 if self.step + 1 < cfg.learner.steps:
-                    next_batch = fetcher.submit(self._next_batch, requests, batch.seqs[-1], self.step + 1)
+                    next_batch = fetcher.submit(batch.seqs[-1], self.step + 1)
                 record = self._train(batch, data)
                 t2 = time.monotonic()
                 if self.step % cfg.learner.sync_interval == 0:
-                    record["sync/publish_s"] = self._publish(control)
+                    self._publish(control)
+                if control.publish_s is not None:
+                    record["sync/publish_s"] = control.publish_s
                 t3 = time.monotonic()
                 if self.step % cfg.learner.checkpoint_every == 0 or self.step == cfg.learner.steps:
                     self._checkpoint()
@@ -205,64 +213,16 @@ class Learner:
                     "time_end": time.time(),  # wall clock at the end of the step ("time": at its start)
                 })
                 self.metrics.write(record)
-                control.poll(0)
+                control.check()
             self.ranks.stop()  # not on an error: the ranks may be inside a collective; torchrun stops them
             self.ranks.close()
-            control.shutdown("learner finished", run_id=self.run_id)
+            control.shutdown("learner finished", run_id=self.run_id)  # after the last adapter is sent
+            control.drain(PUBLISH_DRAIN_S)
             # Explorers stop at once on Shutdown; give their last pushes time to reach the
             # buffer before the buffer is told to stop (so every pushed group is counted),
-            # and meanwhile tell any explorer that registers late to stop too.
-            deadline = time.monotonic() + SHUTDOWN_GRACE_S
-            while time.monotonic() < deadline:
-                control.poll(0.1)
-        finally:
-            self._stop_fetching.set()
-            fetcher.submit(requests.close)  # runs once a fetch in progress has seen the stop
-            fetcher.shutdown(wait=True)
-            control.close()
-            self.metrics.close()
-            if self.tinker:
-                self.client.close()  # the SDK session on the endpoint
-
-    def _wait_batch(self, future: concurrent.futures.Future, control) -> tuple[Batch, list[list[Datum]]]:
-        """The prefetched batch; meanwhile the control socket keeps answering explorers."""
-        while True:
-            try:
-                return future.result(timeout=0.05)
-            except concurrent.futures.TimeoutError:
-                control.poll(0)
-
-    def _next_batch(self, requests, after_seq: int, version: int) -> tuple[Batch, list[list[Datum]]]:
-        """Collect groups_per_batch groups after after_seq, for training at `version`. Asking
-        with after_seq = the last seq received so far is safe: the buffer can re-serve
-        anything after our checkpoint position."""
-        cfg = self.config
-        groups, seqs, dropped = [], [], {}
-        deadline = time.monotonic() + cfg.learner.batch_timeout_s
-        while len(groups) < cfg.groups_per_batch:
-            if self._stop_fetching.is_set():
-                raise RuntimeError("learner stopping")
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"no full batch within {cfg.learner.batch_timeout_s:.0f} s "
-                    f"({len(groups)}/{cfg.groups_per_batch} groups): are the explorer and buffer running?"
-                )
-            request = BatchRequest(sender="learner", learner_version=version,
-                                   after_seq=seqs[-1] if seqs else after_seq,
-                                   max_groups=cfg.groups_per_batch - len(groups), run_id=self.run_id,
-                                   incarnation=self.incarnation, durable_seq=self.durable_seq)
-            reply = requests.request(request, timeout_s=5.0)
-            if isinstance(reply, Shutdown):  # the buffer refuses this learner (another run, a replaced incarnation)
-                raise Unrecoverable(f"the buffer at {cfg.addresses.batches} {reply.reason}; this learner is run "
-                                    f"{self.run_id!r}, incarnation {self.incarnation}")
-            if isinstance(reply, Batch):
-                groups += reply.groups
-                seqs += reply.seqs
-                dropped = reply.dropped
-            if not isinstance(reply, Batch) or not reply.groups:
-                time.sleep(0.02)  # nothing yet: ask again shortly
-        batch = Batch(groups=groups, seqs=seqs, dropped=dropped)
-        return batch, self.minibatch_datums(groups)  # the datums too, off the training thread
+            # while the control thread tells any explorer that registers late to stop too.
+            time.sleep(SHUTDOWN_GRACE_S)
+            self.client.close()  # after a normal end only: on an error the process ends, its model thread too
 
     def minibatch_datums(self, groups: list[TrajectoryGroup]) -> list[list[Datum]]:
         """The datums of each of the batch's optim_steps_per_batch mini-batches, each normalised
@@ -302,70 +262,61 @@ class Learner:
         self.groups_trained += len(batch.groups)
         return record
 
-    def _publish(self, control) -> float:
-        start = time.monotonic()
-        created = time.time()
-        version = self.step
-        if self.tinker:  # the explorers sample these weights on the endpoint
-            path = self.client.save_weights_for_sampler(f"v{version:06d}").result().path
-            log.info("published version %d: %s", version, path)
-            control.publish(WeightUpdate(version=version, sampler_path=path, step=version, created_at=created,
-                                         run_id=self.run_id, incarnation=self.incarnation))
-            return time.monotonic() - start
-        files = self.client.get_sampler_weights().result()
-        control.publish(WeightUpdate(version=version, adapter_config=files[checkpoint.ADAPTER_CONFIG],
-                                     adapter_weights=files[checkpoint.ADAPTER_WEIGHTS], step=version, created_at=created,
-                                     run_id=self.run_id, incarnation=self.incarnation))
-        return time.monotonic() - start
+    def _publish(self, control: ControlThread) -> None:
+        """The adapter as it is after the calls made so far, to the explorers: the client takes
+        it (the model thread, before the next step's work), the control thread sends it."""
+        update = WeightUpdate(version=self.step, step=self.step, created_at=time.time(), run_id=self.run_id,
+                              incarnation=self.incarnation)
+        control.publish(update, self.client.publish(self.step))
 
     def _checkpoint(self) -> None:
-        path = self.client.save_state(f"step-{self.step:06d}").result().path
-        latest = self.dir / LATEST
-        tmp = latest.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"path": path, "step": self.step, "optim_steps": self.client.step,
-                                   "after_seq": self.after_seq, "groups_trained": self.groups_trained,
-                                   "incarnation": self.incarnation}))
-        if not self.tinker:  # a tinker:// checkpoint is the endpoint's to keep
-            checkpoint.fsync_tree(path)
-        checkpoint.fsync_tree(tmp)
-        os.replace(tmp, latest)  # atomic: a crash leaves the previous checkpoint in force
-        checkpoint.fsync_tree(self.dir / LATEST)  # the rename itself, in the directory
+        path = self.client.checkpoint(f"step-{self.step:06d}")
+        write_latest(self.config.run_dir, path, step=self.step, optim_steps=self.client.step,
+                     after_seq=self.after_seq, groups_trained=self.groups_trained, incarnation=self.incarnation)
         # Only now may the buffer forget what this checkpoint has trained (compaction): the
         # checkpoint is on disk, so no crash can take the learner back behind durable_seq.
         self.durable_seq = self.after_seq
-        if self.tinker:
-            self.client.prune_states(self.config.learner.keep_checkpoints, keep=path)
-        else:
-            prune(self.dir / "state", "step-", self.config.learner.keep_checkpoints, keep=Path(path).name)
+        self.client.prune_checkpoints(self.config.learner.keep_checkpoints, keep=path)
 
     def _eval(self) -> dict[str, float]:
-        from rlpipe.evaluators import greedy_eval, nll_eval
+        from rlpipe.evaluators import nll_eval
 
-        cfg = self.config
         out = nll_eval(self.client, self.nll_data) if self.nll_data else {}
-        if self.eval_items and self.tinker:  # sampled on the endpoint
-            path = self.client.save_weights_for_sampler(f"eval-{self.step:06d}").result().path
-            out |= self.client.greedy_eval(path, self.eval_items, max_tokens=cfg.explorer.max_tokens,
-                                           policy_version=self.step)
-        elif self.eval_items:
-            path = self.client.save_weights_for_sampler(f"eval-{self.step:06d}").result().path
-            prune(Path(path).parent, "eval-", cfg.learner.keep_checkpoints, keep=Path(path).name)
-            options = {}
-            if cfg.learner.eval_sampler == "local" and self.client.device.type != "cpu":
-                options["device"] = "cpu"  # no second copy of the model on the learner's GPU
-            out |= greedy_eval(cfg.model_path(), path, self.eval_items, self.client.get_tokenizer(),
-                               max_tokens=cfg.explorer.max_tokens, backend=cfg.learner.eval_sampler,
-                               policy_version=self.step, **options)
+        if self.eval_items:
+            out |= self.client.evaluate(self.step, self.eval_items)
         return out
 
 
-def prune(folder: Path, prefix: str, keep_newest: int, keep: str) -> list[str]:
-    """Delete all but the newest keep_newest directories named prefix* in folder (names sort
-    by step); `keep` (the one just written) always stays. Returns the names deleted."""
-    if keep_newest <= 0:
-        return []
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith(prefix))
-    doomed = [n for n in names[:-keep_newest] if n != keep]
-    for name in doomed:
-        shutil.rmtree(folder / name, ignore_errors=True)
-    return doomed
+def run_learner(config: RunConfig, cli_args: list[str], resume: bool) -> int:
+    """`rlpipe learner` (cli_args: its arguments); returns its exit code. With learner.processes
+    > 1, outside torchrun: this very command again as that many ranks under torchrun, and this
+    process only waits (it is what `rlpipe run` supervises and stops). Under torchrun, rank 0
+    runs the Learner and then tells the buffer to stop (Shutdown), the other ranks follow()."""
+    from rlpipe.pipeline.role import EXIT_SIGTERM, supervised
+
+    if config.learner.processes > 1 and not distributed.under_torchrun():
+        try:
+            return distributed.run_torchrun(config.learner.processes, cli_args,
+                                            config.run_dir / "logs" / "learner.unrecoverable")
+        except KeyboardInterrupt:  # SIGTERM: torchrun and its workers were stopped on the way out
+            return EXIT_SIGTERM
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        if rank != 0:  # a torchrun rank other than 0: it only trains. Its heartbeat and error files
+            # are its own: learner.failed keeps rank 0's error, not the others' "connection closed"
+            with supervised(f"learner-rank{rank}", config):
+                follow(config)
+            return 0
+        with supervised("learner", config):
+            Learner(config, resume=resume).run()
+    except SystemExit as stop:
+        if stop.code == EXIT_UNRECOVERABLE and (mark := os.environ.get(distributed.UNRECOVERABLE_MARK)):
+            Path(mark).touch()  # torchrun itself exits 1 whatever its ranks exit with
+        raise
+    # Tell the buffer we are done so it writes its final stats and exits.
+    client = transport.RequestClient(config.addresses.batches)
+    try:
+        client.request(Shutdown(reason="learner finished", run_id=identity.run_id(config.run_dir)), timeout_s=10)
+    finally:
+        client.close()
+    return 0

@@ -1,5 +1,8 @@
 """Typed ZeroMQ messaging between the rlpipe roles (stable roles bind, dynamic ones connect).
 
+(About 500 lines, over the 400 a module keeps to: both ends of all three channels, so that
+each wire format is written and read in one place.)
+
   explorers DEALER -> buffer ROUTER   experience: TrajectoryGroup -> GroupAck. At least once:
                                       a group stays in the explorer's on-disk outbox and is sent
                                       again until acknowledged; the buffer deduplicates by
@@ -13,7 +16,10 @@
                                       never taken for the answer to the current one.
   explorers DEALER -> learner ROUTER  control. Explorers send Ready on connect (against slow
                                       joiners) and Heartbeats; the learner sends the latest
-                                      WeightUpdate to every registered peer.
+                                      WeightUpdate to every registered peer: two frames, the
+                                      update without its adapter weights, then the weights as
+                                      they are (sent without a copy; at most CONTROL_MAX_BYTES
+                                      in all, checked before sending).
 
 Binding: a role binds the address its config gives it (the buffer experience and batches,
 the learner control) and connects to the others. Binding beyond loopback (a LAN address, a
@@ -181,6 +187,10 @@ class AddressNotHere(Unrecoverable):
     pass
 
 
+class UpdateTooLarge(Unrecoverable):
+    pass
+
+
 def _wait(sock: zmq.Socket, event: int, deadline: float) -> bool:
     remaining_ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
     return bool(sock.poll(remaining_ms, event))
@@ -330,23 +340,35 @@ class ControlServer(_Closing):
     forgotten after peer_timeout_s of silence. Call poll() regularly."""
 
     def __init__(self, address: str, *, bind: bool = True, peer_timeout_s: float = 30.0,
-                 sndhwm: int = 4, max_message_bytes: int = SMALL_MAX_BYTES,
+                 sndhwm: int = 4, max_message_bytes: int = SMALL_MAX_BYTES, max_update_bytes: int = CONTROL_MAX_BYTES,
                  max_frames_per_poll: int = 256, ctx: zmq.Context | None = None):
+        """max_update_bytes: the largest WeightUpdate sent, what ControlClient takes by default."""
         self.codec = Codec(max_message_bytes)
+        self.max_update_bytes = max_update_bytes
         self.peer_timeout_s = peer_timeout_s
         self.max_frames_per_poll = max_frames_per_poll
         self.latest: WeightUpdate | None = None
         self.peers: dict[bytes, Peer] = {}
-        self._latest_frame = b""
+        self._latest_frames: list[bytes] = []
         self._shutdown_frame: bytes | None = None
         # HANDOVER: an explorer restarted under the same name takes over its old identity.
         self.socket = _make_socket(ctx, zmq.ROUTER, address, bind, max_message_bytes=max_message_bytes,
                                    SNDHWM=sndhwm, ROUTER_MANDATORY=1, ROUTER_HANDOVER=1)
 
     def publish(self, update: WeightUpdate) -> None:
-        """Make update the latest and queue it to every registered peer that can take it."""
+        """Make update the latest and queue it to every registered peer that can take it.
+        An update over max_update_bytes is refused (UpdateTooLarge): no explorer would take it."""
+        # Encoded once for all peers; the weights are a frame of their own, sent from the
+        # bytes object itself rather than copied into the encoded message.
+        header = self.codec.encode(msgspec.structs.replace(update, adapter_weights=b""))
+        if (size := len(header) + len(update.adapter_weights)) > self.max_update_bytes:
+            raise UpdateTooLarge(
+                f"the adapter of version {update.version} is {size:,} bytes ({size / 2**20:.1f} MiB), over the "
+                f"{self.max_update_bytes:,} bytes ({self.max_update_bytes / 2**20:.1f} MiB) a WeightUpdate may carry "
+                "to the explorers (transport.CONTROL_MAX_BYTES): lower learner.rank, or train fewer modules "
+                "(learner.train_mlp, learner.train_unembed)")
         self.latest = update
-        self._latest_frame = self.codec.encode(update)  # encoded once for all peers
+        self._latest_frames = [header, update.adapter_weights] if update.adapter_weights else [header]
         self._sync()
 
     def poll(self, timeout_s: float = 0.0) -> int:
@@ -367,7 +389,7 @@ class ControlServer(_Closing):
                     handled += 1
                     self._seen(frames[0].bytes, name, msg)
                     if self._shutdown_frame is not None:
-                        self._try_send(frames[0].bytes, self._shutdown_frame)
+                        self._try_send(frames[0].bytes, [self._shutdown_frame])
                 case None:
                     pass  # already counted as rejected
                 case _:
@@ -381,7 +403,7 @@ class ControlServer(_Closing):
         Ready or heartbeat seen by a later poll()): one that registers late is not left running."""
         self._shutdown_frame = self.codec.encode(Shutdown(reason=reason, run_id=run_id))
         for ident in list(self.peers):
-            self._try_send(ident, self._shutdown_frame)
+            self._try_send(ident, [self._shutdown_frame])
 
     def _seen(self, ident: bytes, name: str, msg: Ready | Heartbeat) -> None:
         now = time.monotonic()
@@ -404,12 +426,12 @@ class ControlServer(_Closing):
         if self.latest is None or self._shutdown_frame is not None:
             return
         for ident, peer in list(self.peers.items()):
-            if peer.sent_version < self.latest.version and self._try_send(ident, self._latest_frame):
+            if peer.sent_version < self.latest.version and self._try_send(ident, self._latest_frames):
                 peer.sent_version = self.latest.version
 
-    def _try_send(self, ident: bytes, data: bytes) -> bool:
+    def _try_send(self, ident: bytes, frames: list[bytes]) -> bool:
         try:
-            self.socket.send_multipart([ident, data], zmq.NOBLOCK, copy=False)
+            self.socket.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
             return False  # peer's queue full: still owed, retried on the next poll/publish
@@ -447,12 +469,26 @@ class ControlClient(_Closing):
                 self._heartbeat(now)
             frames = _recv(self.socket, min(deadline, self._next_heartbeat))
             if frames is not None:
-                if len(frames) != 1:
-                    self.codec.reject("framing")
-                elif (msg := self.codec.decode(frames[0])) is not None:
+                if (msg := self._decode(frames)) is not None:
                     return msg
             elif time.monotonic() >= deadline:
                 return None
+
+    def _decode(self, frames: list[zmq.Frame]) -> Message | None:
+        """One message, or a WeightUpdate and its weights (ControlServer.publish)."""
+        if len(frames) == 1:
+            return self.codec.decode(frames[0])
+        if len(frames) != 2:
+            return self.codec.reject("framing")
+        if len(frames[0].buffer) + len(frames[1].buffer) > self.codec.max_message_bytes:
+            return self.codec.reject("oversize")
+        match self.codec.decode(frames[0]):
+            case WeightUpdate(adapter_weights=b"") as update:
+                return msgspec.structs.replace(update, adapter_weights=frames[1].bytes)
+            case None:
+                return None
+            case _:
+                return self.codec.reject("framing")
 
     def _heartbeat(self, now: float) -> None:
         self._next_heartbeat = now + self.heartbeat_s

@@ -6,6 +6,11 @@ A state directory (save_state) holds everything a resume needs:
     rng.pt                   torch / numpy / python RNG states
     rlpipe_state.json        base model, LoRA config, step
 A sampler-weights directory (save_weights_for_sampler) is a plain PEFT adapter directory.
+
+Also the two rules every role's files follow: JSON written atomically and durably
+(write_json_atomic), and which of a series of checkpoints to delete (pruned).
+torch and numpy are imported where used: the buffer and the launcher write their JSON
+through this module without paying for them.
 """
 
 from __future__ import annotations
@@ -13,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import threading
 from pathlib import Path
 
 import msgspec
-import numpy as np
-import torch
 
 from rlpipe.types import LoraConfig
 
@@ -57,6 +62,9 @@ def read_meta(path: str | Path) -> StateMeta:
 
 
 def rng_state() -> dict:
+    import numpy as np
+    import torch
+
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -64,6 +72,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -95,8 +106,49 @@ def fsync_tree(path: str | Path) -> None:
     entry in its parent. Before this, a power cut could leave the files empty."""
     path = Path(path)
     for item in [*path.rglob("*"), path, path.parent]:
-        fd = os.open(item, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(item)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | Path, obj, *, indent: int | None = None) -> None:
+    """Write obj as JSON to path so that a reader sees the old file or the new one, never a
+    part of one, and a crash or a power cut leaves one of them: a temporary file beside path
+    (named for this process and thread, so two writers never share one), fsynced, renamed
+    over path, and the rename fsynced in the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write failed
+    _fsync(path.parent)
+
+
+def pruned(names: list[str], keep_newest: int, keep: str) -> list[str]:
+    """Which of names (oldest first) to delete so that the newest keep_newest stay; `keep`
+    (the one just written) always stays, and keep_newest <= 0 keeps them all. One rule for
+    checkpoints and sampler weights, on disk (prune_dirs) or on a Tinker endpoint."""
+    if keep_newest <= 0:
+        return []
+    return [n for n in names[:-keep_newest] if n != keep]
+
+
+def prune_dirs(folder: Path, prefix: str, keep_newest: int, keep: str) -> list[str]:
+    """Delete the directories prefix* in folder that pruned() names (names sort by step);
+    returns the names deleted."""
+    names = sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and p.name.startswith(prefix))
+    doomed = pruned(names, keep_newest, keep)
+    for name in doomed:
+        shutil.rmtree(Path(folder) / name, ignore_errors=True)
+    return doomed

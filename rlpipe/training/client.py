@@ -285,12 +285,13 @@ class TrainingClient:
         self.step += 1
         return OptimStepResponse(step=self.step, metrics={"grad_norm:mean": grad_norm})
 
-    def _adapter_files(self) -> dict[str, bytes]:
-        """The adapter as the two files of a PEFT adapter directory, in memory: what
-        save_weights_for_sampler writes and what the learner sends to the explorers."""
+    def _adapter_files(self, dtype: torch.dtype | None = None) -> dict[str, bytes]:
+        """The adapter as the two files of a PEFT adapter directory, in memory (weights in dtype,
+        default as trained): what save_weights_for_sampler writes and the learner sends."""
         # save_embedding_layers=False: LoRA on lm_head must not drag the base lm_head along.
         state = get_peft_model_state_dict(self.model, adapter_name=self.adapter, save_embedding_layers=False)
-        weights = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, metadata={"format": "pt"})
+        weights = save_safetensors({k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()},
+                                   metadata={"format": "pt"})
         config = self.model.peft_config[self.adapter].to_dict()
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()} | {"inference_mode": True}
         return {checkpoint.ADAPTER_CONFIG: json.dumps(config, indent=2, default=str).encode(),
@@ -361,10 +362,10 @@ class TrainingClient:
     def save_weights_for_sampler(self, name: str) -> APIFuture[SaveResponse]:
         return self._submit("save_weights_for_sampler", self._save_for_sampler, name)
 
-    def get_sampler_weights(self) -> APIFuture[dict[str, bytes]]:
-        """What save_weights_for_sampler would write, as {file name: bytes}, without the disk:
-        how the learner sends adapters to the explorers."""
-        return self._submit("get_sampler_weights", self._adapter_files)
+    def get_sampler_weights(self, dtype: torch.dtype | None = None) -> APIFuture[dict[str, bytes]]:
+        """What save_weights_for_sampler would write, as {file name: bytes}, without the disk
+        (weights in dtype, default float32 as trained): how the learner sends adapters."""
+        return self._submit("get_sampler_weights", self._adapter_files, dtype)
 
     def save_weights_and_get_sampling_client(self, name: str | None = None, **sampler_options):
         from rlpipe.sampling import create_sampling_client

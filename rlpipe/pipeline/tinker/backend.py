@@ -6,8 +6,8 @@ bytes); the explorers sample through the SDK's SamplingClient on that path. The 
 is `rlpipe serve` or any other Tinker-compatible one (tinker_base_url / tinker_api_key in
 the run config, else the SDK's TINKER_BASE_URL / TINKER_API_KEY).
 
-    TinkerTrainingClient   (training.py) what the learner calls on rlpipe's TrainingClient (forward_backward,
-                           optim_step, save_state, load_state_with_optimizer, ...), over the SDK
+    TinkerTrainingClient   (training.py) what the learner calls on its client (forward_backward, optim_step,
+                           publish, checkpoint, evaluate, ...: pipeline/local_training.py), over the SDK
     TinkerExplorerSampler  (sampler.py) what the explorer calls on its ExplorerSampler (start, load, sample_async,
                            restart, ...), over the SDK; no engine of its own
     TinkerSampler          (sampler.py) rlpipe's sampling-client shape (sample_async -> rlpipe SampleResponse)
@@ -160,6 +160,9 @@ class Pending:
     def __init__(self, api_future, convert: Callable[[Any], Any], timeout_s: float, what: str, where: str):
         self.future = api_future.future() if hasattr(api_future, "future") else api_future
         self.convert, self.timeout_s, self.what, self.where = convert, timeout_s, what, where
+
+    def done(self) -> bool:
+        return self.future.done()
 
     def result(self, timeout: float | None = None) -> Any:
         timeout = self.timeout_s if timeout is None else timeout

@@ -1,12 +1,13 @@
-"""learner.backend = "tinker": the learner's TrainingClient over the official tinker SDK
-(see backend.py for the whole Tinker path)."""
+"""learner.backend = "tinker": the learner's client over the official tinker SDK (see
+backend.py for the whole Tinker path; pipeline/local_training.py lists what the learner calls).
+
+Here the WeightUpdate carries the tinker:// path of save_weights_for_sampler instead of the
+adapter's bytes, checkpoints are tinker:// paths on the endpoint, and evaluation samples there."""
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,16 +29,17 @@ from rlpipe.pipeline.tinker.backend import (
     to_tinker_datum,
 )
 from rlpipe.pipeline.tinker.sampler import TinkerSampler
+from rlpipe.training.checkpoint import pruned, write_json_atomic
 from rlpipe.types import AdamParams, Datum, LoadResponse, LoraConfig, OptimStepResponse, SamplingParams, SaveResponse
 
 log = logging.getLogger(__name__)
-KEEP_VERSIONS = 8
+
 
 class TinkerTrainingClient:
-    """The methods of rlpipe.training.client.TrainingClient that the learner uses, over the SDK's
-    TrainingClient. The SDK client is made on first use: create_lora_training_client, or,
-    when the first call is a load (a resumed learner, learner.init_from),
-    create_training_client_from_state[_with_optimizer], as Tinker resumes."""
+    """What the learner calls on its client, over the SDK's TrainingClient. The SDK client is
+    made on first use: create_lora_training_client, or, when the first call is a load (a
+    resumed learner, learner.init_from), create_training_client_from_state[_with_optimizer],
+    as Tinker resumes."""
 
     def __init__(self, config, lora: LoraConfig, learner_dir: Path):
         self.config = config
@@ -51,7 +53,16 @@ class TinkerTrainingClient:
         """Optimizer steps taken (Tinker does not say): counted here, restored from STATE_FILE on resume."""
         self._client = None
         self._tokenizer = None
-        self._published: collections.deque[str] = collections.deque()
+        self._published: list[str] = []  # tinker:// paths, oldest first
+        self._evals: list[str] = []
+        self.keep_versions = config.max_staleness + 2
+        """Published versions kept on the endpoint; older ones are deleted. An explorer samples
+        with the newest version it has; a group it started with version v is trainable while the
+        learner is at most max_staleness versions past v, so the versions the next batches can
+        hold are the newest max_staleness + 1; one more stays for the explorers still finishing
+        groups with the version before those while the newest WeightUpdate is on its way to them
+        (their samples would fail on a deleted version and count as an engine death).
+        The explorer's engine keeps as many loaded (explorer_sampler.engine_options)."""
 
     # ------------------------------------------------------------------ the SDK client
 
@@ -107,28 +118,38 @@ class TinkerTrainingClient:
     # ------------------------------------------------------------------ weights
 
     def save_weights_for_sampler(self, name: str) -> Pending:
-        def saved(out) -> SaveResponse:
-            self._published.append(out.path)
-            self._drop_old_versions()
-            return SaveResponse(path=out.path)
+        return self._pending(self.client.save_weights_for_sampler(name), lambda out: SaveResponse(path=out.path),
+                             f"save_weights_for_sampler({name!r})")
 
+    def publish(self, version: int) -> Pending:
+        """A future of the WeightUpdate field of version `version`: its sampler weights' tinker://
+        path (save_weights_for_sampler, after the calls made so far)."""
+        def saved(out) -> dict[str, str]:
+            self._published.append(out.path)
+            self._forget(self._published, self._delete(self._published, self.keep_versions, out.path))
+            return {"sampler_path": out.path}
+
+        name = f"v{version:06d}"
         return self._pending(self.client.save_weights_for_sampler(name), saved, f"save_weights_for_sampler({name!r})")
 
-    def _drop_old_versions(self) -> None:
-        """Each published version is a checkpoint on the endpoint: all but the newest
-        KEEP_VERSIONS are deleted (explorers sample within max_staleness of the newest), so
-        they do not pile up. Best effort: a failure is logged, and tried again next time."""
-        if len(self._published) <= KEEP_VERSIONS:
-            return
-        rest = self.service.create_rest_client()
-        while len(self._published) > KEEP_VERSIONS:
-            path = self._published[0]
+    def _delete(self, paths: list[str], keep_newest: int, keep: str) -> list[str]:
+        """Delete on the endpoint what checkpoint.pruned names of paths (oldest first), so they
+        do not pile up; returns those deleted. Best effort: a failure is logged, and the rest
+        tried again next time."""
+        deleted, rest = [], None
+        for path in pruned(paths, keep_newest, keep):
             try:
+                rest = rest or self.service.create_rest_client()
                 self._call(lambda p=path: rest.delete_checkpoint_from_tinker_path(p).result(), f"delete {path}")
             except Exception as err:  # noqa: BLE001  (an old version staying is not worth failing a run)
                 log.warning("could not delete %s on the Tinker endpoint: %s: %s", path, type(err).__name__, err)
-                return
-            self._published.popleft()
+                break
+            deleted.append(path)
+        return deleted
+
+    @staticmethod
+    def _forget(paths: list[str], deleted: list[str]) -> None:
+        paths[:] = [p for p in paths if p not in deleted]
 
     def save_state(self, name: str) -> Pending:
         step = self.step
@@ -138,6 +159,13 @@ class TinkerTrainingClient:
             return SaveResponse(path=out.path)
 
         return self._pending(self.client.save_state(name), saved, f"save_state({name!r})")
+
+    def start_from(self, path: str | None, with_optimizer: bool) -> None:
+        if path is not None:
+            self._load(path, optimizer=with_optimizer)
+
+    def checkpoint(self, name: str) -> str:
+        return self.save_state(name).result().path  # the endpoint's to keep durable
 
     def load_state_with_optimizer(self, path: str) -> Done:
         return self._load(path, optimizer=True)
@@ -163,25 +191,17 @@ class TinkerTrainingClient:
         log.info("%s: model %s at step %d", what, self._client.model_id, self.step)
         return Done(LoadResponse(path=path, step=self.step))
 
-    def prune_states(self, keep_newest: int, keep: str) -> list[str]:
-        """Delete (on the endpoint) all but the newest keep_newest checkpoints this run saved;
-        `keep` (the one just saved) always stays. Best effort: a failure is logged."""
-        if keep_newest <= 0:
-            return []
+    def prune_checkpoints(self, keep_newest: int, keep: str) -> list[str]:
+        """Delete (on the endpoint) the checkpoints this run saved that checkpoint.pruned names
+        (by the time they were saved). Best effort: a failure is logged."""
         state = self._read_state()
-        paths = sorted(state["checkpoints"], key=lambda p: state["checkpoints"][p]["saved_at"])
-        doomed = [p for p in paths[:-keep_newest] if p != keep]
-        if not doomed:
-            return []
-        try:
-            rest = self.service.create_rest_client()
-            for path in doomed:
-                self._call(lambda p=path: rest.delete_checkpoint_from_tinker_path(p).result(), f"delete {path}")
-                state["checkpoints"].pop(path, None)
-        except Exception as err:  # noqa: BLE001  (old checkpoints staying is not worth failing a run)
-            log.warning("could not delete old checkpoints on the Tinker endpoint: %s: %s", type(err).__name__, err)
-        self._write_state(state)
-        return doomed
+        deleted = self._delete(sorted(state["checkpoints"], key=lambda p: state["checkpoints"][p]["saved_at"]),
+                               keep_newest, keep)
+        for path in deleted:
+            del state["checkpoints"][path]
+        if deleted:
+            self._write_state(state)
+        return deleted
 
     # ------------------------------------------------------------------ the step record
 
@@ -193,9 +213,7 @@ class TinkerTrainingClient:
 
     def _write_state(self, state: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, self.dir / STATE_FILE)
+        write_json_atomic(self.dir / STATE_FILE, state, indent=1)
 
     def _record(self, path: str, step: int) -> None:
         state = self._read_state()
@@ -223,9 +241,17 @@ class TinkerTrainingClient:
                 self._tokenizer = self._call(self.client.get_tokenizer, "get_tokenizer")
         return self._tokenizer
 
+    def evaluate(self, step: int, items) -> dict[str, float]:
+        """Greedy accuracy of the current weights on (prompt, grader) items, sampled through
+        the endpoint (what rlpipe.evaluators.greedy_eval does locally); the newest
+        learner.keep_checkpoints evaluation weights stay there."""
+        path = self.save_weights_for_sampler(f"eval-{step:06d}").result().path
+        self._evals.append(path)
+        self._forget(self._evals, self._delete(self._evals, self.config.learner.keep_checkpoints, path))
+        return self.greedy_eval(path, items, max_tokens=self.config.explorer.max_tokens, policy_version=step)
+
     def greedy_eval(self, sampler_path: str, items, *, max_tokens: int, policy_version: int) -> dict[str, float]:
-        """Greedy accuracy of the sampler weights at sampler_path on (prompt, grader) items,
-        sampled through the endpoint (what rlpipe.evaluators.greedy_eval does locally)."""
+        """Greedy accuracy of the sampler weights at sampler_path on (prompt, grader) items."""
         from rlpipe.evaluators import run_sampling_eval
 
         client = self._call(lambda: self.service.create_sampling_client(model_path=sampler_path).result(),
