@@ -39,13 +39,17 @@ def test_rlhf_reward_model_and_policy_reward_rise(tmp_path, learning_seed):
 
 @pytest.mark.learning
 def test_prompt_distillation_student_takes_on_the_prompt(tmp_path, learning_seed):
-    # 20 distillation steps: with 10, one seed in four kept the sentence form (gain 0.0)
+    """The student (no system prompt) takes on the prompted teacher's answers: its NLL of them
+    falls, and the share of its sampled answers in the prompt's equation form rises from 0 (to
+    0.29-0.84 over seeds 0-3). Its greedy form is not asserted: the tiny model answers every
+    question in one form greedily, so that rate is all or nothing, and with 10 steps one seed
+    in four stayed at 0."""
     m = recipe("prompt_distillation")(["--prompt-sft-steps", "25", "--steps", "20", "--questions", "64",
                                        "--batch-size", "16", "--seed", str(learning_seed),
                                        "--checkpoint-dir", str(tmp_path)])
     holds(m["form_teacher"], ">", 0.8, "stage 0: the prompted teacher's equation-form rate")
     holds(m["nll_after"] / m["nll_before"], "<", 0.5, "student NLL of the teacher's answers after / before")
-    holds(m["form_after"] - m["form_before"], ">", 0.5, "student equation-form rate gain")
+    holds(m["sampled_form_after"] - m["sampled_form_before"], ">", 0.1, "student sampled equation-form rate gain")
 
 
 def test_sft_chat_seed_gives_independent_runs_and_repeats_exactly(tmp_path):
