@@ -22,6 +22,9 @@ from rlpipe.types import ModelInput, SampledSequence, SampleResponse, SamplingPa
 
 
 class Sampler(Protocol):
+    """What an episode samples its actions from: anything with SamplingClient's sample_async
+    (a SamplingClient, the explorer's GroupClient, a scripted stand-in in a test)."""
+
     async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams) -> SampleResponse: ...
 
 

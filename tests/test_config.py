@@ -22,7 +22,7 @@ import pytest
 from rlpipe.cli.main import main
 from rlpipe.pipeline.config import EngineConfig, RunConfig, dump, load
 from rlpipe.pipeline.config_check import SECRETS
-from rlpipe.pipeline.explorer_sampler import engine_options, share_cores
+from rlpipe.pipeline.explorer_engine import engine_options, share_cores
 
 REPO = Path(__file__).resolve().parents[1]
 

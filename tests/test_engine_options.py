@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from rlpipe.pipeline.config import load
-from rlpipe.pipeline.explorer_sampler import engine_options, use_device
+from rlpipe.pipeline.explorer_engine import engine_options, use_device
 from rlpipe.sampling.vllm_args import CPU_KV_CACHE_CAP, MiB, lora_rank_for
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import zmq
 
 from rlpipe.env import StepResult
 from rlpipe.pipeline import identity, transport
 from rlpipe.pipeline.config import RunConfig
 from rlpipe.pipeline.errors import Unrecoverable
 from rlpipe.pipeline.explorer import Explorer
-from rlpipe.pipeline.explorer_sampler import ExplorerSampler
+from rlpipe.pipeline.explorer_engine import ExplorerEngine
 from rlpipe.pipeline.outbox import Outbox, OutboxSender, read_outbox_stats, unacked_ids
 from rlpipe.types import CreditGrant, CreditRequest, GroupAck, ModelInput, SamplingParams, Trajectory, TrajectoryGroup, WeightUpdate
 from tests.test_fail_fast import engine_processes
@@ -78,7 +79,11 @@ class StandInBuffer:
     """Stands in for the buffer: records every TrajectoryGroup it receives and, while `acking`
     is set, answers GroupAck: "accepted" for a group id it has not seen, else "duplicate".
     Every credit an explorer asks for is granted (no admission budget here: only max_unacked
-    bounds the explorer; the budget is tested in tests/test_admission.py)."""
+    bounds the explorer; the budget is tested in tests/test_admission.py).
+
+    Its socket has a ZeroMQ context of its own, terminated by stop(): zmq_close() lets go of
+    the port later, on the context's I/O thread, so a stand-in started at once on the same
+    address could fail to bind (1 in 5 times here); zmq_ctx_term() returns after that."""
 
     def __init__(self, address: str):
         self.address = address
@@ -93,7 +98,8 @@ class StandInBuffer:
         assert self._bound.wait(10)
 
     def _run(self) -> None:
-        server = transport.RequestServer(self.address, max_message_bytes=transport.EXPERIENCE_MAX_BYTES)
+        ctx = zmq.Context()
+        server = transport.RequestServer(self.address, max_message_bytes=transport.EXPERIENCE_MAX_BYTES, ctx=ctx)
         self._bound.set()
         try:
             while not self._stop.is_set():
@@ -112,6 +118,7 @@ class StandInBuffer:
                     server.reply(to, GroupAck(group_id=msg.group_id, outcome=outcome))
         finally:
             server.close(linger_ms=0)
+            ctx.term()  # the port is free when this returns
 
     def stop(self) -> None:
         self._stop.set()
@@ -120,15 +127,17 @@ class StandInBuffer:
 
 class StandInLearner:
     """The learner's control socket (a real ControlServer), polled by a thread; the test
-    publishes WeightUpdates and Shutdown through it."""
+    publishes WeightUpdates and Shutdown through it. A context of its own, as StandInBuffer's."""
 
     def __init__(self, address: str):
         self.address = address
         self._commands: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self._bound = threading.Event()
         self.peers: dict = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+        assert self._bound.wait(10)  # a learner that could not bind fails the test here, not as a silent timeout
 
     def publish(self, update: WeightUpdate) -> None:
         self._commands.put(("publish", update))
@@ -137,7 +146,9 @@ class StandInLearner:
         self._commands.put(("shutdown", "the test is done"))
 
     def _run(self) -> None:
-        server = transport.ControlServer(self.address)
+        ctx = zmq.Context()
+        server = transport.ControlServer(self.address, ctx=ctx)
+        self._bound.set()
         try:
             while not self._stop.is_set():
                 while not self._commands.empty():
@@ -147,6 +158,7 @@ class StandInLearner:
                 self.peers = {p.name: p.version for p in server.peers.values()}
         finally:
             server.close(linger_ms=0)
+            ctx.term()
 
     def stop(self) -> None:
         self._stop.set()
@@ -312,9 +324,11 @@ def test_explorer_delivers_through_outages_follows_the_learner_and_resumes(tmp_p
         versions = {v for t in g.trajectories for v, m in zip(t.policy_versions, t.action_mask) if m}
         assert g.run_id == run_id and g.incarnation == 1 and versions == {3} and g.explorer_id == "explorer-0"
 
-    # Back-pressure: a buffer that stops acknowledging holds the outbox at max_unacked.
+    # Back-pressure: a buffer that stops acknowledging holds the outbox at max_unacked. The
+    # groups already rolling out still finish (how long they take depends on the machine's load).
     buffer.acking.clear()
-    time.sleep(3.0)
+    wait_until(lambda: explorer.running == 0 and explorer.outbox.unacked >= config.explorer.max_unacked, 60,
+               "the outbox to fill up to max_unacked", running)
     stalled = read_outbox_stats(outbox_dir)
     time.sleep(1.5)
     assert read_outbox_stats(outbox_dir)["finished"] == stalled["finished"]  # no new groups started
@@ -377,8 +391,8 @@ def test_explorer_delivers_through_outages_follows_the_learner_and_resumes(tmp_p
 
 
 async def test_an_adapter_the_engine_cannot_load_is_unrecoverable(tmp_path, tiny_model_path, make_lora_adapter):
-    sampler = ExplorerSampler(tiny_model_path, "local", {"max_loaded_adapters": 2}, name="explorer-t",
-                              adapter_dir=tmp_path, start_timeout_s=60, load_timeout_s=60, request_timeout_s=60, max_restarts=1)
+    sampler = ExplorerEngine(tiny_model_path, "local", {"max_loaded_adapters": 2}, name="explorer-t",
+                             adapter_dir=tmp_path, start_timeout_s=60, load_timeout_s=60, request_timeout_s=60, max_restarts=1)
     await sampler.start()
     try:
         good = weight_update(make_lora_adapter(seed=1), version=0, incarnation=1, run_id="r")
@@ -389,8 +403,8 @@ async def test_an_adapter_the_engine_cannot_load_is_unrecoverable(tmp_path, tiny
     finally:
         sampler.shutdown()
     with pytest.raises(Unrecoverable, match="no config.json"):  # an engine that cannot start at all
-        await ExplorerSampler(str(tmp_path / "missing"), "local", {}, name="explorer-t", adapter_dir=tmp_path,
-                              start_timeout_s=60, load_timeout_s=60, request_timeout_s=60, max_restarts=1).start()
+        await ExplorerEngine(str(tmp_path / "missing"), "local", {}, name="explorer-t", adapter_dir=tmp_path,
+                             start_timeout_s=60, load_timeout_s=60, request_timeout_s=60, max_restarts=1).start()
 
 
 # --------------------------------------------------------------------------- a vLLM engine that dies

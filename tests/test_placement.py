@@ -81,7 +81,7 @@ def test_explorers_on_one_cpu_host_share_its_cores(tmp_path, monkeypatch):
 
     import torch
 
-    from rlpipe.pipeline.explorer_sampler import share_cores
+    from rlpipe.pipeline.explorer_engine import share_cores
 
     cores = sorted(os.sched_getaffinity(0))
     before = torch.get_num_threads()

@@ -59,12 +59,12 @@ incarnation is granted nothing: its groups would be dropped.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rlpipe.pipeline import transport
+from rlpipe.pipeline import aio_transport, transport
+from rlpipe.pipeline.supervised import Supervised
 from rlpipe.types import BatchRequest, CreditGrant, CreditRequest
 
 log = logging.getLogger(__name__)
@@ -183,24 +183,37 @@ class Admission:
 
 
 class CreditLine:
-    """The explorer's side: a thread that owns a DEALER to the buffer's experience socket (the
-    outbox sender has its own, so acknowledgements and credits never wait on each other) and
-    keeps the grant current. state() is called on this thread and says what to report, or None
-    while there is nothing to ask (no adapter yet); on_grant() is called after every grant."""
+    """The explorer's side: keeps the grant current over a DEALER of its own to the buffer's
+    experience socket (the outbox sender has another, so acknowledgements and credits never
+    wait on each other). state() says what to report, or None while there is nothing to ask
+    (no adapter yet); on_grant() is called after every grant. run() in the explorer's task
+    group; start() and stop() run it on a thread of its own (supervised.Supervised)."""
 
     def __init__(self, address: str, state: Callable[[], CreditRequest | None], on_grant: Callable[[], None],
                  name: str = "rlpipe-credits"):
         self.address = address
         self.state = state
         self.on_grant = on_grant
-        self.error: BaseException | None = None
         self.last: CreditGrant | None = None
         self._grant = (0, 0.0)  # (start_until, usable until: monotonic)
         self._held: dict[str, int] = {}  # what the explorer holds -> the adapter version it started with
-        self._held_lock = threading.Lock()  # hold/release come from the explorer's loop and its sender thread
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.task = Supervised(self._ask, name)
+        self.run, self.wake = self.task.run, self.task.wake
+
+    def start(self) -> CreditLine:
+        self.task.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self.task.stop(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self.task.alive
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.task.error
 
     @property
     def start_until(self) -> int:
@@ -215,81 +228,54 @@ class CreditLine:
     def reset(self) -> None:
         """Forget the grant (the explorer follows a new learner incarnation) and ask again."""
         self._grant = (0, 0.0)
-        self._wake.set()
-
-    def wake(self) -> None:
-        self._wake.set()
+        self.wake()
 
     def hold(self, key: str, version: int) -> None:
         """A group the explorer holds (a rollout, then its group id until acknowledged) and the
         adapter version it started with; reported as `oldest`, its deadline."""
-        with self._held_lock:
-            self._held[key] = version
+        self._held[key] = version
 
     def release(self, key: str) -> None:
-        with self._held_lock:
-            self._held.pop(key, None)
+        self._held.pop(key, None)
 
     def oldest(self) -> int:
         """The oldest version among the groups held, -1 if none."""
-        with self._held_lock:
-            return min(self._held.values(), default=-1)
+        return min(self._held.values(), default=-1)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def start(self) -> CreditLine:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout_s)
-
-    def _run(self) -> None:
-        try:
-            client = transport.RequestClient(self.address, max_message_bytes=transport.SMALL_MAX_BYTES,
+    async def _ask(self) -> None:
+        client = aio_transport.RequestClient(self.address, max_message_bytes=transport.SMALL_MAX_BYTES,
                                              max_request_bytes=transport.SMALL_MAX_BYTES)
-            try:
-                self._ask(client)
-            finally:
-                client.close()
-        except BaseException as err:  # handed to the explorer, which fails with it
-            self.error = err
-            log.exception("the credit line to %s failed", self.address)
-
-    def _ask(self, client: transport.RequestClient) -> None:
-        renew_at = 0.0
-        refused, refused_at = None, 0.0  # what the last request that got less than it wanted reported, and when
-        while not self._stop.is_set():
-            self._wake.clear()
-            request = self.state()
-            now = time.monotonic()
-            if request is None:  # no adapter yet: nothing to ask
-                self._wake.wait(1.0)
-                continue
-            wanted = self.unused(request.started) < request.want
-            # Refused a moment ago, and nothing changed on this side that could open the budget
-            # (a newer adapter, a group returned): only the learner's progress can, which the
-            # buffer sees and this explorer does not; ask again after ASK_EVERY_S.
-            state = (request.version, request.incarnation, request.holding)
-            unchanged = refused is not None and state[:2] == refused[:2] and state[2] >= refused[2]
-            wait_s = ASK_EVERY_S - (now - refused_at) if wanted and unchanged else 0.0
-            if (wanted and wait_s <= 0) or now >= renew_at:
-                reply = client.request(request, REQUEST_TIMEOUT_S)
-                if isinstance(reply, CreditGrant):
-                    self._grant = (reply.start_until, now + reply.lease_s / 2)
-                    self.last = reply
-                    renew_at = now + reply.lease_s / 4
-                    self.on_grant()
-                    short = reply.start_until - request.started < request.want
-                    refused, refused_at = (state, now) if short else (None, 0.0)
-                    wait_s = ASK_EVERY_S if short else 0.0
-                elif reply is not None:
-                    log.warning("the buffer at %s answered a credit request with %r", self.address, reply)
-                else:
-                    renew_at = 0.0  # no answer (the buffer is away): ask again at once
-            until_renewal = renew_at - time.monotonic()
-            self._wake.wait(min(max(wait_s if wait_s > 0 else until_renewal, 0.01), 1.0))
+        try:
+            renew_at = 0.0
+            refused, refused_at = None, 0.0  # what the last request that got less than it wanted reported, and when
+            while True:
+                request = self.state()
+                now = time.monotonic()
+                if request is None:  # no adapter yet: nothing to ask
+                    await self.task.nap(1.0)
+                    continue
+                wanted = self.unused(request.started) < request.want
+                # Refused a moment ago, and nothing changed on this side that could open the budget
+                # (a newer adapter, a group returned): only the learner's progress can, which the
+                # buffer sees and this explorer does not; ask again after ASK_EVERY_S.
+                state = (request.version, request.incarnation, request.holding)
+                unchanged = refused is not None and state[:2] == refused[:2] and state[2] >= refused[2]
+                wait_s = ASK_EVERY_S - (now - refused_at) if wanted and unchanged else 0.0
+                if (wanted and wait_s <= 0) or now >= renew_at:
+                    reply = await client.request(request, REQUEST_TIMEOUT_S)
+                    if isinstance(reply, CreditGrant):
+                        self._grant = (reply.start_until, now + reply.lease_s / 2)
+                        self.last = reply
+                        renew_at = now + reply.lease_s / 4
+                        self.on_grant()
+                        short = reply.start_until - request.started < request.want
+                        refused, refused_at = (state, now) if short else (None, 0.0)
+                        wait_s = ASK_EVERY_S if short else 0.0
+                    elif reply is not None:
+                        log.warning("the buffer at %s answered a credit request with %r", self.address, reply)
+                    else:
+                        renew_at = 0.0  # no answer (the buffer is away): ask again at once
+                until_renewal = renew_at - time.monotonic()
+                await self.task.nap(min(max(wait_s if wait_s > 0 else until_renewal, 0.01), 1.0))
+        finally:
+            client.close()

@@ -72,7 +72,7 @@ class EngineConfig(Config):
     """[explorer.engine]: the explorer's sampling engine. Each field is the rlpipe.sampling engine
     option of the same name (VLLMEngine's; the local sampler takes device, dtype and
     max_model_len), "" and 0 meaning the engine's default, except cpu_threads, which the explorer
-    process applies itself (explorer_sampler.share_cores).
+    process applies itself (explorer_engine.share_cores).
 
     One GPU for learner and sampler: the learner (peft model, optimizer, activations) and the
     vLLM engine share the device's memory, so give the engine only part of it, e.g.
@@ -453,11 +453,11 @@ def redacted(config: RunConfig) -> RunConfig:
 def resolve_train_unembed(config: RunConfig) -> bool:
     """learner.train_unembed as the run uses it: an explicit value the sampler cannot serve is
     a ValueError saying what to set; None becomes what the sampler can serve."""
-    from rlpipe.sampling import default_backend
+    from rlpipe.sampling import resolve_backend
     from rlpipe.sampling.vllm_support import lm_head_lora
 
     wanted = config.learner.train_unembed
-    backend = default_backend() if config.explorer.sampler == "auto" else config.explorer.sampler
+    backend = resolve_backend(config.explorer.sampler)
     served = lm_head_lora(config.model_path()) if backend == "vllm" else None
     if served is None or served:  # the local sampler (peft) serves any adapter
         return True if wanted is None else wanted

@@ -78,9 +78,9 @@ async def debug_group_async(
         model = str(default_model_path())
     engine = None
     if isinstance(sampler, str):
-        from rlpipe.sampling import default_backend
+        from rlpipe.sampling import resolve_backend
 
-        backend = default_backend() if sampler == "auto" else sampler
+        backend = resolve_backend(sampler)
         if adapter is not None and backend == "vllm":
             from rlpipe.sampling.vllm_args import lora_rank_for
             from rlpipe.training.checkpoint import adapter_rank

@@ -29,6 +29,12 @@ def default_backend() -> str:
     return "vllm" if importlib.util.find_spec("vllm") is not None else "local"
 
 
+def resolve_backend(name: str | None) -> str:
+    """A sampler as a config or a caller names it: "auto", "" or None is the default backend,
+    any other name stays as it is ("vllm", "local"; the pipeline also knows "tinker")."""
+    return default_backend() if name in (None, "", "auto") else name
+
+
 _engines: dict[tuple[str, str], object] = {}
 _engines_lock = threading.Lock()
 
@@ -49,13 +55,13 @@ def start_engine(base_model: str, backend: str | None = None, **engine_options):
     """A new engine that belongs to the caller alone (not shared, not restarted behind its
     back): the caller shuts it down. The explorer runs its engine this way, so that it
     decides when a dead one is replaced and reloads its adapter there."""
-    return _engine_class(backend or default_backend())(str(base_model), **engine_options)
+    return _engine_class(resolve_backend(backend))(str(base_model), **engine_options)
 
 
 def get_engine(base_model: str, backend: str | None = None, **engine_options):
     """The process's shared engine for (backend, base_model), started on first use and again
     if it died. Options only take effect when an engine starts; later differing ones are logged."""
-    backend = backend or default_backend()
+    backend = resolve_backend(backend)
     engine_class = _engine_class(backend)
     key = (backend, os.path.realpath(base_model))
     with _engines_lock:
@@ -121,6 +127,7 @@ __all__ = [
     "create_sampling_client",
     "default_backend",
     "get_engine",
+    "resolve_backend",
     "shutdown_engines",
     "start_engine",
 ]

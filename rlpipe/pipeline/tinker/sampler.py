@@ -1,4 +1,4 @@
-"""explorer.sampler = "tinker": the explorer's sampler over the official tinker SDK, on the
+"""explorer.sampler = "tinker": the explorer samples through the official tinker SDK, on the
 tinker:// sampler path each WeightUpdate carries (see backend.py)."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import logging
 import time
 from collections.abc import Callable
 
+import anyio
+
 from rlpipe.pipeline.errors import Unrecoverable
-from rlpipe.pipeline.explorer_sampler import BusyTime
+from rlpipe.pipeline.explorer_engine import ServingState
 from rlpipe.pipeline.tinker.backend import (
     call,
     call_async,
@@ -34,8 +36,8 @@ class TinkerEndpointError(EngineDeadError):
     the explorer's engine (the sampling client is made again, at most max_restarts times)."""
 
 
-class TinkerSampler:
-    """rlpipe's sampling-client shape over an SDK SamplingClient."""
+class TinkerSamplingClient:
+    """rlpipe's sampling-client shape (sample_async -> rlpipe SampleResponse) over an SDK SamplingClient."""
 
     def __init__(self, client, policy_version: int, timeout_s: float, where: str):
         self.client, self.policy_version = client, policy_version
@@ -58,12 +60,15 @@ class TinkerSampler:
         return from_tinker_sample(response, self.policy_version)
 
 
-class TinkerExplorerSampler:
-    """The explorer's sampler (the interface of explorer_sampler.ExplorerSampler) over a
-    Tinker endpoint: each WeightUpdate names a sampler path (tinker://.../sampler_weights/...)
-    and a sampling client is made on it; requests in flight finish on the previous one. Before
-    the first update, the base model is sampled (policy version -1). "engine" is the current
-    TinkerSampler: an endpoint failure marks it dead and restart() makes a new client."""
+TinkerSampler = TinkerSamplingClient  # the old name, until pipeline/tinker/training.py (edited in parallel) imports the new one
+
+
+class TinkerEndpoint:
+    """The explorer's sampling through a Tinker endpoint (the interface of
+    explorer_engine.ExplorerEngine): each WeightUpdate names a sampler path
+    (tinker://.../sampler_weights/...) and a sampling client is made on it; requests in flight
+    finish on the previous one. `serving`, the thing a group sees die, is the current client:
+    an endpoint failure marks it dead and restart() makes a new one."""
 
     def __init__(self, config, *, name: str, request_timeout_s: float, max_restarts: int,
                  on_restart: Callable[[int], None] | None = None):
@@ -73,20 +78,21 @@ class TinkerExplorerSampler:
         self.where = endpoint(config)
         self.timeout_s = config.tinker_timeout_s
         self.request_timeout_s = request_timeout_s
-        self.max_restarts = max_restarts
-        self.on_restart = on_restart
+        self.state = ServingState(name, "the Tinker endpoint's sampling client", max_restarts, on_restart)
         self.service = None
-        self.engine: TinkerSampler | None = None
-        """The sampling client of the current update (or of the base model before the first)."""
-        self.version = -1
-        self.incarnation = 0
-        self.update: WeightUpdate | None = None
-        self.restarts = 0
+        self.client: TinkerSamplingClient | None = None
+        """The sampling client of the current update; None before the first."""
         self.start_s = 0.0
-        self._lock = asyncio.Lock()
-        self.busy = BusyTime()
+        self._lock = anyio.Lock()
 
-    async def _new_client(self, model_path: str | None, version: int, what: str) -> TinkerSampler:
+    version = property(lambda self: self.state.version)
+    incarnation = property(lambda self: self.state.incarnation)
+    update = property(lambda self: self.state.update)
+    restarts = property(lambda self: self.state.restarts)
+    serving = property(lambda self: self.client)
+    ready = property(lambda self: self.client is not None)
+
+    async def _new_client(self, model_path: str | None, version: int, what: str) -> TinkerSamplingClient:
         if model_path is not None:
             make = lambda: self.service.create_sampling_client(model_path=model_path).result()
         else:
@@ -97,7 +103,7 @@ class TinkerExplorerSampler:
             raise
         except Exception as err:
             raise refused(err, f"{self.name}: {what}", self.where) from err
-        return TinkerSampler(client, version, self.request_timeout_s, self.where)
+        return TinkerSamplingClient(client, version, self.request_timeout_s, self.where)
 
     async def start(self) -> None:
         """Connect: a sampling client on the base model, so a wrong endpoint, key or base model
@@ -105,16 +111,14 @@ class TinkerExplorerSampler:
         async with self._lock:
             started = time.monotonic()
             try:
-                await asyncio.to_thread(check_reachable, self.config)
+                await anyio.to_thread.run_sync(check_reachable, self.config)
                 self.service = service_client(self.config)
-                base = await self._new_client(None, -1, f"create_sampling_client(base_model={self.model!r})")
+                await self._new_client(None, -1, f"create_sampling_client(base_model={self.model!r})")
             except Unrecoverable:
                 raise
             except Exception as err:
                 raise Unrecoverable(f"{self.name}: cannot sample through the Tinker endpoint ({self.where}): "
                                     f"{type(err).__name__}: {err}") from err
-            if self.engine is None:
-                self.engine = base
             self.start_s = time.monotonic() - started
             log.info("%s: sampling %s through the Tinker endpoint %s (ready in %.1f s)", self.name, self.model,
                      self.where, self.start_s)
@@ -125,37 +129,26 @@ class TinkerExplorerSampler:
                                 f"WeightUpdate version {update.version} carries none: is the learner running with "
                                 "learner.backend = \"tinker\"?")
         async with self._lock:
-            self.engine = await self._new_client(update.sampler_path, update.version,
+            self.client = await self._new_client(update.sampler_path, update.version,
                                                  f"create_sampling_client(model_path={update.sampler_path!r})")
-            if self.version < 0:
-                self.busy.restart()  # the busy fraction counts from the first adapter
-            self.version, self.incarnation, self.update = update.version, update.incarnation, update
+            self.state.adopt(update)
         log.info("%s: sampling with %s (version %d)", self.name, update.sampler_path, update.version)
 
     async def restart(self, dead, why: str) -> None:
         """The endpoint failed a request of `dead`: a new sampling client on the same weights,
         at most max_restarts times in the explorer's life; then EngineDeadError."""
         async with self._lock:
-            if dead is None or self.engine is not dead or dead.alive:
+            if dead is None or self.client is not dead or dead.alive:
                 return  # another group already replaced it
-            if self.restarts >= self.max_restarts:
-                raise EngineDeadError(
-                    f"{self.name}: the Tinker endpoint failed ({why}) and its sampling client was already made "
-                    f"again {self.restarts} time(s), the most explorer.max_engine_restarts = {self.max_restarts} allows")
-            self.restarts += 1
-            log.warning("%s: the Tinker endpoint failed (%s); a new sampling client (restart %d of at most %d)",
-                        self.name, why, self.restarts, self.max_restarts)
-            if self.on_restart is not None:
-                self.on_restart(self.restarts)
+            self.state.spend_restart(why)
             path = self.update.sampler_path if self.update is not None else None
-            self.engine = await self._new_client(path, self.version, f"create_sampling_client({path or self.model!r})")
+            self.client = await self._new_client(path, self.version, f"create_sampling_client({path or self.model!r})")
 
     async def watch(self) -> None:
         """Nothing to watch: the endpoint's health shows in its answers."""
-        await asyncio.Event().wait()
 
     def shutdown(self) -> None:
-        self.engine = None
+        self.client = None
         service, self.service = self.service, None
         if service is not None:
             try:
@@ -163,21 +156,6 @@ class TinkerExplorerSampler:
             except Exception as err:  # noqa: BLE001
                 log.warning("%s: could not close the Tinker session: %s: %s", self.name, type(err).__name__, err)
 
-    @property
-    def ready(self) -> bool:
-        return self.engine is not None
-
-    @property
-    def client(self) -> TinkerSampler | None:
-        return self.engine
-
     async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
-                           client: TinkerSampler | None = None) -> SampleResponse:
-        client = client or self.engine
-        if client is None:
-            raise EngineDeadError(f"{self.name}: not connected to the Tinker endpoint yet")
-        with self.busy:
-            return await client.sample_async(prompt, num_samples, sampling_params)
-
-    def busy_frac(self) -> float:
-        return self.busy.fraction()
+                           client: TinkerSamplingClient | None = None) -> SampleResponse:
+        return await self.state.sample(client or self.client, prompt, num_samples, sampling_params)

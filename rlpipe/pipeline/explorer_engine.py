@@ -1,4 +1,4 @@
-"""The explorer's sampler: its own engine, the adapter it samples with, and restarts in place.
+"""The explorer's own sampling engine, the adapter it samples with, and restarts in place.
 
 The engine belongs to the explorer alone (rlpipe.sampling.start_engine, not the process's
 shared one), so the explorer decides what happens when it dies: the dead engine is shut
@@ -14,7 +14,6 @@ adapter load (load_timeout_s) and each request (request_timeout_s, then it is ab
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -22,21 +21,71 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import anyio
 import msgspec
 
-from rlpipe.training import checkpoint
 from rlpipe.pipeline.config import RunConfig
 from rlpipe.pipeline.errors import Unrecoverable
 from rlpipe.sampling import EngineDeadError, EngineStartError, SamplingClient
+from rlpipe.training import checkpoint
 from rlpipe.types import ModelInput, SampleResponse, SamplingParams, WeightUpdate
+
+if TYPE_CHECKING:
+    from rlpipe.pipeline.tinker.sampler import TinkerEndpoint
 
 log = logging.getLogger(__name__)
 
 HEALTH_CHECK_S = 1.0  # how often the idle engine is checked for death
 
 
-class ExplorerSampler:
+class ServingState:
+    """What the explorer's engine (ExplorerEngine) and its Tinker endpoint
+    (pipeline/tinker/sampler.py: TinkerEndpoint) keep alike, kept once: the adapter being
+    sampled with (its WeightUpdate), the restart budget, and the busy time."""
+
+    def __init__(self, name: str, what: str, max_restarts: int, on_restart: Callable[[int], None] | None):
+        self.name, self.what = name, what
+        self.max_restarts = max_restarts
+        self.on_restart = on_restart
+        """Called with the restart count each time what serves is replaced (to persist it)."""
+        self.restarts = 0
+        self.version = -1
+        self.incarnation = 0
+        self.update: WeightUpdate | None = None
+        """The adapter being sampled with, as it came (a restart loads it again)."""
+        self.busy = BusyTime()
+
+    def adopt(self, update: WeightUpdate) -> None:
+        """Sampling with update's adapter from now on."""
+        if self.version < 0:
+            self.busy.restart()  # the busy fraction counts from the first adapter
+        self.version, self.incarnation, self.update = update.version, update.incarnation, update
+
+    def spend_restart(self, why: str) -> None:
+        """One restart of explorer.max_engine_restarts, or EngineDeadError once they are spent."""
+        if self.restarts >= self.max_restarts:
+            raise EngineDeadError(
+                f"{self.name}: {self.what} died ({why}) and was already replaced {self.restarts} time(s), "
+                f"the most explorer.max_engine_restarts = {self.max_restarts} allows")
+        self.restarts += 1
+        log.warning("%s: %s died (%s); replacing it (restart %d of at most %d)", self.name, self.what, why,
+                    self.restarts, self.max_restarts)
+        if self.on_restart is not None:
+            self.on_restart(self.restarts)
+
+    async def sample(self, client, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams) -> SampleResponse:
+        if client is None:
+            raise EngineDeadError(f"{self.name}: {self.what} is not ready (starting or being replaced)")
+        with self.busy:
+            return await client.sample_async(prompt, num_samples, sampling_params)
+
+
+class ExplorerEngine:
+    """The explorer's own sampling engine (vLLM or local) and the adapter it samples with,
+    restarted in place when it dies. `serving`, the thing a group sees die, is the engine."""
+
     def __init__(self, model: str, backend: str, options: dict, *, name: str, adapter_dir: Path,
                  start_timeout_s: float, load_timeout_s: float, request_timeout_s: float, max_restarts: int,
                  on_restart: Callable[[int], None] | None = None):
@@ -46,22 +95,21 @@ class ExplorerSampler:
             self.options["startup_timeout_s"] = start_timeout_s  # the engine enforces it, and cleans up
         self.adapter_dir = Path(adapter_dir)
         self.load_timeout_s, self.request_timeout_s = load_timeout_s, request_timeout_s
-        self.max_restarts = max_restarts
-        self.on_restart = on_restart
-        """Called with the restart count each time the engine is restarted (to persist it)."""
+        self.state = ServingState(name, "the sampling engine", max_restarts, on_restart)
         self.engine = None
         self.client: SamplingClient | None = None
         """The current adapter's client; None while there is none (before the first adapter,
         during a restart)."""
-        self.version = -1
-        self.incarnation = 0
-        self.update: WeightUpdate | None = None
-        """The adapter being sampled with, as it came: reloaded after an engine restart."""
-        self.restarts = 0
         self.start_s = 0.0
-        self._lock = asyncio.Lock()  # one engine start, restart or adapter load at a time
+        self._lock = anyio.Lock()  # one engine start, restart or adapter load at a time
         self._closed = False
-        self.busy = BusyTime()
+
+    version = property(lambda self: self.state.version)
+    incarnation = property(lambda self: self.state.incarnation)
+    update = property(lambda self: self.state.update)
+    restarts = property(lambda self: self.state.restarts)
+    serving = property(lambda self: self.engine)
+    ready = property(lambda self: self.client is not None)
 
     # ------------------------------------------------------------------ engine
 
@@ -84,7 +132,10 @@ class ExplorerSampler:
             return engine
 
         start_time = time.monotonic()
-        engine = await asyncio.to_thread(start)
+        # In one of anyio's worker threads: the start blocks (the vLLM engine bounds it by
+        # start_timeout_s). A cancelled explorer does not wait for it: start() shuts down what
+        # it started once it sees the explorer closed.
+        engine = await anyio.to_thread.run_sync(start, abandon_on_cancel=True)
         self.start_s = time.monotonic() - start_time
         log.info("%s: %s engine for %s ready in %.1f s", self.name, self.backend, self.model, self.start_s)
         return engine
@@ -94,17 +145,9 @@ class ExplorerSampler:
         Callers that saw the same death wait here and return once it is replaced."""
         async with self._lock:
             while dead is not None and self.engine is dead and not dead.alive:
-                if self.restarts >= self.max_restarts:
-                    raise EngineDeadError(
-                        f"{self.name}: the sampling engine died ({why}) and was already restarted "
-                        f"{self.restarts} time(s), the most explorer.max_engine_restarts = {self.max_restarts} allows")
-                self.restarts += 1
-                log.warning("%s: the sampling engine died (%s); restarting it (restart %d of at most %d)",
-                            self.name, why, self.restarts, self.max_restarts)
-                if self.on_restart is not None:
-                    self.on_restart(self.restarts)
+                self.state.spend_restart(why)
                 self.client = None
-                await asyncio.to_thread(dead.shutdown)
+                await anyio.to_thread.run_sync(dead.shutdown)
                 self.engine = await self._new_engine()
                 if self.update is not None:
                     try:
@@ -116,7 +159,7 @@ class ExplorerSampler:
         """Restart the engine when it dies while nothing is sampling (requests notice a death
         themselves). Raises what restart raises."""
         while True:
-            await asyncio.sleep(HEALTH_CHECK_S)
+            await anyio.sleep(HEALTH_CHECK_S)
             engine = self.engine
             if engine is not None and not engine.alive:
                 await self.restart(engine, "found dead by the health check")
@@ -137,7 +180,7 @@ class ExplorerSampler:
             try:
                 return await self._load(update)
             except EngineDeadError as err:
-                self.update, why = update, str(err)  # what the restart loads
+                self.state.update, why = update, str(err)  # what the restart loads
         await self.restart(engine, why)
 
     async def _load(self, update: WeightUpdate) -> None:
@@ -151,33 +194,21 @@ class ExplorerSampler:
         checkpoint.write_adapter(target, {checkpoint.ADAPTER_CONFIG: update.adapter_config,
                                           checkpoint.ADAPTER_WEIGHTS: update.adapter_weights})
         try:
-            adapter = await asyncio.to_thread(engine.load_adapter, str(target), update.version, self.load_timeout_s)
+            adapter = await anyio.to_thread.run_sync(engine.load_adapter, str(target), update.version,
+                                                     self.load_timeout_s, abandon_on_cancel=True)
         except (ValueError, FileNotFoundError) as err:  # the adapter does not fit this engine
             raise Unrecoverable(f"{self.name} cannot load the learner's adapter version {update.version}: {err}") from err
         finally:
             shutil.rmtree(target, ignore_errors=True)  # the engine keeps its own copy of each version
         self.client = SamplingClient(engine, adapter, update.version, self.request_timeout_s)
-        if self.version < 0:
-            self.busy.restart()  # the busy fraction counts from the first adapter
-        self.version, self.incarnation, self.update = update.version, update.incarnation, update
+        self.state.adopt(update)
 
     # ------------------------------------------------------------------ sampling
-
-    @property
-    def ready(self) -> bool:
-        return self.client is not None
 
     async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
                            client: SamplingClient | None = None) -> SampleResponse:
         """Sample with the current adapter (or client); timing it gives the busy fraction."""
-        client = client or self.client
-        if client is None:
-            raise EngineDeadError(f"{self.name}: the sampling engine is being restarted")
-        with self.busy:
-            return await client.sample_async(prompt, num_samples, sampling_params)
-
-    def busy_frac(self) -> float:
-        return self.busy.fraction()
+        return await self.state.sample(client or self.client, prompt, num_samples, sampling_params)
 
 
 class BusyTime:
@@ -205,14 +236,15 @@ class BusyTime:
         return busy / max(time.monotonic() - self._t0, 1e-9)
 
 
-class GroupSampler:
-    """What one group samples through: the explorer's newest adapter at every turn (a
-    multi-turn episode picks up new versions), remembering the learner incarnation of the
-    group's first turn (the one the group is tagged with) and the engine it started on."""
+class GroupClient:
+    """The sampling client one group samples through: the explorer's newest adapter at every
+    turn (a multi-turn episode picks up new versions), remembering the learner incarnation of
+    the group's first turn (the one the group is tagged with) and what served when it started
+    (`serving`: the engine, or the Tinker sampling client), to tell whether that died under it."""
 
-    def __init__(self, sampler: ExplorerSampler):
+    def __init__(self, sampler: ExplorerEngine | TinkerEndpoint):
         self.sampler = sampler
-        self.engine = sampler.engine
+        self.serving = sampler.serving
         self.incarnation: int | None = None
 
     async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams) -> SampleResponse:
@@ -221,14 +253,12 @@ class GroupSampler:
             self.incarnation = self.sampler.incarnation
         return await self.sampler.sample_async(prompt, num_samples, sampling_params, client)
 
+    @property
+    def died(self) -> bool:
+        return self.serving is not None and not self.serving.alive
+
 
 # --------------------------------------------------------------------------- engine settings
-
-
-def default_backend() -> str:
-    from rlpipe.sampling import default_backend
-
-    return default_backend()
 
 
 def engine_options(config: RunConfig, backend: str) -> dict:
