@@ -16,19 +16,18 @@ import itertools
 import time
 
 import anyio
-import msgspec
 import zmq
 import zmq.asyncio
 
 from rlpipe.pipeline import transport
-from rlpipe.types import Heartbeat, Message, Ready, WeightUpdate
+from rlpipe.types import Heartbeat, Message, Ready
 
 
 def _socket(kind: int, address: str, **options) -> zmq.asyncio.Socket:
-    # transport._make_socket keeps every rlpipe socket option in one place; an asyncio
+    # transport.make_socket keeps every rlpipe socket option in one place; an asyncio
     # context makes it an asyncio socket (the context is a different one from the sync
     # roles' zmq.Context.instance(): one I/O thread of its own).
-    return transport._make_socket(zmq.asyncio.Context.instance(), kind, address, False, **options)
+    return transport.make_socket(zmq.asyncio.Context.instance(), kind, address, False, **options)
 
 
 class RequestClient:
@@ -96,7 +95,7 @@ class ControlClient:
         """The learner's next WeightUpdate or Shutdown, or None after timeout_s."""
         with anyio.move_on_after(timeout_s):
             while True:
-                if (msg := self._decode(await self.socket.recv_multipart(copy=False))) is not None:
+                if (msg := transport.decode_control(self.codec, await self.socket.recv_multipart(copy=False))) is not None:
                     return msg
         return None
 
@@ -108,25 +107,8 @@ class ControlClient:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False).result()
             except zmq.Again:
                 return messages
-            if (msg := self._decode(frames)) is not None:
+            if (msg := transport.decode_control(self.codec, frames)) is not None:
                 messages.append(msg)
-
-    def _decode(self, frames: list[zmq.Frame]) -> Message | None:
-        """One message, or a WeightUpdate whose adapter weights follow as a frame of their own
-        (sent from the learner's bytes without a copy)."""
-        if len(frames) == 1:
-            return self.codec.decode(frames[0])
-        if len(frames) != 2:
-            return self.codec.reject("framing")
-        if len(frames[0].buffer) + len(frames[1].buffer) > self.codec.max_message_bytes:
-            return self.codec.reject("oversize")
-        match self.codec.decode(frames[0]):
-            case WeightUpdate(adapter_weights=b"") as update:
-                return msgspec.structs.replace(update, adapter_weights=frames[1].bytes)
-            case None:
-                return None
-            case _:
-                return self.codec.reject("framing")
 
     def close(self) -> None:
         self.socket.close(linger=0)

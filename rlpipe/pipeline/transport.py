@@ -147,7 +147,25 @@ def _unknown_tag(buf) -> bool:
     return tag is not None and tag not in _KNOWN_TAGS
 
 
-def _make_socket(ctx: zmq.Context | None, kind: int, address: str, bind: bool, *,
+def decode_control(codec: Codec, frames: list[zmq.Frame]) -> Message | None:
+    """A control message: one frame, or a WeightUpdate whose adapter weights follow as a frame of
+    their own (ControlServer.publish sends the learner's bytes without a copy)."""
+    if len(frames) == 1:
+        return codec.decode(frames[0])
+    if len(frames) != 2:
+        return codec.reject("framing")
+    if len(frames[0].buffer) + len(frames[1].buffer) > codec.max_message_bytes:
+        return codec.reject("oversize")
+    match codec.decode(frames[0]):
+        case WeightUpdate(adapter_weights=b"") as update:
+            return msgspec.structs.replace(update, adapter_weights=frames[1].bytes)
+        case None:
+            return None
+        case _:
+            return codec.reject("framing")
+
+
+def make_socket(ctx: zmq.Context | None, kind: int, address: str, bind: bool, *,
                  max_message_bytes: int, hard_max_bytes: int | None = None,
                  linger_ms: int = LINGER_MS, **options: int | bytes) -> zmq.Socket:
     """A socket with the options every rlpipe socket needs, plus `options` (ZMQ names)."""
@@ -260,7 +278,7 @@ class RequestClient(_Closing):
         self.max_request_bytes = max_request_bytes
         # IMMEDIATE: queue only on a live connection, so requests do not pile up while the
         # server is down and get answered in a burst later.
-        self.socket = _make_socket(ctx, zmq.DEALER, address, False, max_message_bytes=max_message_bytes,
+        self.socket = make_socket(ctx, zmq.DEALER, address, False, max_message_bytes=max_message_bytes,
                                    linger_ms=linger_ms, IMMEDIATE=1)
         self._ids = itertools.count(1)
 
@@ -297,7 +315,7 @@ class RequestServer(_Closing):
                  on_reject: Callable[[str], None] | None = None, ctx: zmq.Context | None = None):
         self.codec = Codec(max_message_bytes, on_reject)
         # MANDATORY: a reply to a vanished peer raises instead of disappearing silently.
-        self.socket = _make_socket(ctx, zmq.ROUTER, address, bind, max_message_bytes=max_message_bytes,
+        self.socket = make_socket(ctx, zmq.ROUTER, address, bind, max_message_bytes=max_message_bytes,
                                    ROUTER_MANDATORY=1)
 
     def recv(self, timeout_s: float) -> tuple[ReplyTo, Message] | None:
@@ -352,7 +370,7 @@ class ControlServer(_Closing):
         self._latest_frames: list[bytes] = []
         self._shutdown_frame: bytes | None = None
         # HANDOVER: an explorer restarted under the same name takes over its old identity.
-        self.socket = _make_socket(ctx, zmq.ROUTER, address, bind, max_message_bytes=max_message_bytes,
+        self.socket = make_socket(ctx, zmq.ROUTER, address, bind, max_message_bytes=max_message_bytes,
                                    SNDHWM=sndhwm, ROUTER_MANDATORY=1, ROUTER_HANDOVER=1)
 
     def publish(self, update: WeightUpdate) -> None:
@@ -455,7 +473,7 @@ class ControlClient(_Closing):
         self.version = -1
         """Adapter version this explorer runs; reported in heartbeats. Set it after loading."""
         self.codec = Codec(max_message_bytes)
-        self.socket = _make_socket(ctx, zmq.DEALER, address, False, max_message_bytes=max_message_bytes,
+        self.socket = make_socket(ctx, zmq.DEALER, address, False, max_message_bytes=max_message_bytes,
                                    linger_ms=0, SNDHWM=4, ROUTING_ID=sender.encode())
         self.socket.send(self.codec.encode(Ready(sender=sender)), zmq.NOBLOCK)  # queue is empty
         self._next_heartbeat = time.monotonic() + heartbeat_s
@@ -469,26 +487,10 @@ class ControlClient(_Closing):
                 self._heartbeat(now)
             frames = _recv(self.socket, min(deadline, self._next_heartbeat))
             if frames is not None:
-                if (msg := self._decode(frames)) is not None:
+                if (msg := decode_control(self.codec, frames)) is not None:
                     return msg
             elif time.monotonic() >= deadline:
                 return None
-
-    def _decode(self, frames: list[zmq.Frame]) -> Message | None:
-        """One message, or a WeightUpdate and its weights (ControlServer.publish)."""
-        if len(frames) == 1:
-            return self.codec.decode(frames[0])
-        if len(frames) != 2:
-            return self.codec.reject("framing")
-        if len(frames[0].buffer) + len(frames[1].buffer) > self.codec.max_message_bytes:
-            return self.codec.reject("oversize")
-        match self.codec.decode(frames[0]):
-            case WeightUpdate(adapter_weights=b"") as update:
-                return msgspec.structs.replace(update, adapter_weights=frames[1].bytes)
-            case None:
-                return None
-            case _:
-                return self.codec.reject("framing")
 
     def _heartbeat(self, now: float) -> None:
         self._next_heartbeat = now + self.heartbeat_s

@@ -8,9 +8,10 @@ the run config, else the SDK's TINKER_BASE_URL / TINKER_API_KEY).
 
     TinkerTrainingClient   (training.py) what the learner calls on its client (forward_backward, optim_step,
                            publish, checkpoint, evaluate, ...: pipeline/local_training.py), over the SDK
-    TinkerExplorerSampler  (sampler.py) what the explorer calls on its ExplorerSampler (start, load, sample_async,
+    TinkerEndpoint         (sampler.py) what the explorer calls on its ExplorerEngine (start, load, sample_async,
                            restart, ...), over the SDK; no engine of its own
-    TinkerSampler          (sampler.py) rlpipe's sampling-client shape (sample_async -> rlpipe SampleResponse)
+    TinkerSamplingClient   (sampler.py) rlpipe's sampling-client shape (sample_async -> rlpipe SampleResponse)
+    the type conversions   rlpipe/training/sdk.py (the core's: the reference loop uses them too)
 
 Every SDK call is bounded: the SDK retries a refused connection for minutes, inside calls
 that do not take a timeout (the first one builds its session), so those run on a daemon
@@ -31,18 +32,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 
 from rlpipe.pipeline.errors import Unrecoverable
-from rlpipe.types import (
-    Datum,
-    ForwardBackwardOutput,
-    ModelInput,
-    SampledSequence,
-    SampleResponse,
-    SamplingParams,
-    TensorData,
-)
 
 log = logging.getLogger(__name__)
 
@@ -185,48 +176,6 @@ class Done:
 
 
 # --------------------------------------------------------------------------- conversions
-
-
-def to_tinker_input(model_input: ModelInput):
-    import tinker
-
-    return tinker.types.ModelInput.from_ints(model_input.to_ints())
-
-
-def to_tinker_datum(datum: Datum):
-    import tinker
-
-    return tinker.types.Datum(model_input=to_tinker_input(datum.model_input),
-                              loss_fn_inputs={k: v.to_numpy() for k, v in datum.loss_fn_inputs.items()})
-
-
-def from_tinker_forward_backward(out) -> ForwardBackwardOutput:
-    return ForwardBackwardOutput(
-        loss_fn_output_type=str(out.loss_fn_output_type),
-        loss_fn_outputs=[{k: TensorData.from_numpy(np.asarray(v.to_numpy())) for k, v in row.items()}
-                         for row in out.loss_fn_outputs],
-        metrics={k: float(v) for k, v in (out.metrics or {}).items()},
-    )
-
-
-def to_tinker_params(params: SamplingParams):
-    import tinker
-
-    return tinker.types.SamplingParams(max_tokens=params.max_tokens, seed=params.seed, stop=params.stop,
-                                       temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
-
-
-def from_tinker_sample(response, policy_version: int) -> SampleResponse:
-    sequences = []
-    for seq in response.sequences:
-        reason = str(getattr(seq.stop_reason, "value", seq.stop_reason))
-        if reason not in ("stop", "length"):
-            raise ValueError(f"the Tinker endpoint returned stop_reason {reason!r} (want 'stop' or 'length')")
-        logprobs = seq.logprobs
-        sequences.append(SampledSequence(stop_reason=reason, tokens=[int(t) for t in seq.tokens],
-                                         logprobs=[float(x) for x in logprobs] if logprobs is not None else None,
-                                         policy_version=policy_version))
-    return SampleResponse(sequences=sequences)
 
 
 # --------------------------------------------------------------------------- the learner's client

@@ -17,15 +17,13 @@ from rlpipe.pipeline.tinker.backend import (
     call_async,
     check_reachable,
     endpoint,
-    from_tinker_sample,
     is_user_error,
     refused,
     service_client,
-    to_tinker_input,
-    to_tinker_params,
     wait_api_future,
 )
 from rlpipe.sampling import EngineDeadError
+from rlpipe.training.sdk import from_tinker_sample, to_tinker_input, to_tinker_params
 from rlpipe.types import ModelInput, SampleResponse, SamplingParams, WeightUpdate
 
 log = logging.getLogger(__name__)
@@ -60,7 +58,6 @@ class TinkerSamplingClient:
         return from_tinker_sample(response, self.policy_version)
 
 
-TinkerSampler = TinkerSamplingClient  # the old name, until pipeline/tinker/training.py (edited in parallel) imports the new one
 
 
 class TinkerEndpoint:

@@ -21,15 +21,14 @@ from rlpipe.pipeline.tinker.backend import (
     call,
     check_reachable,
     endpoint,
-    from_tinker_forward_backward,
     is_tinker_path,
     refused,
     service_client,
     tinker_loss_config,
-    to_tinker_datum,
 )
-from rlpipe.pipeline.tinker.sampler import TinkerSampler
+from rlpipe.pipeline.tinker.sampler import TinkerSamplingClient
 from rlpipe.training.checkpoint import pruned, write_json_atomic
+from rlpipe.training.sdk import from_tinker_forward_backward, to_tinker_adam, to_tinker_datum
 from rlpipe.types import AdamParams, Datum, LoadResponse, LoraConfig, OptimStepResponse, SamplingParams, SaveResponse
 
 log = logging.getLogger(__name__)
@@ -103,12 +102,7 @@ class TinkerTrainingClient:
                              from_tinker_forward_backward, f"forward({loss_fn}) at step {self.step}")
 
     def optim_step(self, params: AdamParams) -> Pending:
-        import tinker
-
-        adam = tinker.types.AdamParams(learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2,
-                                       eps=params.eps, weight_decay=params.weight_decay,
-                                       grad_clip_norm=params.grad_clip_norm)
-        future = self.client.optim_step(adam)
+        future = self.client.optim_step(to_tinker_adam(params))
         # The SDK runs a client's requests in order, so the step is counted when it is sent.
         self.step += 1
         step = self.step
@@ -256,7 +250,7 @@ class TinkerTrainingClient:
 
         client = self._call(lambda: self.service.create_sampling_client(model_path=sampler_path).result(),
                             f"create_sampling_client(model_path={sampler_path!r})")
-        sampler = TinkerSampler(client, policy_version, self.timeout_s, self.where)
+        sampler = TinkerSamplingClient(client, policy_version, self.timeout_s, self.where)
         tokenizer = self.get_tokenizer()
         return run_sampling_eval(sampler, items, SamplingParams(max_tokens=max_tokens, temperature=0.0),
                                  decode=lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True))
