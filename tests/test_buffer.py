@@ -272,6 +272,7 @@ def test_compaction_deletes_payloads_and_keeps_counters(new_buffer):
     assert (stats["received"], stats["accepted"], stats["in_store"]) == (7, 7, 1)
 
 
+@pytest.mark.slow
 def test_store_stays_bounded_while_groups_flow(new_buffer):
     """Thousands of 4k-token groups pass with the learner's durable_seq following: the store
     (database + WAL) stops growing once compaction and WAL checkpoints run."""

@@ -24,6 +24,8 @@ from rlpipe.pipeline.launch import group_members
 from rlpipe.pipeline.learner import latest_checkpoint
 from tests.test_pipeline import SAMPLER, assert_no_orphans, rlpipe, write_config
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 STEPS = 36
 KEEP = 2
 

@@ -64,6 +64,7 @@ def test_an_old_metrics_file_reads_with_grouped_names(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("trackio") is None,
                     reason="wandb and trackio are optional (pip install rlpipe[trackers])")
+@pytest.mark.slow
 def test_wandb_and_trackio_get_the_metrics_when_configured(tmp_path):
     # A real wandb (offline mode: no account, no network) and a real trackio (local database),
     # in a child process so their global state stays out of the test session.
@@ -216,6 +217,7 @@ def test_a_taken_port_is_one_clear_line(tmp_path):
     assert "leave [addresses] unset" in lines[0] and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     (tmp_path / "restarts.json").write_text("{not json")  # a damaged run directory
     done = rlpipe_cli("stats", tmp_path)

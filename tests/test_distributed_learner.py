@@ -21,6 +21,8 @@ import torch
 from rlpipe.pipeline.distributed import local_torchrun
 from tests.distributed_worker import run
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 SAVE_AT = 2

@@ -24,6 +24,8 @@ import pytest
 from tests.learning import holds
 from tests.test_docs import example_files
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 STEPS = 15  # what myenv.toml, train.py and sevens.py say
 
 

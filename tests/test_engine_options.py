@@ -171,6 +171,7 @@ def test_head_dim_the_cpu_backend_cannot_run(tmp_path):
 # --------------------------------------------------------------------------- on the shared engine
 
 
+@pytest.mark.slow
 def test_rank_12_adapter_matches_peft(vllm_engine, tiny_model_path, make_lora_adapter, reference_logprobs):
     """vLLM pads an adapter below the engine's max_lora_rank: a rank-12 adapter (not a rank
     vLLM accepts for max_lora_rank) samples with the logprobs peft gives it."""

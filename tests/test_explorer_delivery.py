@@ -309,6 +309,7 @@ def test_sender_resends_until_acknowledged_and_a_restart_resends_the_outbox(tmp_
 # --------------------------------------------------------------------------- the explorer
 
 
+@pytest.mark.slow
 def test_explorer_delivers_through_outages_follows_the_learner_and_resumes(tmp_path, make_lora_adapter):
     config = make_config(tmp_path)
     run_id = identity.run_id(config.run_dir)
@@ -410,6 +411,7 @@ async def test_an_adapter_the_engine_cannot_load_is_unrecoverable(tmp_path, tiny
 # --------------------------------------------------------------------------- a vLLM engine that dies
 
 
+@pytest.mark.slow
 async def test_a_killed_engine_is_restarted_in_place_with_the_same_adapter(tmp_path, make_lora_adapter, reference_logprobs):
     pytest.importorskip("vllm", reason="vLLM is not installed")
     from rlpipe.testing.embedded import default_model_path

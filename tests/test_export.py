@@ -113,6 +113,7 @@ def test_merged_untied_equals_base_plus_adapter(tiny_run, tiny_model_path, tmp_p
     assert tok.chat_template == base_tok.chat_template and tok.eos_token == base_tok.eos_token
 
 
+@pytest.mark.slow
 def test_merged_tied_unties_and_keeps_the_embedding(qwen3_merged, qwen3_run, qwen3_base):
     config = json.loads((qwen3_merged / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
@@ -207,6 +208,7 @@ def test_bad_requests_are_refused_with_a_clear_line(tiny_run, tmp_path):
         export.main(argparse.Namespace(run_dir=str(tiny_run), step=None, merged="a", peft="b"))
 
 
+@pytest.mark.slow
 def test_merged_export_runs_in_vllm(qwen3_merged):
     """vLLM loads the untied export (its own engine) and scores a prompt as transformers does."""
     pytest.importorskip("vllm", reason="vLLM is not installed")

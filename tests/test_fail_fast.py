@@ -18,6 +18,8 @@ import pytest
 from rlpipe.metrics import read_metrics
 from tests.test_pipeline import assert_no_orphans, rlpipe, run_until_stopped, write_config
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 pytest.importorskip("vllm", reason="the explorer's engine failures are vLLM's")
 
 STOP_AFTER_FAILURE_S = 20  # from the failing role's error to `rlpipe run` returning

@@ -52,6 +52,7 @@ def saved_weight_names(path) -> set[str]:
         return set(f.keys())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", NAMES)
 def test_model_loads_as_its_family(family):
     fam = FAMILIES[family]
@@ -66,6 +67,7 @@ def test_model_loads_as_its_family(family):
     assert bos_first == fam.add_bos_token  # Llama-3 / Mistral / Gemma prepend bos, Qwen does not
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,tied", [(f, None) for f in NAMES] + [("qwen3", False), ("mistral", True)])
 def test_tied_flag_is_honoured(family, tied):
     expect = FAMILIES[family].tied if tied is None else tied

@@ -18,6 +18,8 @@ from rlpipe.sampling import create_sampling_client, get_engine, shutdown_engines
 from rlpipe.sampling.vllm_support import lm_head_lora  # noqa: E402
 from rlpipe.types import ModelInput, SamplingParams  # noqa: E402
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 ENGINE = dict(backend="vllm", max_lora_rank=8, max_model_len=512, kv_cache_memory_bytes=1 << 28)
 CHATS = [
     [{"role": "user", "content": "What is 12 + 7?"}, {"role": "assistant", "content": "the answer 19"}],

@@ -17,6 +17,8 @@ from rlpipe.types import AdamParams
 from tests.learning import holds
 from tests.test_pipeline import run_until_stopped, write_config
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 
 def check_records(records: list[dict], steps: int) -> None:
     assert [r["step"] for r in records] == list(range(1, steps + 1))

@@ -13,12 +13,16 @@ import os
 import signal
 import subprocess
 import time
+
+import pytest
 from pathlib import Path
 
 from rlpipe.metrics import read_metrics
 from rlpipe.pipeline.launch import read_restarts
 from rlpipe.pipeline.stats import run_stats
 from tests.test_pipeline import rlpipe, write_config
+
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
 
 EXPLORERS = 3
 MAX_STALE_SHARE = 0.05

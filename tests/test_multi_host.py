@@ -32,6 +32,8 @@ from rlpipe.pipeline.addresses import for_role, public_bind_refusal
 from rlpipe.pipeline.config import Addresses
 from rlpipe.pipeline.transport import AddressNotHere, RequestServer, is_loopback
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 REPO = Path(__file__).resolve().parent.parent
 HOST_A, HOST_B = "10.77.0.1", "10.77.0.2"
 PORTS = (6101, 6102, 6103)  # not the defaults (5601-5603): --connect must keep these

@@ -26,6 +26,8 @@ from rlpipe.pipeline.stats import run_stats
 from rlpipe.types import GroupAck, Trajectory, TrajectoryGroup
 from tests.learning import holds
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLER = "vllm" if __import__("importlib").util.find_spec("vllm") else "local"
 

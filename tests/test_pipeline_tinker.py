@@ -22,6 +22,8 @@ from rlpipe.types import WeightUpdate
 from tests.test_pipeline import REPO, accounting, assert_no_orphans, run_until_stopped, write_config
 from tests.learning import holds
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 pytest.importorskip("tinker", reason="the tinker SDK is not installed")
 
 API_KEY = "tml-rlpipe-pipeline-test"

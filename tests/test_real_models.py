@@ -15,6 +15,8 @@ from rlpipe.testing.families import family_model_path
 from rlpipe.metrics import read_metrics
 from tests.test_pipeline import accounting, assert_no_orphans, run_to_end, write_config
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 
 def test_tied_qwen3_trains_every_step_with_lora_on_lm_head(tmp_path):
     model = family_model_path("qwen3")

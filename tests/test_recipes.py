@@ -8,6 +8,7 @@ from tests.scripted import load_recipe as recipe
 
 
 
+@pytest.mark.slow
 @pytest.mark.learning
 def test_sft_chat_nll_falls(tmp_path, learning_seed):
     m = recipe("sft_chat")(["--steps", "15", "--batch-size", "8", "--eval-every", "5", "--seed", str(learning_seed),
@@ -15,6 +16,7 @@ def test_sft_chat_nll_falls(tmp_path, learning_seed):
     holds(m["nll_after"] / m["nll_before"], "<", 0.6, "held-out NLL after 15 SFT steps / before")
 
 
+@pytest.mark.slow
 @pytest.mark.learning
 def test_dpo_prefers_chosen(tmp_path, learning_seed):
     m = recipe("dpo")(["--steps", "20", "--pairs-per-batch", "8", "--eval-every", "10", "--seed", str(learning_seed),
@@ -24,6 +26,7 @@ def test_dpo_prefers_chosen(tmp_path, learning_seed):
     holds(m["accuracy_after"] - m["accuracy_before"], ">", 0.1, "held-out preference accuracy gain")
 
 
+@pytest.mark.slow
 @pytest.mark.learning
 def test_rlhf_reward_model_and_policy_reward_rise(tmp_path, learning_seed):
     """The reward model learns the preferences (held-out pairwise accuracy, 64 pairs, rose by
@@ -37,6 +40,7 @@ def test_rlhf_reward_model_and_policy_reward_rise(tmp_path, learning_seed):
     assert 0.0 <= m["correct_after"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.learning
 def test_prompt_distillation_student_takes_on_the_prompt(tmp_path, learning_seed):
     """The student (no system prompt) takes on the prompted teacher's answers: its NLL of them
@@ -52,6 +56,7 @@ def test_prompt_distillation_student_takes_on_the_prompt(tmp_path, learning_seed
     holds(m["sampled_form_after"] - m["sampled_form_before"], ">", 0.1, "student sampled equation-form rate gain")
 
 
+@pytest.mark.slow
 def test_sft_chat_seed_gives_independent_runs_and_repeats_exactly(tmp_path):
     """--seed offsets every seed a recipe uses (0 is the documented run): the same seed gives
     the same losses in one process, another seed other data, batches and LoRA init."""

@@ -14,6 +14,8 @@ from rlpipe.pipeline.buffer import read_groups
 from rlpipe.metrics import read_metrics
 from tests.scripted import load_recipe as recipe
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 
 def check_run(out: dict, steps: int) -> list[dict]:
     """Every learner step wrote its metrics, and the roles ended cleanly (main() raises

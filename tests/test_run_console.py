@@ -9,7 +9,11 @@ import re
 import signal
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLER = "vllm" if __import__("importlib").util.find_spec("vllm") else "local"

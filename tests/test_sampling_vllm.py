@@ -22,6 +22,8 @@ from rlpipe.sampling import (  # noqa: E402
 )
 from rlpipe.types import ModelInput, SamplingParams  # noqa: E402
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 PROMPT = [3, 40, 50, 60, 4]
 TOL = 1e-3  # fp32 on both sides
 

@@ -16,6 +16,8 @@ from rlpipe import types as rtypes
 from rlpipe.training.client import TrainingClient
 from tests.learning import holds
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 VOCAB = 300  # below the tiny model's vocabulary (336)
 ADAM = T.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)
 

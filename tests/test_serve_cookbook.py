@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
+
 pytest.importorskip("tinker_cookbook")
 
 
