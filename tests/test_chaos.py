@@ -61,7 +61,7 @@ def test_sigkill_of_every_role_loses_nothing(tmp_path):
     # Four kills at increasing random steps, each after the previous restart has trained a step.
     bounds = [(3, 6), (10, 13), (17, 20), (24, 27)]
     at = [rng.randint(lo, hi) for lo, hi in bounds]
-    config = write_config(tmp_path, "chaos", steps=STEPS, checkpoint_every=3,
+    config = write_config(tmp_path, "chaos", steps=STEPS, checkpoint_every=3, sampler=SAMPLER,
                           extra=["[supervision]", "backoff_s = 0.5", "heartbeat_timeout_s = 60"],
                           learner_lines=[f"keep_checkpoints = {KEEP}"])
     run_dir = tmp_path / "chaos"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rlpipe.metrics import read_metrics
-from tests.test_pipeline import assert_no_orphans, rlpipe, run_until_stopped, write_config
+from tests.test_pipeline import SAMPLER, assert_no_orphans, rlpipe, run_until_stopped, write_config
 
 pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick tier (pytest -m "not slow")
 
@@ -33,7 +33,7 @@ def seconds_since_failure(run_dir, role: str) -> float:
 
 def test_adapter_the_explorer_cannot_load_stops_the_run(tmp_path):
     # A real misconfiguration: the explorer's engine takes adapters up to rank 8, the learner trains rank 16.
-    config = write_config(tmp_path, "rank", steps=5)
+    config = write_config(tmp_path, "rank", steps=5, sampler=SAMPLER)
     code, out, took = run_until_stopped(config, "--set", "learner.rank=16", "--set", "explorer.engine.max_lora_rank=8",
                                         "--set", "explorer.engine.max_model_len=512", timeout_s=300)
     run_dir = tmp_path / "rank"
@@ -76,7 +76,7 @@ def cpu_vllm() -> bool:
 @pytest.mark.skipif(not cpu_vllm(), reason="head_dim 16 is refused by vLLM's CPU attention backend only")
 def test_engine_that_cannot_start_stops_the_run(tmp_path):
     model = build_head_dim_16_model(tmp_path / "head-dim-16")
-    config = write_config(tmp_path, "hd16", steps=5)
+    config = write_config(tmp_path, "hd16", steps=5, sampler=SAMPLER)
     code, out, took = run_until_stopped(config, "--set", f"base_model={model}", timeout_s=300)
     stopped_after = seconds_since_failure(tmp_path / "hd16", "explorer")
     assert code == 1, out[-3000:]
@@ -121,7 +121,7 @@ def engine_processes() -> list[int]:
 def test_engine_dying_mid_run_stops_the_run(tmp_path):
     """A dead engine is restarted in place (tests/test_explorer_delivery.py) and a dead
     explorer by the supervisor (tests/test_chaos.py); with neither allowed, the run stops."""
-    config = write_config(tmp_path, "dies", steps=200)
+    config = write_config(tmp_path, "dies", steps=200, sampler=SAMPLER)
     run_dir = tmp_path / "dies"
     start = time.monotonic()
     proc = rlpipe("run", config, "--set", "explorer.max_engine_restarts=0", "--set", "supervision.max_restarts=0",

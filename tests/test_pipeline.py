@@ -30,6 +30,9 @@ pytestmark = pytest.mark.slow  # processes, engines or servers: not in the quick
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLER = "vllm" if __import__("importlib").util.find_spec("vllm") else "local"
+"""For the runs about the engine (end to end, Ctrl-C with an engine core to stop, chaos, fail
+fast). The others sample with the local sampler (write_config's default): a vLLM engine start
+costs 20-30 s of a 2-core machine, and what they test is the pipeline, not the engine."""
 
 
 def write_config(tmp_path, name, **fields) -> Path:
@@ -40,7 +43,7 @@ def write_config(tmp_path, name, **fields) -> Path:
         f'base_model = "{fields.pop("base_model", "")}"',
         "[dataset]", f'factory = "{fields.pop("factory", "envs.toy:DigitsDataset")}"', "args = { group_size = 8 }",
         *fields.pop("dataset_lines", []),
-        "[explorer]", f'sampler = "{fields.pop("sampler", SAMPLER)}"', "concurrency = 8", "max_tokens = 8",
+        "[explorer]", f'sampler = "{fields.pop("sampler", "local")}"', "concurrency = 8", "max_tokens = 8",
         f"episode_timeout_s = {fields.pop('episode_timeout_s', 60)}",
         "[learner]", f"steps = {fields.pop('steps', 5)}", "rank = 8", "learning_rate = 2e-3",
         f"checkpoint_every = {fields.pop('checkpoint_every', 10)}", "batch_timeout_s = 300",
@@ -97,7 +100,8 @@ def accounting(run_dir: Path) -> tuple[dict, dict]:
 
 def test_async_run_end_to_end(tmp_path):
     evaluation = ['eval_factory = "envs.arithmetic:eval_items"', "eval_args = { n = 12, difficulty = 1 }"]
-    config = write_config(tmp_path, "e2e", steps=5, max_staleness=1, eval_every=5, dataset_lines=evaluation)
+    config = write_config(tmp_path, "e2e", steps=5, max_staleness=1, eval_every=5, dataset_lines=evaluation,
+                          sampler=SAMPLER)
     out = run_to_end(config)
     run_dir = tmp_path / "e2e"
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -247,7 +251,7 @@ def test_restarted_learner_resumes_and_explorer_follows_it(tmp_path):
 
 
 def test_ctrl_c_stops_every_process(tmp_path):
-    config = write_config(tmp_path, "ctrlc", steps=200)
+    config = write_config(tmp_path, "ctrlc", steps=200, sampler=SAMPLER)
     run_dir = tmp_path / "ctrlc"
     proc = rlpipe("run", config, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
