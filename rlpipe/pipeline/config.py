@@ -57,15 +57,18 @@ class DatasetConfig(Config):
     """"module:callable" called as factory(tokenizer, groups_per_batch=..., **args); it returns an
     RLDataset. The one place a name is looked up: a TOML file cannot hold a Python callable."""
     args: dict[str, Any] = {}
+    """Keyword arguments passed to factory, e.g. {group_size = 8, difficulty = 2}."""
     eval_factory: str = ""
     """Optional "module:callable"(tokenizer, **eval_args) -> list of (prompt ModelInput, grade fn(text) -> bool),
     e.g. "envs.arithmetic:eval_items"; the learner reports greedy accuracy every eval_every steps."""
     eval_args: dict[str, Any] = {}
+    """Keyword arguments passed to eval_factory."""
     nll_eval_factory: str = ""
     """Optional "module:callable"(tokenizer, **nll_eval_args) -> list of cross-entropy Datums
     (held-out text with loss weights), e.g. "envs.arithmetic:answer_datums"; the learner reports
     the per-token NLL (eval/nll) every eval_every steps."""
     nll_eval_args: dict[str, Any] = {}
+    """Keyword arguments passed to nll_eval_factory."""
 
 
 class EngineConfig(Config):
@@ -162,6 +165,8 @@ class ExplorerConfig(Config):
     max_tokens: Count = 32
     """Per policy turn."""
     max_turns: Count = 8
+    """An episode ends after this many sampler calls (turns) even if its env has not said
+    done; its stop reason is then "max_turns"."""
     episode_timeout_s: Seconds = 120.0
     """An episode (env and sampler together) running longer fails its group (counted)."""
     scale_by_std: bool = False
@@ -198,8 +203,11 @@ class LearnerConfig(Config):
     steps: NonNegative = 40
     """Learner steps: batches of groups_per_batch groups, each one policy version."""
     rank: Count = 16
+    """LoRA rank. The vLLM sampler serves only some ranks (1, 8, 16, 32, 64, ...)."""
     train_attn: bool = True
+    """LoRA on the attention projections (q, k, v, o)."""
     train_mlp: bool = True
+    """LoRA on the MLP projections (gate, up, down)."""
     train_unembed: bool | None = None
     """Where LoRA goes, as in Tinker's create_lora_training_client: the attention projections,
     the MLP, and the output head (lm_head). With tied embeddings (Qwen3-0.6B..4B, Llama-3.2-1B/3B)
@@ -226,6 +234,10 @@ class LearnerConfig(Config):
     """How datums are laid out for attention (rlpipe.training.packing); "" = fastest measured for the
     device (rows on CPU, varlen on CUDA: benchmarks/bench_training.py)."""
     loss_fn: Literal["importance_sampling", "ppo", "cispo", "dro"] = "importance_sampling"
+    """The policy loss, as Tinker names them (rlpipe.losses): importance_sampling (REINFORCE
+    with an importance ratio against the sampling logprobs), ppo (clipped ratio), cispo
+    (clipped, stop-gradient ratio weights), dro (the policy gradient with a
+    squared penalty on the log ratio, beta)."""
     loss_fn_config: dict[str, float] = {}
     """e.g. {clip_low_threshold = 0.8, clip_high_threshold = 1.2} for ppo, {tis_cap = 2.0}.
     The KL penalty is kl_coef below, not a key here."""
@@ -252,6 +264,7 @@ class LearnerConfig(Config):
     grad_clip_norm: NonNegativeFloat = 1.0
     """0 = no clipping."""
     weight_decay: NonNegativeFloat = 0.0
+    """AdamW's decoupled weight decay on the LoRA weights."""
     overlong: Literal["keep", "drop", "zero_advantage"] = "keep"
     """What to do with truncated samples, those whose episode was cut by a length limit
     (stop_reason "length": max_tokens reached; "context_limit": no room left in the context):
@@ -272,6 +285,9 @@ class LearnerConfig(Config):
     sync_interval: Count = 1
     """Publish the adapter to the explorers every this many learner steps (batches)."""
     checkpoint_every: Count = 10
+    """Save a state checkpoint (adapter and optimizer, learner/state/step-N) and the buffer
+    position (latest.json) every this many steps, and at the last step; a restarted learner
+    resumes from the newest."""
     keep_checkpoints: NonNegative = 3
     """Keep the newest this many state checkpoints (learner/state/step-*) and evaluation
     adapters (learner/sampler_weights/eval-*); older ones are deleted. 0 = keep all."""
@@ -328,8 +344,11 @@ class SupervisionConfig(Config):
     at once. Restarts are counted in run_dir/restarts.json (`rlpipe stats`)."""
 
     max_restarts: NonNegative = 10
+    """Restarts of one role in a row before the run stops with its error."""
     backoff_s: NonNegativeFloat = 1.0
+    """Wait before a role's first restart; it doubles with each restart in a row."""
     max_backoff_s: NonNegativeFloat = 30.0
+    """The longest wait between restarts."""
     heartbeat_timeout_s: Seconds = 60.0
     """A role whose heartbeat file (logs/<role>.heartbeat, touched every second by a thread
     of the role) is older than this is taken for frozen (SIGSTOP, a hang that holds the GIL)
@@ -362,8 +381,11 @@ class Addresses(Config):
     the configured ports (an explorer: the buffer's and learner's host; a learner: the buffer's)."""
 
     experience: str = ""
+    """Where the buffer takes experience from explorers (ZeroMQ address; the buffer binds it)."""
     batches: str = ""
+    """Where the learner asks the buffer for batches (the buffer binds it)."""
     control: str = ""
+    """Where explorers ask the learner for credit and adapter versions (the learner binds it)."""
     bind_public: bool = False
     """Allow the buffer and learner to bind addresses other hosts can reach (a LAN IP, a
     wildcard, an interface other than "lo"). Off, such an address is refused before the role
@@ -385,6 +407,7 @@ class LoggingConfig(Config):
     """Also log to Weights & Biases under this project ("" = off). Needs `pip install wandb`
     (or rlpipe[trackers]) and a login, or WANDB_MODE=offline."""
     wandb_entity: str = ""
+    """The W&B entity (team or user) for wandb_project; "" = your default entity."""
     trackio_project: str = ""
     """Also log to trackio (local-first, a W&B-compatible API) under this project ("" = off).
     Needs `pip install trackio`."""
@@ -395,15 +418,20 @@ class LoggingConfig(Config):
 
 class RunConfig(Config):
     name: str = "run"
+    """The run's name: its directory is runs_dir/name, and `rlpipe stats` shows it."""
     base_model: str = ""
     """A local Hugging Face model directory; "" = the embedded tiny model."""
     runs_dir: str = "runs"
     """Everything of the run goes to runs_dir/name: metrics.jsonl, checkpoints, buffer log."""
     seed: int = 0
+    """Seeds the LoRA initialisation (and the SFT warm-up's batch order). Sampling is not
+    seeded: an async run's samples depend on timing anyway."""
     max_staleness: NonNegative = 1
     """A group sampled with policy version v is trained at learner version u only if
     u - v <= max_staleness; 0 is synchronous RL (sample, train, sync, repeat)."""
     groups_per_batch: Count = 8
+    """Groups in one learner batch (one optimizer step, one policy version); the dataset
+    factory also gets it."""
     dataset: DatasetConfig = msgspec.field(default_factory=DatasetConfig)
     explorer: ExplorerConfig = msgspec.field(default_factory=ExplorerConfig)
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
