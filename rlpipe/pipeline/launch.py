@@ -2,6 +2,8 @@
 the learner and explorer.count explorers (one role "explorer", with id explorer-0; or, with
 count > 1, roles explorer-0 ... explorer-<count - 1>, each its own process and sampling engine,
 restarted alone if it dies; they share the buffer's admission budget, admission.py).
+(About 420 lines, over the 400 a module keeps to: starting, watching, restarting and stopping
+the roles all act on one table of processes, read here top to bottom.)
 
 Each role runs in its own session (process group), so stopping it also stops what it
 started (the vLLM engine core). Ctrl-C stops all of them: SIGTERM, then SIGKILL after a

@@ -32,6 +32,9 @@ Cancellation: a caller that stops waiting (SamplingClient.sample_async's task ca
 an episode that timed out) cancels the request's future; that cancels its task on the engine
 loop, and generate() aborts the request in vLLM (front end and engine core), so it stops
 decoding at once (tests/test_sampling_vllm.py::test_cancelled_request_is_aborted_in_the_engine).
+
+(About 410 lines, over the 400 a module keeps to: the engine's loop thread, its adapter slots
+and its requests are one piece of state; the settings and adapter files are already apart.)
 """
 
 from __future__ import annotations
