@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 WARMUP = re.compile(r"held-out greedy accuracy (\d+\.\d)%")
 AFTER = re.compile(r"held-out greedy accuracy: (\d+\.\d)% -> (\d+\.\d)%\s+total (\d+) s")
-REWARD = re.compile(r"train reward (-?\d+\.\d+) -> (-?\d+\.\d+)")
+REWARD = re.compile(r"train reward (-?\d+\.\d+) \(first \d+ steps\) -> (-?\d+\.\d+)")
 
 
 def one_run(seed: int, threads: int, isa: str, steps: int | None) -> dict:
@@ -65,12 +65,15 @@ def main() -> None:
               f"the warm-up -> {run['after']:.1f}% after RL; train reward {run['reward_first']:.3f} -> "
               f"{run['reward_last']:.3f}; {run['wall_s']:.0f} s", flush=True)
     for key, label in (("warmup", "accuracy after the warm-up (%)"), ("after", "accuracy after RL (%)"),
-                       ("reward_last", "train reward at the last step"), ("wall_s", "wall time (s)")):
+                       ("reward_first", "train reward, first fifth of RL"),
+                       ("reward_last", "train reward, last fifth of RL"), ("wall_s", "wall time (s)")):
         values = [r[key] for r in runs]
         print(f"{label}: {min(values):.3g} - {max(values):.3g} (median {statistics.median(values):.3g}, "
               f"{len(values)} runs)")
     gains = [r["after"] - r["warmup"] for r in runs]
     print(f"RL's gain in held-out accuracy (points): {min(gains):.1f} - {max(gains):.1f}")
+    rewards = [r["reward_last"] - r["reward_first"] for r in runs]
+    print(f"RL's gain in train reward: {min(rewards):+.3f} - {max(rewards):+.3f}")
 
 
 if __name__ == "__main__":
