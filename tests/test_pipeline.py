@@ -132,6 +132,9 @@ def test_sync_and_async_modes_learn(tmp_path, max_staleness, learning_seed):
     records = read_metrics(tmp_path / name / "metrics.jsonl")
     assert len(records) == 14
     assert max(r["staleness/max"] for r in records) <= max_staleness
+    # Per-token lag: what the buffer bounds, and the hunt's figures, logged every step.
+    assert all(r["staleness/group_max"] <= max_staleness and 0 <= r["staleness/mean"] <= r["staleness/max"]
+               and 0 <= r["buffer/no_signal_frac"] <= 1 and r["buffer/tried"] >= r["buffer/groups"] for r in records)
     first = sum(r["reward/mean"] for r in records[:4]) / 4
     last = sum(r["reward/mean"] for r in records[-4:]) / 4
     holds(last - first, ">", 0.05, "mean reward of the last 4 steps - the first 4")
