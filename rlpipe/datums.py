@@ -126,6 +126,17 @@ def batch_metrics(groups: list[TrajectoryGroup], step: int) -> dict[str, float]:
     trajectories = [t for g in groups for t in g.trajectories]
     rewards = np.array([t.reward for t in trajectories])
     staleness = Counter(step - min(v for v in t.policy_versions if v >= 0) for t in trajectories)
+    # Per-token lag (docs/pipeline.md, "Staleness"): the buffer bounds each group's token-weighted
+    # mean lag (its floor: group_max <= max_staleness); mean is over every action token of the
+    # batch, max (above) is the oldest token's.
+    lag_sum = lag_count = 0
+    group_lags = []
+    for g in groups:
+        acted = [v for t in g.trajectories for v, m in zip(t.policy_versions, t.action_mask) if m and v >= 0]
+        if acted:
+            lag_sum += step * len(acted) - sum(acted)
+            lag_count += len(acted)
+            group_lags.append(step - sum(acted) // len(acted))
     out = {
         "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
         "groups": len(groups), "trajectories": len(trajectories),
@@ -133,6 +144,8 @@ def batch_metrics(groups: list[TrajectoryGroup], step: int) -> dict[str, float]:
         "tokens/trained": float(sum(len(t.tokens) - 1 for t in trajectories)),
         **{f"staleness/{k}": float(n) for k, n in sorted(staleness.items())},
         "staleness/max": float(max(staleness)),
+        "staleness/mean": lag_sum / lag_count if lag_count else 0.0,
+        "staleness/group_max": float(max(group_lags, default=0)),
     }
     keys = {k for t in trajectories for k in t.metrics}
     out.update({f"env/{k}": mean_of(t.metrics.get(k) for t in trajectories) for k in sorted(keys)})

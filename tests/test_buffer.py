@@ -217,18 +217,24 @@ def test_serve_time_drops_counted_once_by_reason(new_buffer):
     buf.add_many([group("old", version=0, incarnation=1), group("ok", version=1, incarnation=1),
                   group("future", version=5, incarnation=1), group("dead", version=2, incarnation=1)])
     mixed = group("mixed", version=2, incarnation=1)
-    mixed.trajectories[0].policy_versions = [-1, -1, 0, 2]  # its oldest action token is v0: too old
+    mixed.trajectories[0].policy_versions = [-1, -1, 0, 0]  # action versions 0, 0, 2, 2: mean lag 1 (u = 2)
     buf.add(mixed)
+    too_mixed = group("too_mixed", version=0, incarnation=1)
+    too_mixed.trajectories[0].policy_versions = [-1, -1, 0, 2]  # 0, 2, 0, 0: mean lag 1.5 > 1
+    leaky = group("leaky", version=1, incarnation=1)
+    leaky.trajectories[0].policy_versions = [-1, -1, 0, 3]  # mean 1 fresh enough, but a token from v3
+    buf.add_many([too_mixed, leaky])
     batch = buf.batch(request(0, learner_version=2, incarnation=1))
-    assert [g.group_id for g in batch.groups] == ["ok", "dead"] and batch.seqs == [2, 4]
-    assert batch.dropped == {"stale": 3}  # old and mixed too old, future newer than the learner
+    # Per-token staleness: "mixed" has an action token of v0 (lag 2 > 1) and is trained all the same.
+    assert [g.group_id for g in batch.groups] == ["ok", "dead", "mixed"] and batch.seqs == [2, 4, 5]
+    assert batch.dropped == {"stale": 4}  # old and too_mixed too old, future and leaky newer than the learner
     assert buf.batch(request(0, learner_version=2, incarnation=1)) == batch  # re-request: not counted twice
     # Learner incarnation 2 (a restart from a checkpoint) never trains incarnation 1's groups.
     again = buf.batch(request(0, learner_version=2, incarnation=2))
-    assert again.groups == [] and again.dropped == {"stale": 5}
+    assert again.groups == [] and again.dropped == {"stale": 7}
     stats = new_buffer(max_staleness=1).stats()  # persisted
-    assert stats["stale_reasons"] == {"too_old": 2, "future_version": 1, "other_incarnation": 2}
-    assert stats["dropped"] == {"stale": 5} and stats["in_store"] == 0
+    assert stats["stale_reasons"] == {"too_old": 2, "future_version": 2, "other_incarnation": 3}
+    assert stats["dropped"] == {"stale": 7} and stats["in_store"] == 0
     check_accounting(stats)
 
 

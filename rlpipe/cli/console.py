@@ -98,12 +98,34 @@ def figures(record: dict, steps: int, eta_s: float) -> list[tuple[str, str]]:
     for key, label, spec in (("eval/accuracy", "eval acc", ".3f"), ("tokens/sampled_per_s", "sampled tok/s", ".0f"),
                              ("tokens/trained_per_s", "trained tok/s", ".0f"), ("loss/sum", "loss", ".3g"),
                              ("kl/sampler_learner", "kl mismatch", ".2g"), ("kl/ref", "kl to base", ".3g"),
-                             ("staleness/max", "staleness", ".0f"), ("time/learner_idle_frac", "learner idle", ".0%"),
+                             ("staleness/mean", "lag mean", ".2f"), ("staleness/max", "lag max", ".0f"),
+                             ("buffer/no_signal_frac", "no signal", ".0%"),
+                             ("time/learner_idle_frac", "learner idle", ".0%"),
                              ("time/sampler_busy_frac", "sampler busy", ".0%")):
         if record.get(key) is not None:
             rows.append((label, _fmt(record[key], spec)))
     rows.append(("drops", f"{drops:.0f}"))
     return rows
+
+
+NO_SIGNAL_WARN = 0.5
+"""The console warns when more than this share of the groups tried for a batch carried no signal."""
+NO_SIGNAL_WARN_EVERY = 20
+"""...and again at most every this many steps while it lasts."""
+
+
+def no_signal_warning(record: dict, warned_at: int | None) -> str | None:
+    """The warning for a step where most groups carried no signal, or None (not so, or said
+    less than NO_SIGNAL_WARN_EVERY steps ago)."""
+    frac, step = record.get("buffer/no_signal_frac"), int(record.get("step", 0))
+    if not isinstance(frac, (int, float)) or not frac > NO_SIGNAL_WARN:
+        return None
+    if warned_at is not None and step - warned_at < NO_SIGNAL_WARN_EVERY:
+        return None
+    tried = record.get("buffer/tried") or 0
+    return (f"step {step}: {frac:.0%} of the {tried:.0f} groups tried carried no signal (every reward equal): "
+            f"the task is nearly solved or out of reach, and sampling hunts for the rest "
+            f"(buffer.oversample, buffer.max_tried_batches, buffer.at_max_tried bound it)")
 
 
 def plain_line(record: dict, steps: int, eta_s: float = math.nan) -> str:
@@ -123,6 +145,7 @@ class RunDisplay:
         self.first_step: tuple[int, float] | None = None
         self.last: dict | None = None
         self.eta_s = math.nan
+        self.warned_no_signal: int | None = None  # the step of the last no-signal warning
 
     def __enter__(self) -> RunDisplay:
         if not self.quiet and is_terminal(out()):
@@ -155,6 +178,9 @@ class RunDisplay:
         self.last = record
         step = int(record.get("step", 0))
         eta = self.eta_s = self.eta(step)
+        if (warning := no_signal_warning(record, self.warned_no_signal)) is not None:
+            self.warned_no_signal = step
+            self.note(warning)
         if self.quiet:
             return
         if self.live is not None:

@@ -30,7 +30,8 @@ from rlpipe.pipeline.launch import RESTARTS_FILE, ROLES, failure_file, heartbeat
 from rlpipe.cli.plot import number
 
 KEY_METRICS = ("reward/mean", "env/correct", "eval/accuracy", "loss/sum", "kl/sampler_learner", "kl/ref",
-               "tokens/sampled_per_s", "tokens/trained_per_s", "time/step_s")
+               "tokens/sampled_per_s", "tokens/trained_per_s", "time/step_s", "staleness/mean", "staleness/max",
+               "buffer/no_signal_frac")
 LOG_TAIL_BYTES = 256 * 1024
 """How much of a role's log is searched for its last error: a vLLM log can be large."""
 ERROR_LINE = re.compile(r"\bERROR\b")

@@ -44,6 +44,29 @@ group's acceptance and its explorer's next report it is counted twice (held and 
 error is on the safe side, never the other (a cap on what is held would let acknowledged groups
 free places they still take).
 
+Which version a held group's deadline is of (per-token staleness, docs/pipeline.md): the
+buffer bounds a group's token-weighted mean lag, so a held group is protected at the version
+it will be trained as. A finished group (not yet acknowledged) has its action tokens' mean
+version, known exactly. A rollout sampled between requests keeps the version it started with
+for its current turn: its deadline is that version's (single-turn: every token's). A rollout
+that in-flight weight updates keep fresh (explorer.weight_updates = "inflight") protects no
+deadline: its next tokens come from the newest adapter, so it does not hold the budget back
+while the learner moves on. That is why long groups held their credits: a long rollout of
+version o, protected at D(o), stops every explorer once slot + pending + held reaches D(o),
+i.e. the learner waits for the long tail every max_staleness + 1 batches. Between requests
+that wait is the price of the bound (every token of the long rollout is of version o: any
+definition of its lag gives the same number, so the alternatives are dropping it, which
+throws the longest work away and biases training towards short answers, or training it past
+the bound); with in-flight updates the rollout's lag shrinks as it goes, and it no longer
+holds anyone back. It can still end too stale on the mean if it spans more than about
+2 * max_staleness versions; the buffer then drops it and counts it (stale: too_old).
+
+Oversampling (buffer.oversample = k, DAPO's dynamic sampling): when most groups carry no
+signal, and the buffer drops them (they take no place), a window of places fills only slowly.
+With k > 1 every group held or granted takes 1/k of a place: room = floor((bound - base) * k)
+groups may be held at once, expecting 1 in k to be accepted. If more carry signal than that,
+the surplus is trained later or dropped stale, counted, as DAPO throws its surplus away.
+
 Leases. A grant is counted by the buffer for LEASE_S after its request arrived, and used by
 the explorer only until lease_s / 2 after it sent the request; the explorer renews every
 lease_s / 4 and whenever it wants more. An explorer that dies or freezes (SIGSTOP) stops
@@ -98,9 +121,11 @@ class Admission:
     """The buffer's side: the learner's position and each explorer's outstanding credits."""
 
     def __init__(self, groups_per_batch: int, max_staleness: int, *, run_id: str = "", lease_s: float = LEASE_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, oversample: float = 1.0):
         self.gpb = groups_per_batch
         self.max_staleness = max_staleness
+        self.oversample = oversample
+        """buffer.oversample: groups held or granted take 1/oversample of a place each."""
         self.run_id = run_id
         self.lease_s = lease_s
         self.clock = clock
@@ -134,15 +159,16 @@ class Admission:
             return self._answer(request, 0, 0, "incarnation", now)  # its groups will be dropped: they take no place
         base = learner.slot + pending(learner.after_seq)
         others = [h for name, h in self.holders.items() if name != request.sender and h.outstanding > 0]
-        total = base + holding + sum(h.outstanding for h in others)
         held = [h.deadline for h in others]  # of groups held or granted: not to be pushed past
         if holding and request.oldest >= 0:
             held.append(self._deadline(request.oldest))
         bound = min([self._deadline(request.version), *(d for d in held if d > base)])
+        # The groups that may be held at once: the free places, each shared by `oversample` groups.
+        room = int((bound - base) * self.oversample) if bound > base else bound - base
         satisfied = sum(h.outstanding for h in others if not h.wants)
         wanting = 1 + sum(1 for name, h in self.holders.items() if name != request.sender and h.wants)
-        share = -(-(bound - base - satisfied) // wanting)  # ceil
-        given = max(0, min(want, bound - total, share - holding))
+        share = -(-(room - satisfied) // wanting)  # ceil
+        given = max(0, min(want, room - holding - sum(h.outstanding for h in others), share - holding))
         self.counts["granted"] += given
         return self._answer(request, holding + given, given, "" if given == want else "budget", now)
 
@@ -196,7 +222,9 @@ class CreditLine:
         self.on_grant = on_grant
         self.last: CreditGrant | None = None
         self._grant = (0, 0.0)  # (start_until, usable until: monotonic)
-        self._held: dict[str, int] = {}  # what the explorer holds -> the adapter version it started with
+        self._held: dict[str, int] = {}  # what the explorer holds -> the version its deadline is of
+        self.inflight = False
+        """explorer.weight_updates == "inflight": rollouts take each new adapter at their next token."""
         self.task = Supervised(self._ask, name)
         self.run, self.wake = self.task.run, self.task.wake
 
@@ -230,16 +258,23 @@ class CreditLine:
         self._grant = (0, 0.0)
         self.wake()
 
-    def hold(self, key: str, version: int) -> None:
-        """A group the explorer holds (a rollout, then its group id until acknowledged) and the
-        adapter version it started with; reported as `oldest`, its deadline."""
-        self._held[key] = version
+    def hold(self, key: str, version: int, rolling: bool = False) -> None:
+        """A group the explorer holds and the version it is to be trained as, reported as
+        `oldest`, its deadline: a rollout with the adapter version it started with, then, once
+        finished and until acknowledged, its group id with its action tokens' mean version
+        (validation.group_versions). A rollout that in-flight weight updates keep fresh
+        (rolling=True with self.inflight) has no deadline to protect: its next tokens are
+        sampled by the newest adapter, so its mean version only grows."""
+        if rolling and self.inflight:
+            self._held.pop(key, None)
+        else:
+            self._held[key] = version
 
     def release(self, key: str) -> None:
         self._held.pop(key, None)
 
     def oldest(self) -> int:
-        """The oldest version among the groups held, -1 if none."""
+        """The oldest version among the groups held with a deadline, -1 if none."""
         return min(self._held.values(), default=-1)
 
     async def _ask(self) -> None:

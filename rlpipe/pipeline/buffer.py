@@ -35,6 +35,9 @@ received counts distinct groups (not duplicates, not frames that were no group a
 are `rejected[reason]`). Groups are dropped at intake (env_error, invalid, no_signal,
 other_run, other_incarnation) or, having been accepted, at serve time when they would be
 trained at the wrong version (stale: too_old, future_version, other_incarnation).
+
+Staleness is per token (is_stale): a group is served at learner version u only if its action
+tokens' token-weighted mean lag is at most max_staleness and none is newer than u.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from rlpipe.pipeline.validation import (
     drop_reason,
     explain,
     judge,
+    group_versions,
     oldest_version,
     validate,
 )
@@ -70,6 +74,7 @@ from rlpipe.types import Batch, BatchRequest, CreditGrant, CreditRequest, GroupA
 __all__ = [
     "ExperienceBuffer",
     "drop_reason",
+    "group_versions",
     "is_stale",
     "oldest_version",
     "read_groups",
@@ -89,10 +94,15 @@ _group_decoder = msgspec.msgpack.Decoder(TrajectoryGroup)
 
 
 def is_stale(group_version: int, learner_version: int, max_staleness: int) -> bool:
-    """THE staleness rule of rlpipe: a group whose oldest action token was sampled by version
-    v is trained at learner version u only if u - v <= max_staleness. Applied in one place,
-    ExperienceBuffer.batch(), at the moment a group would be served (with the rules that a
-    version from the future or another learner incarnation is never served either)."""
+    """THE staleness rule of rlpipe, per token: a group is trained at learner version u only
+    if the token-weighted mean lag of its action tokens, u - mean(v), is at most max_staleness.
+    group_version is the floor of that mean (validation.Versions.version), for which
+    u - floor(mean) <= S holds exactly when u - mean <= S. The oldest token's lag is not
+    bounded, only reported (staleness/max); docs/pipeline.md, "Staleness", says why. Applied
+    in one place, ExperienceBuffer.batch(), at the moment a group would be served (with the
+    rules that no token may be from the learner's future and no group from another learner
+    incarnation). A group whose every action token has one version (no in-flight update
+    reached it) is bounded exactly as before: by that version."""
     return learner_version - group_version > max_staleness
 
 
@@ -105,9 +115,10 @@ class Examined:
     detail: str | None
     run_id: str
     incarnation: int
-    version: int  # the oldest action token's policy version (accepted groups)
+    version: int  # floor of its action tokens' mean policy version (accepted groups): the one bounded
     body: bytes | memoryview | None  # the msgpack TrajectoryGroup to store
     explorer_id: str = ""
+    newest: int = 0  # its newest action token's version: none may be from the learner's future
 
     @property
     def keyed(self) -> bool:
@@ -183,7 +194,7 @@ class ExperienceBuffer:
                     outcomes.append(reason)
                     continue
                 seq = store.get("last_seq") + 1
-                store.put(seq, item.version, item.incarnation, item.body)
+                store.put(seq, item.version, item.incarnation, item.body, item.newest)
                 store.set("last_seq", seq)
                 store.bump("accepted")
                 outcomes.append("accepted")
@@ -197,9 +208,9 @@ class ExperienceBuffer:
         self.store.bump(f"rejected:{reason}")
 
     def _examined(self, group, problem: str | None, body) -> Examined:
-        reason, detail, version = judge(group, problem, self.drop_no_signal)
-        return Examined(group.group_id, reason, detail, group.run_id, group.incarnation, version, body,
-                        group.explorer_id if isinstance(group.explorer_id, str) else "")
+        reason, detail, versions = judge(group, problem, self.drop_no_signal)
+        return Examined(group.group_id, reason, detail, group.run_id, group.incarnation, versions.version, body,
+                        group.explorer_id if isinstance(group.explorer_id, str) else "", versions.newest)
 
     def _identity_reason(self, item: Examined) -> str | None:
         if item.run_id and self.run_id and item.run_id != self.run_id:
@@ -243,13 +254,13 @@ class ExperienceBuffer:
                 store.set("durable_seq", durable)
             replaced = False
             while not replaced and len(served) < limit and (rows := store.candidates(after, limit - len(served))):
-                for seq, version, incarnation in rows:
+                for seq, version, incarnation, newest in rows:
                     if 0 < request.incarnation < incarnation:
                         # A newer learner's group: the requester has been replaced (a zombie on
                         # another host). It gets nothing more, and the group is kept for the new one.
                         replaced = True
                         break
-                    if (why := self._serve_reason(version, incarnation, request)) is not None:
+                    if (why := self._serve_reason(version, newest, incarnation, request)) is not None:
                         store.forget(seq)
                         store.bump(f"stale:{why}")
                     else:
@@ -261,10 +272,10 @@ class ExperienceBuffer:
         dropped = figures(store.values, 0, self.run_id)["dropped"]
         return Batch(groups=[_group_decoder.decode(b) for b in bodies], seqs=served, dropped=dropped)
 
-    def _serve_reason(self, version: int, incarnation: int, request: BatchRequest) -> str | None:
+    def _serve_reason(self, version: int, newest: int, incarnation: int, request: BatchRequest) -> str | None:
         if request.incarnation > 0 and incarnation != request.incarnation:
             return "other_incarnation"
-        if version > request.learner_version:
+        if newest > request.learner_version:
             return "future_version"
         if is_stale(version, request.learner_version, self.max_staleness):
             return "too_old"
@@ -371,7 +382,7 @@ def _linger(server: RequestServer, seconds: float) -> None:
 
 def serve(buffer_dir: str | os.PathLike, experience_address: str, batch_address: str, *,
           vocab_size: int, max_staleness: int = 4, drop_no_signal: bool = False, run_id: str = "",
-          groups_per_batch: int | None = None,
+          groups_per_batch: int | None = None, oversample: float = 1.0,
           max_message_bytes: int = EXPERIENCE_MAX_BYTES, intake_per_round: int = 64, poll_s: float = 0.05,
           on_stats: Callable[[dict], None] | None = None, stats_interval_s: float = 1.0,
           stop: threading.Event | None = None, ready: threading.Event | None = None) -> dict:
@@ -381,14 +392,15 @@ def serve(buffer_dir: str | os.PathLike, experience_address: str, batch_address:
     TrajectoryGroups and get a GroupAck for each, and batch_address, where the learner sends
     BatchRequests (or Shutdown). At most intake_per_round frames are taken per round, so a
     flood of groups or garbage cannot starve the learner. With groups_per_batch, explorers'
-    CreditRequests are answered from the global admission budget (admission.py); without,
-    every credit asked for is granted. on_stats(stats()) is called every stats_interval_s and
-    at the end, with the budget's figures under "admission"."""
+    CreditRequests are answered from the global admission budget (admission.py; oversample is
+    buffer.oversample); without, every credit asked for is granted. on_stats(stats()) is
+    called every stats_interval_s and at the end, with the budget's figures under "admission"."""
     with contextlib.ExitStack() as closing:
         buf = ExperienceBuffer(buffer_dir, vocab_size=vocab_size, max_staleness=max_staleness,
                                drop_no_signal=drop_no_signal, run_id=run_id)
         closing.callback(buf.close)
-        admission = None if groups_per_batch is None else Admission(groups_per_batch, max_staleness, run_id=buf.run_id)
+        admission = None if groups_per_batch is None else Admission(
+            groups_per_batch, max_staleness, run_id=buf.run_id, oversample=oversample)
         groups = closing.enter_context(RequestServer(experience_address, max_message_bytes=max_message_bytes,
                                                      on_reject=buf.reject))
         batches = closing.enter_context(RequestServer(batch_address, on_reject=buf.reject))
@@ -449,7 +461,7 @@ def run_buffer(config, stop: threading.Event) -> int:
             serve(buffer_dir, config.addresses.experience, config.addresses.batches,
                   vocab_size=vocab_size(config.model_path()), max_staleness=config.max_staleness,
                   drop_no_signal=config.buffer.drop_constant_reward_groups, run_id=identity.run_id(config.run_dir),
-                  groups_per_batch=config.groups_per_batch,
+                  groups_per_batch=config.groups_per_batch, oversample=config.buffer.oversample,
                   intake_per_round=config.buffer.intake_per_round, on_stats=write_stats, stop=stop)
     except KeyboardInterrupt:  # SIGTERM: not the learner's Shutdown, so not "finished" (exit 143)
         return EXIT_SIGTERM

@@ -328,7 +328,23 @@ class LearnerConfig(Config):
 class BufferConfig(Config):
     drop_constant_reward_groups: bool = True
     """Groups whose rewards are all equal carry no signal with centred advantages: the buffer
-    drops them (counted as no_signal) and the explorer rolls out others in their place."""
+    drops them (counted as no_signal) and the explorer rolls out others in their place, within
+    the bounds below (DAPO's dynamic sampling)."""
+    oversample: Annotated[float, Meta(ge=1.0, le=64.0)] = 1.0
+    """DAPO's oversampling factor: explorers may hold up to `oversample` times the groups the
+    staleness window has places for, expecting only 1 in `oversample` to carry signal, so
+    that hunting for groups with signal runs in parallel instead of one window at a time.
+    Groups beyond what the batches take are trained later, or dropped stale and counted.
+    1 = no oversampling; worth raising when buffer/no_signal_frac stays high."""
+    max_tried_batches: Annotated[int, Meta(ge=0, le=1_000_000)] = 8
+    """How many batches' worth of groups (groups_per_batch each) the learner waits through,
+    counting the no-signal groups dropped meanwhile, to fill one batch; then it does what
+    at_max_tried says. 0 = no bound (hunt forever). The rate is logged every step
+    (buffer/no_signal_frac) and the console warns when most groups carry no signal."""
+    at_max_tried: Literal["train", "stop"] = "train"
+    """At max_tried_batches: "train" trains on the groups with signal it has (a smaller batch;
+    it waits for one if it has none), "stop" stops the run with a message: the task is too
+    easy or too hard for the model as it is."""
     intake_per_round: Count = 64
     """Frames the buffer takes from the experience socket per round before it answers the
     learner again. A round's groups share one transaction (one fsync) and are acknowledged
@@ -427,8 +443,12 @@ class RunConfig(Config):
     """Seeds the LoRA initialisation (and the SFT warm-up's batch order). Sampling is not
     seeded: an async run's samples depend on timing anyway."""
     max_staleness: NonNegative = 1
-    """A group sampled with policy version v is trained at learner version u only if
-    u - v <= max_staleness; 0 is synchronous RL (sample, train, sync, repeat)."""
+    """A group is trained at learner version u only if the token-weighted mean lag of its
+    action tokens, u - mean(v) over the versions v that sampled them, is at most
+    max_staleness (and none is newer than u); 0 is synchronous RL (sample, train, sync,
+    repeat). Without in-flight weight updates a turn's tokens share one version, so a
+    single-turn group of version v needs u - v <= max_staleness. The oldest token's lag is
+    logged (staleness/max), not bounded: docs/pipeline.md, "Staleness"."""
     groups_per_batch: Count = 8
     """Groups in one learner batch (one optimizer step, one policy version); the dataset
     factory also gets it."""

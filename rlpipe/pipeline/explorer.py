@@ -76,7 +76,7 @@ import msgspec
 
 from rlpipe.pipeline import aio_transport, identity
 from rlpipe.pipeline.admission import CreditLine
-from rlpipe.pipeline.buffer import drop_reason
+from rlpipe.pipeline.buffer import drop_reason, group_versions
 from rlpipe.pipeline.config import RunConfig, import_callable, vocab_size
 from rlpipe.pipeline.errors import Unrecoverable
 from rlpipe.pipeline.explorer_engine import ExplorerEngine, GroupClient, engine_options, share_cores, use_device
@@ -299,7 +299,7 @@ class Explorer:
             self.running += 1
             self.started += 1
             key, version = f"rollout-{self.started}", self.version
-            self.credits.hold(key, version)
+            self.credits.hold(key, version, rolling=True)
             try:
                 group = await self._roll_out(builder, params)
                 reason, detail = drop_reason(group, self.vocab_size, self.config.buffer.drop_constant_reward_groups)
@@ -309,7 +309,9 @@ class Explorer:
                 self.stats["sampler_busy_frac"] = self.sampler.state.busy.fraction()
                 self.stats["credits_unused"] = float(self.credits.unused(self.started))
                 group = msgspec.structs.replace(group, explorer_stats=dict(self.stats))
-                self.credits.hold(group.group_id, version)  # until acknowledged (before it can be)
+                # Until acknowledged (before it can be), at the version it will be trained as.
+                trained_as = group_versions(group).version if reason in (None, "no_signal") else version
+                self.credits.hold(group.group_id, trained_as)
                 self.outbox.put(group)  # durable before it is sent
             finally:
                 self.credits.release(key)
@@ -362,6 +364,9 @@ class Explorer:
             self._changed = anyio.Event()
             self.credits = CreditLine(cfg.addresses.experience, self._credit_request, self._notify,
                                       name=f"{self.id} credit line")
+            # explorer.weight_updates comes with in-flight updates (issue 21); absent, updates
+            # reach only requests that start after them.
+            self.credits.inflight = getattr(cfg.explorer, "weight_updates", "between_requests") == "inflight"
             sender = OutboxSender(self.outbox, cfg.addresses.experience, ack_timeout_s=cfg.explorer.ack_timeout_s,
                                   on_ack=self._acked, name=f"{self.id} outbox sender")
             self.outbox.on_commit = sender.wake

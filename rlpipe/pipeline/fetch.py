@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,10 @@ from pathlib import Path
 from rlpipe.pipeline import transport
 from rlpipe.pipeline.buffer import STATS_FILE
 from rlpipe.pipeline.errors import Unrecoverable
+from rlpipe.pipeline.validation import no_signal
 from rlpipe.types import Batch, BatchRequest, Datum, Shutdown, TrajectoryGroup
+
+log = logging.getLogger(__name__)
 
 DROP_REASONS = {
     "stale": "sampled more than max_staleness versions before",
@@ -37,13 +41,16 @@ class BatchFetcher:
         self.config, self.run_id, self.incarnation = config, run_id, incarnation
         self.durable_seq, self.datums = durable_seq, datums
         self._stop = threading.Event()
+        self._no_signal_seen: int | None = None  # the buffer's no_signal count when the last batch was complete
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlpipe-fetch")
         self._requests = self._thread.submit(transport.RequestClient, config.addresses.batches).result()
 
     def submit(self, after_seq: int, version: int) -> concurrent.futures.Future:
-        """A future of (the groups_per_batch groups after after_seq as a Batch, their datums),
-        for training at `version`. Asking with after_seq = the last seq received so far is
-        safe: the buffer can re-serve anything after the checkpoint's position."""
+        """A future of (the groups_per_batch groups after after_seq as a Batch, their datums,
+        the hunt's figures: hunt_figures), for training at `version`. Asking with after_seq =
+        the last seq received so far is safe: the buffer can re-serve anything after the
+        checkpoint's position. Fewer groups come when buffer.max_tried_batches was reached
+        with buffer.at_max_tried = "train"."""
         return self._thread.submit(self._fetch, after_seq, version)
 
     def close(self) -> None:
@@ -51,11 +58,25 @@ class BatchFetcher:
         self._thread.submit(self._requests.close)  # runs once a fetch in progress has seen the stop
         self._thread.shutdown(wait=True)
 
-    def _fetch(self, after_seq: int, version: int) -> tuple[Batch, list[list[Datum]]]:
+    def _fetch(self, after_seq: int, version: int) -> tuple[Batch, list[list[Datum]], dict[str, float]]:
         cfg = self.config
         groups, seqs, dropped = [], [], None
         deadline = time.monotonic() + cfg.learner.batch_timeout_s
+        # No-signal hunting (DAPO's dynamic sampling), bounded: the groups tried for this batch
+        # are those it holds and those the buffer dropped as no_signal since the last batch
+        # (its counter is cumulative; a new learner on a run that has begun counts from its
+        # first answer).
+        bound = cfg.buffer.max_tried_batches * cfg.groups_per_batch
+        baseline = self._no_signal_seen if self._no_signal_seen is not None or after_seq > 0 else 0
+        hunted = 0
         while len(groups) < cfg.groups_per_batch:
+            if bound and groups and hunted + len(groups) >= bound and cfg.buffer.at_max_tried == "train":
+                log.warning("batch %d: %d groups tried, %d with no signal: training on the %d with signal "
+                            "(buffer.max_tried_batches = %d)", version + 1, hunted + len(groups), hunted, len(groups),
+                            cfg.buffer.max_tried_batches)
+                break  # train on what there is
+            if bound and hunted + len(groups) >= bound and cfg.buffer.at_max_tried == "stop":
+                raise Unrecoverable(hunt_message(cfg, version, len(groups), hunted))
             if self._stop.is_set():
                 raise RuntimeError("learner stopping")
             if time.monotonic() > deadline:
@@ -72,10 +93,32 @@ class BatchFetcher:
                 groups += reply.groups
                 seqs += reply.seqs
                 dropped = reply.dropped
+                now = dropped.get("no_signal", 0)
+                baseline = now if baseline is None else baseline
+                hunted = now - baseline
             if not isinstance(reply, Batch) or not reply.groups:
                 time.sleep(0.02)  # nothing yet: ask again shortly
+        self._no_signal_seen = baseline + hunted if baseline is not None else None
         batch = Batch(groups=groups, seqs=seqs, dropped=dropped or {})
-        return batch, self.datums(groups)  # the datums too, off the training thread
+        return batch, self.datums(groups), hunt_figures(groups, hunted)  # the datums too, off the training thread
+
+
+def hunt_figures(groups: list[TrajectoryGroup], hunted: int) -> dict[str, float]:
+    """The learner's metrics of one batch's hunt: groups tried (those in the batch and the
+    no-signal ones dropped meanwhile) and the share that carried no signal (dropped, or in the
+    batch with buffer.drop_constant_reward_groups = false)."""
+    tried = len(groups) + hunted
+    flat = hunted + sum(map(no_signal, groups))
+    return {"buffer/tried": float(tried), "buffer/no_signal_frac": flat / tried if tried else 0.0}
+
+
+def hunt_message(config, version: int, have: int, hunted: int) -> str:
+    tried = have + hunted
+    return (f"no-signal hunting stopped at buffer.max_tried_batches = {config.buffer.max_tried_batches}: "
+            f"{tried} groups tried for batch {version + 1}, {hunted} with every reward equal "
+            f"({hunted / max(tried, 1):.0%}), {have}/{config.groups_per_batch} groups with signal. The task is too easy "
+            f"or too hard for the model as it is: change the dataset's difficulty or the reward, raise "
+            f"buffer.max_tried_batches (0 = no bound), or set buffer.at_max_tried = \"train\" to train on what there is")
 
 
 def timeout_message(config, have: int, dropped: dict[str, int] | None) -> str:

@@ -187,11 +187,11 @@ class Learner:
             next_batch = fetcher.submit(self.after_seq, self.step)
             while self.step < cfg.learner.steps:
                 t0 = time.monotonic()
-                batch, data = control.wait(next_batch)  # the control thread's errors are raised meanwhile
+                batch, data, hunt = control.wait(next_batch)  # the control thread's errors are raised meanwhile
                 t1 = time.monotonic()
                 if self.step + 1 < cfg.learner.steps:
                     next_batch = fetcher.submit(batch.seqs[-1], self.step + 1)
-                record = self._train(batch, data)
+                record = {**self._train(batch, data), **hunt}
                 t2 = time.monotonic()
                 if self.step % cfg.learner.sync_interval == 0:
                     self._publish(control)

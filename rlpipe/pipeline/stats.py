@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlpipe.metrics import read_metrics
 from rlpipe.pipeline.launch import read_restarts
 from rlpipe.pipeline.learner import latest_checkpoint
 
@@ -55,12 +56,15 @@ def run_stats(run_dir: str | Path) -> dict:
         waiting += unseen
     finished = sum(e["finished"] for e in explorers.values())
     latest = latest_checkpoint(run_dir) or {}
+    steps = read_metrics(run_dir / "metrics.jsonl")
     received = buffer["received"]
     return {
         "explorers": {"finished": finished, "waiting": waiting, "by_explorer": explorers},
         "buffer": buffer,
         "learner": {"steps": latest.get("step", 0), "groups_trained": latest.get("groups_trained", 0),
-                    "incarnation": latest.get("incarnation", 0)},
+                    "incarnation": latest.get("incarnation", 0),
+                    # per-token lag (docs/pipeline.md, "Staleness") and no-signal hunting, over the steps logged
+                    **lag_figures(steps)},
         # "explorer": every explorer's restarts (roles explorer, or explorer-0, explorer-1, ...); each in by_explorer
         "restarts": {"buffer": restarts.get("buffer", 0), "learner": restarts.get("learner", 0),
                      "explorer": sum(n for r, n in restarts.items() if r == "explorer" or r.startswith("explorer-"))},
@@ -83,7 +87,38 @@ def format_stats(stats: dict) -> str:
     lines += [
         f"learner:   {learner['steps']} steps checkpointed, {learner['groups_trained']} groups trained, "
         f"incarnation {learner['incarnation']}",
+        *lag_lines(learner),
         "restarts:  " + ", ".join(f"{r} {n}" for r, n in stats["restarts"].items()),
         f"lost:      {stats['lost']}" + ("" if stats["identity_holds"] else "   (buffer counters do not add up!)"),
     ]
     return "\n".join(lines)
+
+
+def lag_figures(records: list[dict]) -> dict:
+    """Over the learner steps logged: the token-weighted mean lag (the mean of the steps'
+    means, each step weighted by its action tokens), the oldest token's lag, and the share of
+    groups tried that carried no signal."""
+    lagged = [(r["staleness/mean"], r.get("tokens/sampled") or 0.0) for r in records
+              if isinstance(r.get("staleness/mean"), (int, float))]
+    tokens = sum(n for _, n in lagged)
+    hunted = [(r["buffer/no_signal_frac"], r.get("buffer/tried") or 0.0) for r in records
+              if isinstance(r.get("buffer/no_signal_frac"), (int, float))]
+    tried = sum(n for _, n in hunted)
+    out = {}
+    if lagged:
+        out["lag_mean"] = sum(m * n for m, n in lagged) / tokens if tokens else lagged[-1][0]
+        out["lag_max"] = max((r["staleness/max"] for r in records if isinstance(r.get("staleness/max"), (int, float))),
+                             default=0.0)
+    if hunted:
+        out["groups_tried"] = int(tried)
+        out["no_signal_frac"] = sum(f * n for f, n in hunted) / tried if tried else 0.0
+    return out
+
+
+def lag_lines(learner: dict) -> list[str]:
+    parts = []
+    if "lag_mean" in learner:
+        parts.append(f"per-token lag mean {learner['lag_mean']:.2f}, oldest token {learner['lag_max']:.0f} versions")
+    if "no_signal_frac" in learner:
+        parts.append(f"{learner['groups_tried']} groups tried, {learner['no_signal_frac']:.0%} with no signal")
+    return ["           " + "; ".join(parts)] if parts else []

@@ -12,9 +12,13 @@ that change in the same transaction as the data.
                                                ("accepted" or the drop reason), kept after
                                                compaction: the newest DEDUP_PER_EXPLORER of
                                                each explorer (see there)
-    payloads(seq PRIMARY KEY, version, incarnation, body)
+    payloads(seq PRIMARY KEY, version, incarnation, body, newest)
                                                accepted groups not yet compacted or dropped at
-                                               serve time; body is the msgpack TrajectoryGroup
+                                               serve time; body is the msgpack TrajectoryGroup,
+                                               version the floor of its action tokens' mean
+                                               version, newest their newest (validation.Versions;
+                                               NULL in a store written before per-token
+                                               staleness, where version was the oldest)
     counters(name PRIMARY KEY, n)              received, accepted, duplicates, dropped:<r>,
                                                stale:<r>, rejected:<r>, last_seq, durable_seq,
                                                learner_incarnation
@@ -57,7 +61,7 @@ CREATE TABLE IF NOT EXISTS decisions (group_id TEXT PRIMARY KEY, outcome TEXT NO
                                       n INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS decisions_by_explorer ON decisions (explorer, n);
 CREATE TABLE IF NOT EXISTS payloads (seq INTEGER PRIMARY KEY, version INTEGER NOT NULL,
-                                     incarnation INTEGER NOT NULL, body BLOB NOT NULL);
+                                     incarnation INTEGER NOT NULL, body BLOB NOT NULL, newest INTEGER);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
@@ -154,13 +158,14 @@ class Store:
             "(SELECT n FROM decisions WHERE explorer = ? ORDER BY n DESC LIMIT ?))",
             (explorer, explorer, keep)).rowcount
 
-    def put(self, seq: int, version: int, incarnation: int, body: bytes | memoryview) -> None:
-        self.db.execute("INSERT INTO payloads VALUES (?, ?, ?, ?)", (seq, version, incarnation, body))
+    def put(self, seq: int, version: int, incarnation: int, body: bytes | memoryview, newest: int | None = None) -> None:
+        self.db.execute("INSERT INTO payloads (seq, version, incarnation, body, newest) VALUES (?, ?, ?, ?, ?)",
+                        (seq, version, incarnation, body, version if newest is None else newest))
 
-    def candidates(self, after_seq: int, limit: int) -> list[tuple[int, int, int]]:
-        """(seq, version, incarnation) of the next stored groups after after_seq."""
-        return self.db.execute("SELECT seq, version, incarnation FROM payloads WHERE seq > ? ORDER BY seq LIMIT ?",
-                               (after_seq, limit)).fetchall()
+    def candidates(self, after_seq: int, limit: int) -> list[tuple[int, int, int, int]]:
+        """(seq, version, incarnation, newest) of the next stored groups after after_seq."""
+        return self.db.execute("SELECT seq, version, incarnation, COALESCE(newest, version) FROM payloads "
+                               "WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
 
     def body(self, seq: int) -> bytes:
         return self.db.execute("SELECT body FROM payloads WHERE seq = ?", (seq,)).fetchone()[0]
@@ -219,6 +224,8 @@ def _configure(db: sqlite3.Connection, synchronous: str) -> None:
     db.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
     db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
     db.executescript(_SCHEMA_SQL)
+    if "newest" not in {row[1] for row in db.execute("PRAGMA table_info(payloads)")}:
+        db.execute("ALTER TABLE payloads ADD COLUMN newest INTEGER")  # a store from before per-token staleness
 
 
 def _lock(path: Path):

@@ -14,7 +14,7 @@ import functools
 import sys
 import typing
 from itertools import compress
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import msgspec
 
@@ -91,46 +91,78 @@ def check(group: TrajectoryGroup, vocab_size: int) -> tuple[typing.Any, str | No
         return group, explain(e, vocab_size), None
 
 
-def judge(group, problem: str | None, drop_no_signal: bool) -> tuple[str | None, str | None, int]:
-    """(drop reason, detail, oldest action version) of a decoded group; problem is what its
+class Versions(NamedTuple):
+    """The policy versions of a group's action tokens, as the staleness rule uses them
+    (docs/pipeline.md, "Staleness"): `version` is the floor of their token-weighted mean (what
+    the rule bounds: a group is trained at u only if u - version <= max_staleness, which is
+    exactly "mean lag <= max_staleness"), `newest` the newest (none may be from the learner's
+    future), `oldest` the oldest (reported as the lag's max, not bounded)."""
+
+    version: int
+    newest: int
+    oldest: int
+
+
+NO_VERSIONS = Versions(0, 0, 0)
+
+
+def group_versions(group) -> Versions:
+    """Versions of a validated group's action tokens (see Versions)."""
+    total = count = 0
+    newest, oldest = -1, None
+    for t in group.trajectories:
+        acted = list(compress(t.policy_versions, t.action_mask))
+        total += sum(acted)
+        count += len(acted)
+        newest = max(newest, *acted)
+        oldest = min(acted) if oldest is None else min(oldest, *acted)
+    return Versions(total // count, newest, oldest)  # versions are >= 0: // is the floor
+
+
+def no_signal(group) -> bool:
+    """Every reward of the group is the same: with group-centred advantages it teaches nothing."""
+    return len({t.reward for t in group.trajectories}) == 1
+
+
+def judge(group, problem: str | None, drop_no_signal: bool) -> tuple[str | None, str | None, Versions]:
+    """(drop reason, detail, action versions) of a decoded group; problem is what its
     checked decode found. The reason is None for a group to accept."""
     if group.failed:
-        return "env_error", group.error, 0
+        return "env_error", group.error, NO_VERSIONS
     if not 0 < len(group.group_id) <= MAX_GROUP_ID:
-        return "invalid", f"group_id must have 1 to {MAX_GROUP_ID} characters", 0
-    version = 0
+        return "invalid", f"group_id must have 1 to {MAX_GROUP_ID} characters", NO_VERSIONS
+    versions = NO_VERSIONS
     if problem is None:
-        problem, version = _inspect(group)
+        problem = _inspect(group)
     if problem is not None:
-        return "invalid", problem, 0
-    if drop_no_signal and len({t.reward for t in group.trajectories}) == 1:
-        return "no_signal", None, version
-    return None, None, version
+        return "invalid", problem, NO_VERSIONS
+    versions = group_versions(group)
+    if drop_no_signal and no_signal(group):
+        return "no_signal", None, versions
+    return None, None, versions
 
 
-def _inspect(group) -> tuple[str | None, int]:
-    """The checks the decoder cannot make: (problem or None, oldest action version)."""
+def _inspect(group) -> str | None:
+    """The checks the decoder cannot make: the problem, or None."""
     if not group.trajectories:
-        return "group has no trajectories", 0
-    oldest = None
+        return "group has no trajectories"
     for i, t in enumerate(group.trajectories):
         n = len(t.tokens)
         for name in ("action_mask", "sampling_logprobs", "policy_versions"):
             if (m := len(getattr(t, name))) != n:
-                return f"trajectory {i}: {name} has {m} entries for {n} tokens", 0
+                return f"trajectory {i}: {name} has {m} entries for {n} tokens"
         version = min(compress(t.policy_versions, t.action_mask), default=None)
         if version is None:
-            return f"trajectory {i}: no action tokens", 0
+            return f"trajectory {i}: no action tokens"
         if version < 0:
-            return f"trajectory {i}: an action token has policy_version < 0", 0
-        oldest = version if oldest is None else min(oldest, version)
-    return None, oldest
+            return f"trajectory {i}: an action token has policy_version < 0"
+    return None
 
 
 def validate(group: TrajectoryGroup, vocab_size: int) -> str | None:
     """Why this group cannot be trained on, or None if it can."""
     checked, problem, _ = check(group, vocab_size)
-    return problem if problem is not None else _inspect(checked)[0]
+    return problem if problem is not None else _inspect(checked)
 
 
 def drop_reason(group: TrajectoryGroup, vocab_size: int, drop_no_signal: bool) -> tuple[str | None, str | None]:
