@@ -17,14 +17,17 @@ PROMPT = [40, 41, 42, 43, 44]
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model_path, tmp_path_factory):
+def server(tiny_model_path, tmp_path_factory):
     server = ServeProcess(tiny_model_path, tmp_path_factory.mktemp("tinkerface") / "state", "--sampler", "local")
     server.start()
-    try:
-        with tinker.ServiceClient(base_url=server.url, api_key=server.api_key) as svc:
-            yield svc
-    finally:
-        assert server.stop() == []
+    yield server
+    assert server.stop() == []
+
+
+@pytest.fixture(scope="module")
+def service(server):
+    with tinker.ServiceClient(base_url=server.url, api_key=server.api_key) as svc:
+        yield svc
 
 
 def sft_datum(tokens):
@@ -131,3 +134,45 @@ def test_stable_reinforce_trains_on_recorded_sequences(service, tiny_model_path)
         model_input=data[0].model_input_spans, loss_fn_inputs=data[0].loss_fn_input_spans)
     with pytest.raises(tinker.RequestFailedError, match="not the tokens sequence"):
         tc.forward_backward([wrong], "stable_reinforce").result()
+
+
+def test_the_pipelines_tinker_backend_publishes_and_samples_inflight(server, tiny_model_path, tmp_path):
+    """explorer.weight_updates = "inflight": the learner's publish() hands out its in-flight
+    client's sampler handle, the explorer samples through it, and a later publish reaches the
+    explorer's existing client. The run config is a stand-in (types.SimpleNamespace) with the
+    fields these two classes read, as the config field lives on another branch."""
+    import asyncio
+    import types
+
+    from rlpipe.pipeline.tinker.backend import inflight_handle
+    from rlpipe.pipeline.tinker.sampler import TinkerEndpoint
+    from rlpipe.pipeline.tinker.training import TinkerTrainingClient
+    from rlpipe.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams, TensorData
+
+    config = types.SimpleNamespace(
+        model_path=lambda: tiny_model_path, tinker_base_url=server.url, tinker_api_key=server.api_key, tinker_timeout_s=120.0, max_staleness=1,
+        explorer=types.SimpleNamespace(weight_updates="inflight", max_tokens=8),
+        learner=types.SimpleNamespace(keep_checkpoints=2))
+    learner = TinkerTrainingClient(config, LoraConfig(rank=8, seed=23), tmp_path)
+    first = learner.publish(1).result()
+    assert inflight_handle(first["sampler_path"])
+    explorer = TinkerEndpoint(config, name="explorer-0", request_timeout_s=60.0, max_restarts=0)
+    client = asyncio.run(explorer._new_client(first["sampler_path"], 1, "from the handle"))
+    out = asyncio.run(client.sample_async(ModelInput.from_ints(PROMPT), 2, SamplingParams(max_tokens=6, seed=1)))
+    assert len(out.sequences) == 2 and all(s.policy_version == 1 for s in out.sequences)
+    full = PROMPT + list(range(100, 112))
+    before = scored(client.client, full)
+
+    tokens = list(range(100, 130))
+    datum = Datum(model_input=ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+        "target_tokens": TensorData(data=tokens[1:], dtype="int64"),
+        "weights": TensorData(data=[1.0] * (len(tokens) - 1), dtype="float32")})
+    for _ in range(3):
+        learner.forward_backward([datum], "cross_entropy").result()
+        learner.optim_step(AdamParams(learning_rate=5e-2)).result()
+    second = learner.publish(2).result()
+    newer = TinkerEndpoint(config, name="explorer-1", request_timeout_s=60.0, max_restarts=0)
+    fresh = asyncio.run(newer._new_client(second["sampler_path"], 2, "from the handle"))
+    after = scored(fresh.client, full)
+    assert np.abs(after - before).max() > 1e-2
+    np.testing.assert_allclose(scored(client.client, full), after, rtol=0, atol=1e-6)  # the old client moved too
