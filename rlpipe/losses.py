@@ -12,6 +12,16 @@ logprobs (`inputs["logprobs"]`), r = exp(lp - sampling_lp), A = advantages.
     ppo                  -sum w * min(r * A, clip(r, lo, hi) * A)
     cispo                -sum w * sg(clip(r, lo, hi)) * lp * A
     dro                  -sum w * (lp * A - beta/2 * (lp - sampling_lp)^2)
+    stable_reinforce     -sum w * sg(min(r, ratio_cap)) * lp * A  +  kl_coeff * sum w * k3(sampling_lp - lp)
+
+stable_reinforce is Tinker 0.38's name; Tinker publishes no formula for it (its docs say only:
+a REINFORCE variant that stays stable off-policy, trained on what the sampler recorded for each
+sequence, config key `kl_coeff`). rlpipe's version is the one above: REINFORCE whose detached
+importance weight is truncated at ratio_cap (default 2, so a token the learner now likes far
+more than the sampler did cannot dominate the step; below 1 it is not clipped, as in TIS), plus
+an optional k3 pull of the learner towards the sampler's own logprobs (kl_coeff, default 0),
+a trust region around the behaviour policy that needs no reference model. `rlpipe serve` fills
+sampling_lp from what it recorded at sampling time (record_stability_info), not from the client.
 
 The RL losses take an optional `weights` (default ones) and two optional corrections:
 truncated IS (`tis_cap` = C multiplies each term by the detached min(r, C) / r) and masked
@@ -84,6 +94,16 @@ def dro_loss(logprobs_T: Tensor, inputs: Inputs, config: Config) -> Tensor:
     return -(logprobs_T * inputs["advantages"] - 0.5 * config["beta"] * log_ratio_T.square())
 
 
+def stable_reinforce_loss(logprobs_T: Tensor, inputs: Inputs, config: Config) -> Tensor:
+    sampling_T = inputs["logprobs"]
+    # sg(min(r, C)) in log space: r == inf gives C, never inf * 0.
+    coef_T = (logprobs_T.detach() - sampling_T).clamp(max=math.log(config["ratio_cap"])).exp()
+    terms_T = -coef_T * logprobs_T * inputs["advantages"]
+    if config["kl_coeff"] > 0:
+        terms_T = terms_T + config["kl_coeff"] * _k3(sampling_T - logprobs_T)
+    return terms_T
+
+
 _RL_INPUTS = ("target_tokens", "logprobs", "advantages")
 _RL_OPTIONAL = ("weights", "ref_logprobs", "kl_weights")
 _CORRECTIONS = ("tis_cap", "mis_low", "mis_high", "kl_coef")  # every RL loss takes these (all off when absent)
@@ -95,11 +115,15 @@ LOSSES: dict[str, LossSpec] = {
     "ppo": LossSpec(ppo_loss, _RL_INPUTS, _RL_OPTIONAL, _CLIP + _CORRECTIONS),
     "cispo": LossSpec(cispo_loss, _RL_INPUTS, _RL_OPTIONAL, _CLIP + _CORRECTIONS),
     "dro": LossSpec(dro_loss, _RL_INPUTS, _RL_OPTIONAL, ("beta",) + _CORRECTIONS),
+    # ratio_cap is its own truncation, so tis_cap (the same thing again) is not taken.
+    "stable_reinforce": LossSpec(stable_reinforce_loss, _RL_INPUTS, _RL_OPTIONAL,
+                                 ("ratio_cap", "kl_coeff", "mis_low", "mis_high", "kl_coef")),
 }
 
 # beta = 0.05 is a mild pull towards the sampler; corrections and kl_coef have no default
 # (absent = off).
-DEFAULTS: dict[str, float] = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2, "beta": 0.05}
+DEFAULTS: dict[str, float] = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2, "beta": 0.05,
+                              "ratio_cap": 2.0, "kl_coeff": 0.0}
 
 
 def _validated_inputs(name: str, spec: LossSpec, logprobs_T: Tensor, inputs: Inputs) -> Inputs:
@@ -153,6 +177,10 @@ def _validated_config(name: str, spec: LossSpec, config: dict | None) -> Config:
             raise ValueError(f"{name}: {msg}")
     if "beta" in cfg and not 0 < cfg["beta"] < math.inf:
         raise ValueError(f"{name}: beta must be a finite number > 0, got {cfg['beta']}")
+    if "ratio_cap" in cfg and not 0 < cfg["ratio_cap"] < math.inf:
+        raise ValueError(f"{name}: ratio_cap must be a finite number > 0, got {cfg['ratio_cap']}")
+    if "kl_coeff" in cfg and not 0 <= cfg["kl_coeff"] < math.inf:
+        raise ValueError(f"{name}: kl_coeff must be a finite number >= 0, got {cfg['kl_coeff']}")
     if "kl_coef" in cfg and not 0 <= cfg["kl_coef"] < math.inf:
         raise ValueError(f"{name}: kl_coef must be a finite number >= 0, got {cfg['kl_coef']}")
     if "tis_cap" in cfg and not 0 < cfg["tis_cap"] < math.inf:
@@ -234,14 +262,18 @@ def _k3(log_ratio_T: Tensor) -> Tensor:
     return torch.exp(log_ratio_T) - log_ratio_T - 1
 
 
+_TRUNCATED = {"tis_cap": "tis_truncated_frac:mean", "ratio_cap": "ratio_capped_frac:mean"}
+
+
 def _ratio_metrics(ratio_N: Tensor, log_ratio_N: Tensor, cfg: Config) -> dict[str, float]:
     n = ratio_N.numel()
     metrics = {"tokens:sum": float(n)}
     if n == 0:
         metrics |= {"ratio:mean": 1.0, "ratio:min": 1.0, "ratio:max": 1.0, "clip_frac:mean": 0.0}
         metrics |= {"kl_sampler_learner:mean": 0.0, "kl_k1:mean": 0.0}
-        if "tis_cap" in cfg:
-            metrics["tis_truncated_frac:mean"] = 0.0
+        for key in ("tis_cap", "ratio_cap"):
+            if key in cfg:
+                metrics[_TRUNCATED[key]] = 0.0
         return metrics
     clipped_N = torch.zeros_like(ratio_N, dtype=torch.bool)
     if "clip_low_threshold" in cfg:
@@ -256,8 +288,9 @@ def _ratio_metrics(ratio_N: Tensor, log_ratio_N: Tensor, cfg: Config) -> dict[st
     ]
     names = ["ratio:mean", "ratio:min", "ratio:max", "clip_frac:mean"]
     names += ["kl_sampler_learner:mean", "kl_k1:mean"]
-    if "tis_cap" in cfg:
-        stats.append((ratio_N > cfg["tis_cap"]).double().mean())
-        names.append("tis_truncated_frac:mean")
+    for key in ("tis_cap", "ratio_cap"):
+        if key in cfg:
+            stats.append((ratio_N > cfg[key]).double().mean())
+            names.append(_TRUNCATED[key])
     values = torch.stack([s.double() for s in stats]).tolist()  # one device sync, not one per metric
     return metrics | dict(zip(names, values))

@@ -352,14 +352,57 @@ def test_dtype_follows_logprobs_and_inputs_untouched():
 
 
 def test_loss_table():
-    assert set(LOSSES) == {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro"}
+    assert set(LOSSES) == {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "stable_reinforce"}
     assert LOSSES["cross_entropy"].required_inputs == ("target_tokens", "weights")
     for name in RL_LOSSES:
         spec = LOSSES[name]
         assert spec.required_inputs == ("target_tokens", "logprobs", "advantages")
         assert spec.optional_inputs == ("weights", "ref_logprobs", "kl_weights")
         assert {"tis_cap", "mis_low", "mis_high", "kl_coef"} <= set(spec.config_keys)
-    assert DEFAULTS == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2, "beta": 0.05}
+    assert DEFAULTS == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2, "beta": 0.05,
+                        "ratio_cap": 2.0, "kl_coeff": 0.0}
+    spec = LOSSES["stable_reinforce"]
+    assert spec.required_inputs == ("target_tokens", "logprobs", "advantages")
+    assert set(spec.config_keys) == {"ratio_cap", "kl_coeff", "mis_low", "mis_high", "kl_coef"}
+
+
+# --------------------------------------------------------------------------- stable_reinforce
+
+
+def test_stable_reinforce_by_hand():
+    """r = [2, 0.5, 1], ratio_cap 1.5 -> coefficients [1.5, 0.5, (1)]; the third token has weight 0.
+    loss = -1.5*1*ln(.5) - 0.5*(-2)*ln(.25) + 0.1*(k3(ln .5) + k3(ln 2))
+         = 1.03972 - 1.38629 + 0.1*(0.19315 + 0.30685) = -0.29657
+    d/dlp = -coef*A + kl_coeff*(1 - exp(sampling_lp - lp)) = [-1.5 + 0.05, 1.0 - 0.1, 0]."""
+    lp = torch.log(torch.tensor([0.5, 0.25, 0.8], dtype=torch.float64)).requires_grad_()
+    inputs = {
+        "target_tokens": torch.zeros(3, dtype=torch.int64),
+        "logprobs": torch.log(torch.tensor([0.25, 0.5, 0.8], dtype=torch.float64)),
+        "advantages": torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64),
+        "weights": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64),
+    }
+    loss, metrics = compute_loss("stable_reinforce", lp, inputs, {"ratio_cap": 1.5, "kl_coeff": 0.1})
+    loss.backward()
+    assert loss.item() == pytest.approx(-0.296574, abs=1e-5)
+    torch.testing.assert_close(lp.grad, torch.tensor([-1.45, 0.9, 0.0], dtype=torch.float64))
+    assert metrics["ratio_capped_frac:mean"] == pytest.approx(0.5)  # of the two counted tokens
+    assert metrics["ratio:max"] == pytest.approx(2.0) and metrics["ratio:min"] == pytest.approx(0.5)
+    assert metrics["tokens:sum"] == 2.0
+
+
+def test_stable_reinforce_defaults_are_truncated_reinforce():
+    """kl_coeff 0, ratio_cap 2: on policy it is plain REINFORCE (gradient -A), and a token
+    with r = 5 pushes with 2, not 5."""
+    lp, inputs = ratio_batch([1.0, 5.0], [1.0, 1.0])
+    lp.requires_grad_()
+    loss, metrics = compute_loss("stable_reinforce", lp, inputs)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([-1.0, -2.0], dtype=torch.float64))
+    assert metrics["ratio_capped_frac:mean"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="kl_coeff"):
+        compute_loss("stable_reinforce", lp, inputs, {"kl_coeff": -1.0})
+    with pytest.raises(ValueError, match="unknown config key 'tis_cap'"):
+        compute_loss("stable_reinforce", lp, inputs, {"tis_cap": 2.0})
 
 
 # --------------------------------------------------------------------------- bad input

@@ -25,6 +25,7 @@ from rlpipe.serve.futures import PROTOBUF, Futures, NotFound, UserError
 from rlpipe.serve.http import API, TooLarge, error_response, read
 from rlpipe.serve.registry import Registry, UnknownPath, tinker_path
 from rlpipe.serve.samplers import Samplers
+from rlpipe.serve.stability import StabilityStore
 from rlpipe.serve.trainers import Trainers, run_job
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Server:
         self.futures = Futures(hold_s=hold_s)
         self.trainers = Trainers(self.registry, self.futures, bases, training_options or {})
         self.samplers = Samplers(self.registry, self.trainers, sampler_backend, engine_options or {})
+        self.stability = StabilityStore()
         self.bases = bases
         self.session_timeout_s = session_timeout_s
         self.on_close = on_close

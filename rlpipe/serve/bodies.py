@@ -169,6 +169,8 @@ class SaveWeightsForSampler(msgspec.Struct):
     path: str | None = None
     sampling_session_seq_id: SeqId | None = None
     ttl_seconds: Ttl | None = None
+    kind: Literal["snapshot", "inflight"] = "snapshot"
+    """tinker.types.SamplingClientKind: inflight publishes the model's shared, mutable sampler weights."""
 
 
 class SaveWeightsExternal(msgspec.Struct):
@@ -205,6 +207,8 @@ class Sample(msgspec.Struct):
     topk_sample_logprobs: int = 0
     prompt_alt_tokens_k: int = 0
     target_prompt_logprobs: dict[str, Any] | None = None
+    record_stability_info: bool | None = None
+    """Record each sequence for stable_reinforce (stability.py)."""
 
     def unsupported(self) -> list[str]:
         return [name for name in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k",

@@ -59,8 +59,15 @@ def register(app: FastAPI, s) -> None:
         key = None if adhoc or body.seq_id is None else ("sample", sampler_id, body.seq_id)
         entry, fresh = s.futures.new("sample", key=key)
         if fresh:
+            request_id = entry.request_id
+
             async def job():
-                response = await s.samplers.sample(sampler_id, body.prompt, body.num_samples, params, prompt_logprobs)
+                response, model_id, version = await s.samplers.sample(sampler_id, body.prompt, body.num_samples, params,
+                                                                      prompt_logprobs)
+                if body.record_stability_info:
+                    session_id = sampler_id.rpartition(":sample:")[0] or None
+                    for i, seq in enumerate(response.sequences):
+                        s.stability.record(f"{request_id}:{i}", session_id, model_id, version, seq.tokens, seq.logprobs)
                 return wire.encode_sample(response, prompt_logprobs_last_n=body.prompt_logprobs_last_n)
 
             s.spawn(entry, job)

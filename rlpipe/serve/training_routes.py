@@ -11,12 +11,12 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 
-from rlpipe.serve import bodies, wire
+from rlpipe.serve import bodies, stability, wire
 from rlpipe.serve.futures import UserError
 from rlpipe.serve.http import API, TooLarge, future_reply, known_session, read, read_body
 from rlpipe.serve.registry import dir_size, tinker_path
 from rlpipe.training import checkpoint
-from rlpipe.types import LoraConfig
+from rlpipe.types import LoraConfig, TensorData
 
 EPHEMERAL_KEEP = 64
 """Newest ephemeral sampler adapters kept per model (save_weights_and_get_sampling_client)."""
@@ -71,10 +71,19 @@ def register(app: FastAPI, s) -> None:
         message, data, config = await asyncio.to_thread(wire.decode_forward_backward, raw)
         client = s.trainers.client(message.model_id)
         loss_fn, forward_only = message.loss_fn, message.forward_only
+        spans = wire.loss_spans(message) if loss_fn == "stable_reinforce" else None
+        session_id = s.registry.model(message.model_id)["session_id"]
 
         async def job():
+            batch, recorded, extra = data, None, {}
+            if spans is not None:  # resolved when the job runs, so the version lag is the step's own
+                batch, recorded, extra = stability.prepare(s.stability, data, spans, session_id, client.step)
             call = client.forward if forward_only else client.forward_backward
-            out = await call(data, loss_fn, config).result_async()
+            out = await call(batch, loss_fn, config).result_async()
+            if recorded is not None:
+                out.metrics.update(extra)
+                for row, lp in zip(out.loss_fn_outputs, recorded):
+                    row["sampling_logprobs"] = TensorData.from_numpy(lp)
             return wire.encode_forward_backward(out)
 
         entry = s.trainers.submit(message.model_id, message.seq_id, "forward" if forward_only else "forward_backward", job)
@@ -160,6 +169,9 @@ def register(app: FastAPI, s) -> None:
         client = s.trainers.client(model_id)
         row = s.registry.model(model_id)
         if body.path is not None:
+            if body.kind == "inflight":
+                raise UserError("kind=\"inflight\" publishes the model's shared sampler weights: it takes a "
+                                "sampling_session_seq_id (save_weights_and_get_sampling_client), not a path")
             name = checkpoint.check_name(body.path)
 
             async def job():
@@ -173,7 +185,10 @@ def register(app: FastAPI, s) -> None:
             async def job():
                 out = await client.save_weights_for_sampler(f"ephemeral-{seq:06d}").result_async()
                 s.registry.add_sampler(sampler_id, row["base_model"], None, Path(out.path))
-                await asyncio.to_thread(_prune_ephemeral, client.checkpoint_dir / "sampler_weights")
+                # Before the future completes: a sample sent after it sees the new target.
+                s.samplers.published(sampler_id, model_id, out.path, client.step, body.kind)
+                keep = s.samplers.inflight.get(model_id, (None,))[0]
+                await asyncio.to_thread(_prune_ephemeral, client.checkpoint_dir / "sampler_weights", keep)
                 return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
         else:
             raise UserError("save_weights_for_sampler needs a path or a sampling_session_seq_id")
@@ -237,7 +252,10 @@ def _encrypt(files: dict[str, bytes], recipients: list) -> dict[str, bytes]:
     return {name: pyrage.encrypt(data, keys) for name, data in files.items()}
 
 
-def _prune_ephemeral(folder: Path) -> None:
+def _prune_ephemeral(folder: Path, keep: str | None = None) -> None:
+    """keep: the in-flight target, which stays however old (it is the newest in-flight save,
+    but snapshot saves after it may outnumber EPHEMERAL_KEEP)."""
     old = sorted(p for p in folder.glob("ephemeral-*") if p.is_dir())[:-EPHEMERAL_KEEP]
     for path in old:
-        shutil.rmtree(path, ignore_errors=True)
+        if keep is None or Path(keep).resolve() != path.resolve():
+            shutil.rmtree(path, ignore_errors=True)

@@ -98,6 +98,24 @@ def decode_forward_backward(body: bytes) -> tuple[pb.ForwardBackwardRequest, lis
     return request, data, config
 
 
+def loss_spans(request: pb.ForwardBackwardRequest) -> list[list[tuple[str, str, int, int]]]:
+    """Per datum, its loss_fn_input_spans as (arm, sequence_id, offset, length), arm "sampled"
+    or "prompt" (empty: the datum has no provenance)."""
+    out = []
+    for i, d in enumerate(request.data):
+        spans = []
+        for span in d.loss_fn_input_spans:
+            arm = span.WhichOneof("span")
+            if arm is None:
+                raise UserError(f"datum {i}: an empty provenance span")
+            run = getattr(span, arm)
+            if run.offset < 0 or run.length < 0 or not run.sequence_id:
+                raise UserError(f"datum {i}: a provenance span needs a sequence_id and offset, length >= 0")
+            spans.append(("sampled" if arm == "sampled_tokens" else "prompt", run.sequence_id, run.offset, run.length))
+        out.append(spans)
+    return out
+
+
 def encode_forward_backward(out: ForwardBackwardOutput) -> bytes:
     msg = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
     record = msg.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(out.loss_fn_outputs))

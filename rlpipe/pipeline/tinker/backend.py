@@ -46,6 +46,26 @@ def is_tinker_path(path: str) -> bool:
     return isinstance(path, str) and path.startswith("tinker://")
 
 
+INFLIGHT = "inflight-sampler:"
+"""With explorer.weight_updates = "inflight" a WeightUpdate's sampler_path is this prefix plus
+the SDK's sampler handle (SamplingClient.get_sampler_handle: no credentials, no pickle) of the
+learner's in-flight sampling client (save_weights_and_get_sampling_client(kind="inflight")),
+not a tinker:// path: in-flight clients exist only through the training client."""
+
+
+def weight_updates(config) -> str:
+    """explorer.weight_updates ("between_requests" or "inflight"), read so that a config
+    without the field (before it was added) means the old behaviour."""
+    return getattr(config.explorer, "weight_updates", "between_requests")
+
+
+def inflight_handle(sampler_path: str | None) -> str | None:
+    """The sampler handle a sampler_path carries, or None for a tinker:// path."""
+    if isinstance(sampler_path, str) and sampler_path.startswith(INFLIGHT):
+        return sampler_path[len(INFLIGHT):]
+    return None
+
+
 def endpoint(config) -> str:
     return config.tinker_base_url or os.environ.get("TINKER_BASE_URL") or "the default Tinker endpoint"
 

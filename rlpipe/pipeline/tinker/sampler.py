@@ -17,6 +17,7 @@ from rlpipe.pipeline.tinker.backend import (
     call_async,
     check_reachable,
     endpoint,
+    inflight_handle,
     is_user_error,
     refused,
     service_client,
@@ -90,7 +91,13 @@ class TinkerEndpoint:
     ready = property(lambda self: self.client is not None)
 
     async def _new_client(self, model_path: str | None, version: int, what: str) -> TinkerSamplingClient:
-        if model_path is not None:
+        handle = inflight_handle(model_path)
+        if handle is not None:  # explorer.weight_updates = "inflight": the learner's in-flight client
+            import tinker
+
+            api_key = self.config.tinker_api_key or None
+            make = lambda: tinker.SamplingClient.from_sampler_handle(handle, api_key=api_key)
+        elif model_path is not None:
             make = lambda: self.service.create_sampling_client(model_path=model_path).result()
         else:
             make = lambda: self.service.create_sampling_client(base_model=self.model).result()
@@ -127,9 +134,13 @@ class TinkerEndpoint:
                                 "learner.backend = \"tinker\"?")
         async with self._lock:
             self.client = await self._new_client(update.sampler_path, update.version,
-                                                 f"create_sampling_client(model_path={update.sampler_path!r})")
+                                                 _what(update.sampler_path))
             self.state.adopt(update)
-        log.info("%s: sampling with %s (version %d)", self.name, update.sampler_path, update.version)
+        # An in-flight client's samples run on this version or newer (the endpoint may move a
+        # request already decoding to newer weights); they are tagged with this version, the
+        # lower bound, so the lag the pipeline sees is never less than the true one.
+        shown = "the in-flight sampler" if inflight_handle(update.sampler_path) else update.sampler_path
+        log.info("%s: sampling with %s (version %d)", self.name, shown, update.version)
 
     async def restart(self, dead, why: str) -> None:
         """The endpoint failed a request of `dead`: a new sampling client on the same weights,
@@ -139,7 +150,8 @@ class TinkerEndpoint:
                 return  # another group already replaced it
             self.state.spend_restart(why)
             path = self.update.sampler_path if self.update is not None else None
-            self.client = await self._new_client(path, self.version, f"create_sampling_client({path or self.model!r})")
+            self.client = await self._new_client(path, self.version, _what(path) if path else
+                                                 f"create_sampling_client({self.model!r})")
 
     async def watch(self) -> None:
         """Nothing to watch: the endpoint's health shows in its answers."""
@@ -156,3 +168,9 @@ class TinkerEndpoint:
     async def sample_async(self, prompt: ModelInput, num_samples: int, sampling_params: SamplingParams,
                            client: TinkerSamplingClient | None = None) -> SampleResponse:
         return await self.state.sample(client or self.client, prompt, num_samples, sampling_params)
+
+
+def _what(sampler_path: str) -> str:
+    if inflight_handle(sampler_path) is not None:
+        return "SamplingClient.from_sampler_handle(the learner's in-flight sampler)"
+    return f"create_sampling_client(model_path={sampler_path!r})"

@@ -18,6 +18,7 @@ from rlpipe.pipeline.tinker.backend import (
     STATE_FILE,
     Done,
     Pending,
+    INFLIGHT,
     call,
     check_reachable,
     endpoint,
@@ -25,6 +26,7 @@ from rlpipe.pipeline.tinker.backend import (
     refused,
     service_client,
     tinker_loss_config,
+    weight_updates,
 )
 from rlpipe.pipeline.tinker.sampler import TinkerSamplingClient
 from rlpipe.training.checkpoint import pruned, write_json_atomic
@@ -123,6 +125,12 @@ class TinkerTrainingClient:
             self._forget(self._published, self._delete(self._published, self.keep_versions, out.path))
             return {"sampler_path": out.path}
 
+        if weight_updates(self.config) == "inflight":
+            # One shared, mutable target on the endpoint: this save moves it for the explorers'
+            # current clients too; the handle is for explorers that have none yet (or restarted).
+            return self._pending(self.client.save_weights_and_get_sampling_client(kind="inflight"),
+                                 lambda sc: {"sampler_path": INFLIGHT + sc.get_sampler_handle()},
+                                 f"save_weights_and_get_sampling_client(kind=\"inflight\") for version {version}")
         name = f"v{version:06d}"
         return self._pending(self.client.save_weights_for_sampler(name), saved, f"save_weights_for_sampler({name!r})")
 
