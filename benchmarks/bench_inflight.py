@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=192)
     parser.add_argument("--updates", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each kind, interleaved; medians reported")
     args = parser.parse_args()
     model = str(default_model_path())
     rng = random.Random(0)
@@ -103,7 +104,7 @@ def main() -> None:
         learner_step(tc, runs, 2e-2)
     lr = get_lr(model)
     dirs = {0: tc.save_weights_for_sampler("v0").result().path}
-    for v in range(1, 2 * args.updates + 3):
+    for v in range(1, 2 + (3 + 2 * args.updates) * args.repeats):
         learner_step(tc, runs, lr)
         dirs[v] = tc.save_weights_for_sampler(f"v{v}").result().path
     demo = [datum([rng.randrange(20, 300) for _ in range(48)]) for _ in range(64)]
@@ -116,37 +117,46 @@ def main() -> None:
     try:
         engine.load_adapter(dirs[0], 0)
         run(engine, dirs, 0, [], 4, 8, 0)  # warm-up
-        base_s, _, base_seqs = run(engine, dirs, 1, [], args.requests, args.max_tokens, 0)
-        spacing = base_s / (args.updates + 1)
-        rows = []
-        for name, recompute, first in (("recompute", True, 2), ("keep", False, 2 + args.updates)):
-            engine._live.recompute_kv = recompute
-            engine._live.pause_ms.clear()
-            updates = list(range(first + 1, first + 1 + args.updates))
-            wall, load_ms, seqs = run(engine, dirs, first, updates, args.requests, args.max_tokens, spacing)
-            after = []
-            for s in seqs:
-                versions = np.array(s.token_versions())
-                ref = np.empty(len(s.tokens))
-                for v in set(versions.tolist()):
-                    ref[versions == v] = score(s.tokens, dirs[v])[versions == v]
-                d = np.abs(np.array(s.logprobs) - ref)
-                after += d[versions != first].tolist()
-            tokens = sum(len(s.tokens) for s in seqs)
-            rows.append((name, statistics.median(load_ms), statistics.median(engine._live.pause_ms), wall,
-                         tokens, len(after), float(np.mean(after)) if after else float("nan"),
-                         float(np.max(after)) if after else float("nan")))
+        spacing = run(engine, dirs, 1, [], args.requests, args.max_tokens, 0)[0] / (args.updates + 1)
+        results = {"none": [], "recompute": [], "keep": []}
+        next_version = 2
+        for _ in range(args.repeats):  # interleaved, so that the machine's load hits every kind alike
+            for name in results:
+                engine._live.recompute_kv = name == "recompute"
+                first = next_version
+                updates = [] if name == "none" else list(range(first + 1, first + 1 + args.updates))
+                next_version += 1 + len(updates)
+                pauses = len(engine._live.pause_ms)
+                wall, load_ms, seqs = run(engine, dirs, first, updates, args.requests, args.max_tokens, spacing)
+                after = []
+                for s in seqs if updates else []:
+                    versions = np.array(s.token_versions())
+                    ref = np.empty(len(s.tokens))
+                    for v in set(versions.tolist()):
+                        ref[versions == v] = score(s.tokens, dirs[v])[versions == v]
+                    after += np.abs(np.array(s.logprobs) - ref)[versions != first].tolist()
+                results[name].append((wall, sum(len(s.tokens) for s in seqs), load_ms,
+                                      engine._live.pause_ms[pauses + 1:], after))  # [pauses]: the run's first load
     finally:
         engine.shutdown()
 
-    base_tokens = sum(len(s.tokens) for s in base_seqs)
-    print(f"embedded model, vLLM CPU, {args.requests} sequences x up to {args.max_tokens} tokens, {args.updates} updates")
-    print(f"no update: {base_s:.2f} s for {base_tokens} tokens ({base_tokens / base_s:.0f} tok/s)")
+    base_s = statistics.median(r[0] for r in results["none"])
+    base_tokens = statistics.median(r[1] for r in results["none"])
+    rows = []
+    for name in ("recompute", "keep"):
+        runs_ = results[name]
+        after = [d for r in runs_ for d in r[4]]
+        rows.append((name, statistics.median(x for r in runs_ for x in r[2]), statistics.median(x for r in runs_ for x in r[3]),
+                     statistics.median(r[0] for r in runs_), statistics.median(r[1] for r in runs_), len(after),
+                     float(np.mean(after)) if after else float("nan"), float(np.max(after)) if after else float("nan")))
+    print(f"embedded model, vLLM CPU, {args.requests} sequences x up to {args.max_tokens} tokens, {args.updates} updates, "
+          f"medians of {args.repeats} interleaved runs")
+    print(f"no update: {base_s:.2f} s for {base_tokens:.0f} tokens ({base_tokens / base_s:.0f} tok/s)")
     print(f"learner step: demo batch (64 x 48 tokens) {step_demo * 1e3:.0f} ms, long-tail batch "
           f"(64 x {16 + args.max_tokens}) {step_long * 1e3:.0f} ms")
     print(f"{'KV':10s} {'update ms':>9s} {'pause ms':>8s} {'batch s':>7s} {'extra ms/upd':>12s} {'% demo step':>11s} "
           f"{'% long step':>11s} {'tokens after':>12s} {'mean |d lp|':>11s} {'max |d lp|':>10s}")
-    for name, load, pause, wall, tokens, n_after, mean, mx in rows:
+    for name, load, pause, wall, tokens, n_after, mean, mx in rows:  # n_after: over all runs
         # the batch's extra time over the no-update run, per token so that lengths do not count
         extra_ms = max(0.0, (wall / tokens - base_s / base_tokens) * tokens / args.updates * 1e3)
         cost_ms = load + extra_ms

@@ -21,21 +21,26 @@ into one version per token; that is the bookkeeping of the step that computed th
 it is right even when outputs reach the front end after the update (own bookkeeping at the
 front end would race with that).
 
-Keep the KV or recompute it (clear_cache False or True): measured on the embedded model
-(benchmarks/bench_inflight.py, 2 shared CPU cores, 16 requests of ~150 tokens in flight,
-adapters a few learner steps apart):
-- keep (PipelineRL's choice): tokens after the update attend to KV the old weights wrote.
-  Their sampling logprob is then no version's: against the learner's logprob under the
-  version that sampled them it is off by up to ~1e-1 (mean ~1e-2), 100x the fidelity bound
-  (1e-3). The importance ratio would still use the true behaviour probability, but the
-  per-token version would not name a policy the learner can score.
-- recompute: every token's logprob is its version's to within fp32 noise (~1e-5), because
-  each token is computed from KV written entirely by the weights that sampled it. The price
-  is one prefill of the context in flight per update (prefill is batched, the cheap kind of
-  work for an engine); the update pause itself is tens of ms either way.
+Keep the KV or recompute it (clear_cache False or True), measured on the embedded model
+(benchmarks/bench_inflight.py: 16 sequences of up to 192 tokens decoding, 3 updates each one
+real learner step apart, 2 CPU cores shared with other work, so times are rough):
+- keep (PipelineRL's choice): tokens after an update attend to KV the old weights wrote, so
+  their sampling logprob is no version's: against the learner's logprob under the version
+  that sampled them, mean |d| 1e-2 to 3e-2 and max 1.0 to 2.1, 1000x the fidelity bound
+  (1e-3); with two unrelated adapters (tests/test_inflight_vllm.py) max 33. The importance
+  ratio would still use the true behaviour probability, but the per-token version would not
+  name a policy the learner can score.
+- recompute: mean |d| 4e-7, max 7e-6 (fp32 noise), because every token is computed from KV
+  written entirely by the weights that sampled it. The price is one prefill of the context
+  in flight per update; here it did not show: the update call took 35-42 ms (pause 31-35 ms)
+  either way, and the running batch lost 105-117 ms per update either way (noise included).
 rlpipe recomputes, so the DESIGN invariant ("the sampling logprob of every token is the one
-its version gave") holds exactly and the per-token versions stay meaningful; the figures
-in the benchmark's output let a user on another machine check the trade.
+its version gave") holds exactly and per-token versions stay meaningful. On a GPU with long
+contexts the re-prefill grows with the tokens in flight; the benchmark prints it.
+
+CPU: re-prefilling many requests at once gets chunked, and a seeded request's chunked
+prefill kills vLLM 0.32's CPU engine (it rewinds a CPU torch.Generator); an in-flight engine
+on CPU therefore runs without chunked prefill (vllm_backend.VLLMEngine).
 
 Prefix cache: vLLM keys KV blocks by the request's LoRA name and path, not the int id. Each
 version's snapshot has its own path and new requests always carry the live version's path

@@ -1,4 +1,6 @@
 """The vLLM backend: one AsyncLLM per base model per process, LoRA versions hot-swapped.
+(Past 400 lines: one class, the engine, whose parts share its loop, locks and adapter state;
+the in-flight update mechanism is in inflight.py.)
 
 AsyncLLM is bound to the event loop it runs on, so each engine owns a background thread
 running its own loop. Sync callers submit coroutines with run_coroutine_threadsafe and get
@@ -105,8 +107,15 @@ class VLLMEngine:
         self.options = dict(max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank,
                             weight_updates=weight_updates, **options)
         config = engine_config(self.base_model, max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank, **options)
-        self.max_lora_rank = config.lora_config.max_lora_rank
         on_cpu = config.device_config.device_type == "cpu"
+        if weight_updates == "inflight" and on_cpu and "enable_chunked_prefill" not in options:
+            # An update re-prefills every running request at once; chunked, a seeded one's prefill
+            # makes vLLM 0.32 rewind its CPU torch.Generator, which CPU generators cannot do
+            # ("CPU Generator does not use offset", the engine dies). Whole prefills only.
+            batched = max(config.model_config.max_model_len, config.scheduler_config.max_num_batched_tokens)
+            config = engine_config(self.base_model, max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank,
+                                   enable_chunked_prefill=False, max_num_batched_tokens=batched, **options)
+        self.max_lora_rank = config.lora_config.max_lora_rank
         self._ids = itertools.count(1)
         self._live = (LiveAdapter(next(self._ids), max_loaded_adapters, inflight_recompute_kv)
                       if weight_updates == "inflight" else None)
