@@ -65,7 +65,9 @@ async def do_episode(
         tokens += seq.tokens
         mask += [1] * len(seq.tokens)
         logprobs += seq.logprobs
-        versions += [seq.policy_version] * len(seq.tokens)
+        if seq.policy_versions is not None and len(seq.policy_versions) != len(seq.tokens):
+            raise EpisodeError("the sampler returned per-token versions that do not match its tokens")
+        versions += seq.token_versions()
         result = await env.step(list(seq.tokens))
         reward += float(result.reward)
         metrics.update(result.metrics)

@@ -193,7 +193,15 @@ class SampledSequence(msgspec.Struct, omit_defaults=True):
     logprobs: list[float] | None = None
     """Sampling logprob of each token under the distribution actually sampled from."""
     policy_version: int = 0
-    """Version of the LoRA adapter that produced every token (0 = base or first adapter)."""
+    """Version of the LoRA adapter that produced the first token (0 = base or first adapter);
+    of every token unless policy_versions says otherwise."""
+    policy_versions: list[int] | None = None
+    """Version of each token, set only when they differ: an in-flight weight update
+    (explorer.weight_updates = "inflight") reached the sequence while it was decoding."""
+
+    def token_versions(self) -> list[int]:
+        """The version of each token."""
+        return list(self.policy_versions) if self.policy_versions is not None else [self.policy_version] * len(self.tokens)
 
 
 class SampleResponse(msgspec.Struct, omit_defaults=True):

@@ -182,6 +182,15 @@ class ExplorerConfig(Config):
     """Back-pressure: no new group starts while finished-but-unacknowledged groups plus
     groups being rolled out reach this many, so the outbox (run_dir/<explorer id>/outbox.sqlite)
     never holds more than this while the buffer is away."""
+    weight_updates: Literal["between_requests", "inflight"] = "between_requests"
+    """When a new adapter reaches the sampler. "between_requests": requests (turns) started after
+    it loads; a request running then finishes on the version it started with (the engine keeps
+    max_staleness + 2 versions loaded for that), so a long generation's staleness grows with its
+    length. "inflight": also the requests already decoding, at their next token, without
+    aborting them (vLLM pauses, swaps the adapter in place, recomputes their KV under the new
+    weights, resumes: rlpipe/sampling/inflight.py); every token keeps the version that sampled
+    it, and its sampling logprob is that version's. Needs the vLLM sampler (the local and
+    Tinker samplers refuse it)."""
     engine_start_timeout_s: Seconds = 900.0
     """An engine that has not started and served its first request by then fails the role."""
     weight_load_timeout_s: Seconds = 300.0

@@ -55,6 +55,7 @@ def check(config: RunConfig) -> RunConfig:
         raise ValueError(f"learner.dist_timeout_s ({learner.dist_timeout_s}) must exceed learner.batch_timeout_s "
                          f"({learner.batch_timeout_s}): the other ranks wait while rank 0 fetches a batch")
     check_tinker(config)
+    check_weight_updates(config)
     # The sampling engine's settings (vllm itself is not imported here).
     gpus = engine.device.partition(":")[2]
     if gpus and len(gpus.split(",")) < engine.tensor_parallel_size:
@@ -68,6 +69,25 @@ def check(config: RunConfig) -> RunConfig:
             raise ValueError(f"explorer.engine.engine_args must not set {name!r}: "
                              + (f"use {instead} instead" if instead else "rlpipe sets it itself"))
     return config
+
+
+def check_weight_updates(config: RunConfig) -> None:
+    """In-flight weight updates need the vLLM sampler: the local one refuses them (its reason,
+    rlpipe.sampling.local_backend.INFLIGHT_REFUSED), the Tinker one does not offer them yet."""
+    explorer = config.explorer
+    if explorer.weight_updates != "inflight":
+        return
+    from rlpipe.sampling import resolve_backend
+
+    sampler = resolve_backend(explorer.sampler)
+    if sampler == "local":
+        how = "auto picks the local sampler here: vLLM is not installed" if explorer.sampler == "auto" else "local"
+        raise ValueError(f'explorer.weight_updates = "inflight" needs the vLLM sampler; explorer.sampler is {how}. '
+                         'The local sampler finishes every request on the version it started with: use '
+                         'explorer.weight_updates = "between_requests" with it')
+    if sampler == "tinker":
+        raise ValueError('explorer.weight_updates = "inflight" is not offered with explorer.sampler = "tinker" yet: '
+                         'use "between_requests"')
 
 
 def check_tinker(config: RunConfig) -> None:

@@ -173,7 +173,9 @@ class ExplorerEngine:
     # ------------------------------------------------------------------ adapters
 
     async def load(self, update: WeightUpdate) -> None:
-        """Sample with this adapter from now on (requests in flight finish on theirs). A dead
+        """Sample with this adapter from now on: requests in flight finish on theirs, or with
+        explorer.weight_updates = "inflight" (the engine's mode) go on with this one at their
+        next token. A dead
         engine is restarted first, and the adapter loaded into the new one."""
         async with self._lock:
             engine = self.engine
@@ -267,6 +269,8 @@ def engine_options(config: RunConfig, backend: str) -> dict:
     derived max_loaded_adapters and max_lora_rank; cpu_threads is this process's (share_cores)."""
     e = config.explorer.engine
     options = {"max_loaded_adapters": config.max_staleness + 2}
+    if config.explorer.weight_updates != "between_requests":  # the engines' default
+        options["weight_updates"] = config.explorer.weight_updates
     if backend == "local":
         device = "cuda" if e.device.startswith("cuda") else (e.device or None)  # the first GPU use_device left visible
         return {**options, "max_model_len": e.max_model_len or None, "dtype": e.dtype if e.dtype not in ("", "auto") else None,

@@ -30,10 +30,17 @@ import torch
 
 from rlpipe.sampling.adapters import Adapter, AdapterTable, base_weight_shapes, snapshot_adapter
 from rlpipe.sampling.client import Request
+from rlpipe.sampling.inflight import check_mode
 from rlpipe.sampling.errors import EngineDeadError, SamplingError, SamplingTimeout
 from rlpipe.types import SampledSequence, SampleResponse
 
 log = logging.getLogger(__name__)
+
+INFLIGHT_REFUSED = (
+    'weight_updates = "inflight" needs the vLLM sampler: the local sampler finishes every request on '
+    'the version it started with (it is the small-machine fallback; a per-token swap would need its '
+    'batches split by version and their KV recomputed). Use explorer.sampler = "vllm", or '
+    'explorer.weight_updates = "between_requests".')
 
 
 class LocalEngine:
@@ -46,8 +53,13 @@ class LocalEngine:
         max_model_len: int | None = None,
         dtype: str | None = None,
         device: str | None = None,
+        weight_updates: str = "between_requests",
     ):
-        """max_batch_rows: sequences decoded together (a request of n samples is n rows)."""
+        """max_batch_rows: sequences decoded together (a request of n samples is n rows).
+        weight_updates: only "between_requests" (every request finishes on the version it
+        started with); "inflight" is refused: see INFLIGHT_REFUSED."""
+        if check_mode(weight_updates) == "inflight":
+            raise ValueError(INFLIGHT_REFUSED)
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from rlpipe.training.attention import load_options

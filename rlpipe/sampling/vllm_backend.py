@@ -1,4 +1,6 @@
 """The vLLM backend: one AsyncLLM per base model per process, LoRA versions hot-swapped.
+(Past 400 lines: one class, the engine, whose parts share its loop, locks and adapter state;
+the in-flight update mechanism is in inflight.py.)
 
 AsyncLLM is bound to the event loop it runs on, so each engine owns a background thread
 running its own loop. Sync callers submit coroutines with run_coroutine_threadsafe and get
@@ -10,6 +12,12 @@ name, from an engine-owned snapshot of its directory. A request carries the LoRA
 the version it started with, so requests running when v+1 loads finish on v. The
 AdapterTable keeps the newest `max_loaded_adapters` versions and evicts older idle ones
 (remove_lora), never one with requests in flight.
+
+In-flight updates (weight_updates="inflight", the explorer's explorer.weight_updates): every
+adapter request runs on one live LoRA slot whose weights each load replaces under the
+running requests, which carry on at their next token; each token keeps the version that
+sampled it (SampledSequence.policy_versions). How, and why the KV is recomputed, is in
+inflight.py.
 
 Prefix cache and LoRA: vLLM hashes every KV block together with the request's LoRA name and
 path (vllm/v1/core/kv_cache_utils.py `_gen_lora_extra_hash_keys`); base-model requests have
@@ -54,6 +62,7 @@ from pathlib import Path
 from rlpipe.sampling.adapters import Adapter, AdapterTable, base_weight_shapes, snapshot_adapter, write_zero_adapter
 from rlpipe.sampling.client import Request
 from rlpipe.sampling.gate import Gate
+from rlpipe.sampling.inflight import LiveAdapter, check_mode, token_versions
 from rlpipe.sampling.loop import LoopThread, environ, log_failure
 from rlpipe.sampling.errors import EngineDeadError, EngineStartError, SamplingError, SamplingTimeout
 from rlpipe.sampling.vllm_args import engine_config, engine_process_env
@@ -72,6 +81,8 @@ class VLLMEngine:
         max_loaded_adapters: int = 4,
         max_lora_rank: int = 32,
         startup_timeout_s: float = 900.0,
+        weight_updates: str = "between_requests",
+        inflight_recompute_kv: bool = True,
         **options,
     ):
         """max_loaded_adapters: adapter versions kept loaded (>= max_staleness + 1), also
@@ -81,6 +92,10 @@ class VLLMEngine:
         torch.compile (fast start; on CPU compiled graphs also recompile per LoRA set);
         enable_prefix_caching, kv_cache_memory_bytes, gpu_memory_utilization,
         tensor_parallel_size, device), and further vllm.AsyncEngineArgs fields.
+        weight_updates: "between_requests" (each request finishes on the version it started
+        with) or "inflight" (one live adapter, replaced under running requests: inflight.py).
+        inflight_recompute_kv: in-flight updates recompute the running requests' KV under the
+        new weights (True; False keeps the old KV, for measuring, see inflight.py).
         Raises EngineStartError naming the model and the reason if the engine cannot start
         or cannot serve its first request."""
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -90,12 +105,23 @@ class VLLMEngine:
             raise FileNotFoundError(f"base_model {base_model!r} is not a local Hugging Face model directory (no config.json)")
         self.base_model = str(base_model)
         self.table = AdapterTable(max_loaded_adapters)
+        self.weight_updates = check_mode(weight_updates)
         self.base_shapes = base_weight_shapes(self.base_model)
-        self.options = dict(max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank, **options)
+        self.options = dict(max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank,
+                            weight_updates=weight_updates, **options)
         config = engine_config(self.base_model, max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank, **options)
-        self.max_lora_rank = config.lora_config.max_lora_rank
         on_cpu = config.device_config.device_type == "cpu"
+        if weight_updates == "inflight" and on_cpu and "enable_chunked_prefill" not in options:
+            # An update re-prefills every running request at once; chunked, a seeded one's prefill
+            # makes vLLM 0.32 rewind its CPU torch.Generator, which CPU generators cannot do
+            # ("CPU Generator does not use offset", the engine dies). Whole prefills only.
+            batched = max(config.model_config.max_model_len, config.scheduler_config.max_num_batched_tokens)
+            config = engine_config(self.base_model, max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank,
+                                   enable_chunked_prefill=False, max_num_batched_tokens=batched, **options)
+        self.max_lora_rank = config.lora_config.max_lora_rank
         self._ids = itertools.count(1)
+        self._live = (LiveAdapter(next(self._ids), max_loaded_adapters, inflight_recompute_kv)
+                      if weight_updates == "inflight" else None)
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="rlpipe-vllm-adapters-"))
         self._loop = LoopThread(f"rlpipe-vllm-{Path(base_model).name}")
         self._closed = False
@@ -189,11 +215,14 @@ class VLLMEngine:
     # ------------------------------------------------------------------ adapters
 
     def load_adapter(self, path: str, version: int, timeout_s: float = 300.0) -> Adapter:
-        """Hot-load a PEFT adapter as policy `version`; running requests are not disturbed."""
+        """Hot-load a PEFT adapter as policy `version`; running requests are not disturbed
+        (weight_updates "between_requests"), or continue on it at their next token ("inflight")."""
         from vllm.lora.request import LoRARequest
 
         self.check_alive()
         adapter = snapshot_adapter(path, self._adapter_dir, next(self._ids), version, self.max_lora_rank, self.base_shapes)
+        if self._live is not None:
+            return self._load_live(adapter, path, timeout_s)
         existing = self.table.find(version, adapter.digest)
         if existing is not None:
             shutil.rmtree(adapter.path, ignore_errors=True)
@@ -212,6 +241,27 @@ class VLLMEngine:
                 self._loop.submit(self._remove(old)).add_done_callback(log_failure(f"removing adapter {old.name}"))
         return adapter
 
+    def _load_live(self, adapter: Adapter, path: str, timeout_s: float) -> Adapter:
+        live = self._live
+        current = live.current
+        if current is not None and current.version == adapter.version and current.digest == adapter.digest:
+            shutil.rmtree(adapter.path, ignore_errors=True)
+            return current
+        with self._load_lock:
+            if self._lora_index_bug:
+                self._guard_base_requests(timeout_s)
+            try:
+                self._on_loop(live.swap(self.llm, self._gate, adapter), timeout_s, f"updating the live adapter to {path}")
+            except Exception as e:
+                shutil.rmtree(adapter.path, ignore_errors=True)
+                self.check_alive()
+                if isinstance(e, SamplingTimeout):
+                    raise
+                raise ValueError(f"vLLM could not load adapter {path!r}: {type(e).__name__}: {e}") from e
+            live.retire_dirs(adapter)
+            self.stats["inflight_updates"] += current is not None
+        return adapter
+
     def _guard_base_requests(self, timeout_s: float) -> None:
         """Before an adapter load on CPU: route base requests through the zero adapter from now
         on, and before the adapter slots could reach the last one, let base requests that still
@@ -221,7 +271,8 @@ class VLLMEngine:
             with self._route_lock:
                 self._base_lora = zero
         # slots in use after this load: the zero adapter + every registered version
-        if 1 + len(self.table.loaded()) + 1 >= self._max_loras:
+        loaded = len(self.table.loaded()) if self._live is None else 0  # the live slot is replaced in place
+        if 1 + loaded + 1 >= self._max_loras:
             deadline = time.monotonic() + timeout_s
             while self._plain_base > 0:
                 if time.monotonic() > deadline:
@@ -274,6 +325,10 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
 
         a = request.adapter
+        if a is not None and self._live is not None:
+            # Every version runs on the live slot, and new requests carry the newest path
+            # (its prefix-cache key): inflight.py.
+            return self._loop.submit(self._run(request, self._live.request, plain=False, live=True))
         if a is not None:
             self.table.acquire(a)  # raises if evicted; pins it while in flight
             return self._loop.submit(self._run(request, LoRARequest(a.name, a.key, a.path), plain=False))
@@ -282,9 +337,9 @@ class VLLMEngine:
             self._plain_base += lora is None
         return self._loop.submit(self._run(request, lora, plain=lora is None))
 
-    async def _run(self, request: Request, lora, plain: bool):
+    async def _run(self, request: Request, lora, plain: bool, live: bool = False):
         try:
-            return await self._watch(self._admitted(request, lora), request)
+            return await self._watch(self._admitted(request, lora, live), request)
         except asyncio.CancelledError:
             if self._closed:  # cancelled by shutdown(): say so rather than "cancelled"
                 raise EngineDeadError(f"the vLLM engine for {self.base_model} was shut down") from None
@@ -293,13 +348,13 @@ class VLLMEngine:
             if plain:
                 with self._route_lock:
                     self._plain_base -= 1
-            if request.adapter is not None:
+            if request.adapter is not None and not live:
                 for old in self.table.release(request.adapter):
                     asyncio.ensure_future(self._remove(old)).add_done_callback(log_failure(f"removing adapter {old.name}"))
 
-    async def _admitted(self, request: Request, lora):
+    async def _admitted(self, request: Request, lora, live: bool):
         async with self._gate.hold(exclusive=request.prompt_logprobs):  # see rlpipe/sampling/gate.py
-            return await self._generate(request, lora)
+            return await self._generate(request, lora, live)
 
     async def _watch(self, coro, request: Request):
         """Await coro, but give up with a clear error past the timeout or if the engine dies.
@@ -330,7 +385,7 @@ class VLLMEngine:
                     f"within {request.timeout_s:g} s; the request was aborted"
                 )
 
-    async def _generate(self, request: Request, lora) -> SampleResponse | list[float | None]:
+    async def _generate(self, request: Request, lora, live: bool = False) -> SampleResponse | list[float | None]:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs.engine import tokens_input
         from vllm.sampling_params import RequestOutputKind
@@ -381,11 +436,14 @@ class VLLMEngine:
             if c.finish_reason not in ("stop", "length"):
                 raise SamplingError(f"vLLM finished a sequence with reason {c.finish_reason!r}")
             tokens = list(c.token_ids)
+            # On the live slot, the version of each token is the one vLLM labelled its step with.
+            versions = token_versions(c.weight_versions, len(tokens)) if live else None
             sequences.append(SampledSequence(
                 stop_reason=c.finish_reason,
                 tokens=tokens,
                 logprobs=[float(pos[t].logprob) for t, pos in zip(tokens, c.logprobs)],
-                policy_version=request.policy_version,
+                policy_version=versions[0] if versions else request.policy_version,
+                policy_versions=versions if versions and len(set(versions)) > 1 else None,
             ))
         return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs)
 
