@@ -28,9 +28,9 @@ def test_config_refuses_inflight_without_vllm(tmp_path):
     assert "weight_updates" not in engine_options(config(tmp_path), "vllm")  # the engines' default
     with pytest.raises(ValueError, match='"inflight" needs the vLLM sampler; explorer.sampler is local'):
         config(tmp_path, **{"explorer.weight_updates": "inflight", "explorer.sampler": "local"})
-    with pytest.raises(ValueError, match='not offered with explorer.sampler = "tinker"'):
-        config(tmp_path, **{"explorer.weight_updates": "inflight", "explorer.sampler": "tinker",
-                            "learner.backend": "tinker", "tinker_base_url": "http://127.0.0.1:1"})
+    tinker = config(tmp_path, **{"explorer.weight_updates": "inflight", "explorer.sampler": "tinker",  # served:
+                                 "learner.backend": "tinker", "tinker_base_url": "http://127.0.0.1:1"})  # its clients
+    assert tinker.explorer.weight_updates == "inflight"  # take each save at their next request (docs/tinker.md)
     with pytest.raises(ValueError, match="weight_updates"):
         config(tmp_path, **{"explorer.weight_updates": "mid_token"})
 

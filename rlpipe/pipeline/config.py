@@ -189,8 +189,9 @@ class ExplorerConfig(Config):
     length. "inflight": also the requests already decoding, at their next token, without
     aborting them (vLLM pauses, swaps the adapter in place, recomputes their KV under the new
     weights, resumes: rlpipe/sampling/inflight.py); every token keeps the version that sampled
-    it, and its sampling logprob is that version's. Needs the vLLM sampler (the local and
-    Tinker samplers refuse it)."""
+    it, and its sampling logprob is that version's. With the vLLM sampler; with the Tinker
+    one the learner publishes an in-flight sampling client, which takes each save at the
+    explorer's next request (docs/tinker.md); the local sampler refuses it."""
     engine_start_timeout_s: Seconds = 900.0
     """An engine that has not started and served its first request by then fails the role."""
     weight_load_timeout_s: Seconds = 300.0

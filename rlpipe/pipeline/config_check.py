@@ -72,8 +72,9 @@ def check(config: RunConfig) -> RunConfig:
 
 
 def check_weight_updates(config: RunConfig) -> None:
-    """In-flight weight updates need the vLLM sampler: the local one refuses them (its reason,
-    rlpipe.sampling.local_backend.INFLIGHT_REFUSED), the Tinker one does not offer them yet."""
+    """In-flight weight updates need the vLLM sampler or a Tinker endpoint (whose in-flight
+    sampling clients take each save at the next request, docs/tinker.md): the local sampler
+    refuses them (its reason, rlpipe.sampling.local_backend.INFLIGHT_REFUSED)."""
     explorer = config.explorer
     if explorer.weight_updates != "inflight":
         return
@@ -85,9 +86,6 @@ def check_weight_updates(config: RunConfig) -> None:
         raise ValueError(f'explorer.weight_updates = "inflight" needs the vLLM sampler; explorer.sampler is {how}. '
                          'The local sampler finishes every request on the version it started with: use '
                          'explorer.weight_updates = "between_requests" with it')
-    if sampler == "tinker":
-        raise ValueError('explorer.weight_updates = "inflight" is not offered with explorer.sampler = "tinker" yet: '
-                         'use "between_requests"')
 
 
 def check_tinker(config: RunConfig) -> None:

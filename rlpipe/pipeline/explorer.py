@@ -364,9 +364,10 @@ class Explorer:
             self._changed = anyio.Event()
             self.credits = CreditLine(cfg.addresses.experience, self._credit_request, self._notify,
                                       name=f"{self.id} credit line")
-            # explorer.weight_updates comes with in-flight updates (issue 21); absent, updates
-            # reach only requests that start after them.
-            self.credits.inflight = getattr(cfg.explorer, "weight_updates", "between_requests") == "inflight"
+            # Only vLLM moves a running request to new weights; a Tinker in-flight client takes
+            # them at its next request, so a long request there still ages and keeps its deadline.
+            self.credits.inflight = (cfg.explorer.weight_updates == "inflight"
+                                     and resolve_backend(cfg.explorer.sampler) == "vllm")
             sender = OutboxSender(self.outbox, cfg.addresses.experience, ack_timeout_s=cfg.explorer.ack_timeout_s,
                                   on_ack=self._acked, name=f"{self.id} outbox sender")
             self.outbox.on_commit = sender.wake

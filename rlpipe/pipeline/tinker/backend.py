@@ -54,9 +54,8 @@ not a tinker:// path: in-flight clients exist only through the training client."
 
 
 def weight_updates(config) -> str:
-    """explorer.weight_updates ("between_requests" or "inflight"), read so that a config
-    without the field (before it was added) means the old behaviour."""
-    return getattr(config.explorer, "weight_updates", "between_requests")
+    """explorer.weight_updates: "between_requests" or "inflight"."""
+    return config.explorer.weight_updates
 
 
 def inflight_handle(sampler_path: str | None) -> str | None:
