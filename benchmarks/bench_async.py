@@ -13,7 +13,12 @@ dataset, batch shape and step budget:
   asyncK    max_staleness = K (1, 2, 4);
   inflight  max_staleness = 2 with explorer.weight_updates = "inflight" (--inflight; the setting
             is skipped with a note where the config has no such field);
-  trl       TRL's GRPOTrainer, synchronous, as benchmarks/async_trl.py sets it up.
+  trl       TRL's GRPOTrainer, synchronous, as benchmarks/async_trl.py sets it up. Needs trl 1.16:
+            `pip install trl==1.16.0` into the venv, or without touching it
+            `pip install --no-deps --target DIR/site-packages trl==1.16.0` and --trl-path
+            DIR/site-packages (the folder's path must contain "site-packages": datasets
+            fingerprints through dill, which pickles modules elsewhere by value and fails on
+            pyarrow's MonthDayNano, unslothai/unsloth#9791). Skipped with a note if absent.
 
 Figures per setting (one markdown table, also RESULTS/results.md; the reward curves against wall
 time in RESULTS/curves.csv and RESULTS/curves.png):
@@ -27,8 +32,8 @@ time in RESULTS/curves.csv and RESULTS/curves.png):
 - lag: per-token version lag, mean and max (staleness/mean where the learner logs it, else
   the mean over trained samples of the lag of their oldest token), and the max;
 - stale and no-signal drops (the buffer's counts at the last step).
---smoke: 2 steps per setting, a tiny task (max 12 numbers, 48 tokens), the local sampler and a
-5-step warm-up: checks the plumbing in a few minutes (tests/test_bench_async.py).
+--smoke: 2 steps per setting, a tiny task (max 12 numbers, 48 tokens), the local sampler, a
+5-step warm-up and no-signal groups kept: checks the plumbing (tests/test_bench_async.py).
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ def base_config(args, name: str, staleness: int):
     config.learner.rank = 16
     config.learner.learning_rate = RL_LEARNING_RATE
     config.learner.checkpoint_every = max(args.steps, 1)  # one checkpoint, at the end, for every setting
+    # The smoke run's 5-step warm-up earns no reward: every group would be dropped as having no
+    # signal and the learner would wait for batches that never come.
+    config.buffer.drop_constant_reward_groups = not args.keep_no_signal
     return config
 
 
@@ -194,9 +202,9 @@ def summarize_rlpipe(setting: str, records: list[dict], start: float, end: float
 
 def time_to(result: dict, threshold: float) -> float | None:
     rewards = [s["reward"] for s in result["steps"]]
-    for i in range(len(rewards)):
-        window = [r for r in rewards[max(0, i - WINDOW + 1) : i + 1] if r is not None]
-        if len(window) == min(WINDOW, i + 1) and statistics.fmean(window) >= threshold:
+    for i in range(WINDOW - 1, len(rewards)):
+        window = [r for r in rewards[i - WINDOW + 1 : i + 1] if r is not None]
+        if len(window) == WINDOW and statistics.fmean(window) >= threshold:
             return result["steps"][i]["time_end"] - result["launch"]
     return None
 
@@ -284,11 +292,13 @@ def parse(argv=None):
     parser.add_argument("--trl-path", default="", help="a folder holding trl (pip install --target), for TRL's process only")
     parser.add_argument("--trl-threads", type=int, default=0)
     parser.add_argument("--out", default="runs/bench_async")
+    parser.add_argument("--keep-no-signal", action="store_true", help="train on groups whose rewards are all equal")
     parser.add_argument("--smoke", action="store_true", help="2 steps per setting on a tiny task with the local sampler")
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.groups, args.group_size, args.max_count, args.max_tokens = 2, 2, 4, 12, 48
         args.sampler, args.sft_steps, args.profile_groups, args.concurrency = "local", 5, 2, 4
+        args.keep_no_signal = True
     return args
 
 
