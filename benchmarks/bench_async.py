@@ -72,7 +72,7 @@ def base_config(args, name: str, staleness: int):
     config.explorer.max_tokens = args.max_tokens
     config.learner.steps = args.steps
     config.learner.rank = 16
-    config.learner.learning_rate = RL_LEARNING_RATE
+    config.learner.learning_rate = args.lr
     config.learner.checkpoint_every = max(args.steps, 1)  # one checkpoint, at the end, for every setting
     # The smoke run's 5-step warm-up earns no reward: every group would be dropped as having no
     # signal and the learner would wait for batches that never come.
@@ -284,6 +284,7 @@ def parse(argv=None):
     parser.add_argument("--max-tokens", type=int, default=320)
     parser.add_argument("--sampler", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=RL_LEARNING_RATE, help="RL learning rate (every setting)")
     parser.add_argument("--threshold", type=float, default=0.5, help="train reward to reach")
     parser.add_argument("--init", default="", help="a save_state dir to start from (default: run the warm-up)")
     parser.add_argument("--sft-steps", type=int, default=SFT_STEPS)
@@ -292,6 +293,8 @@ def parse(argv=None):
     parser.add_argument("--trl-path", default="", help="a folder holding trl (pip install --target), for TRL's process only")
     parser.add_argument("--trl-threads", type=int, default=0)
     parser.add_argument("--out", default="runs/bench_async")
+    parser.add_argument("--retable", action="store_true",
+                        help="only print the table again from the settings' saved results in --out (another --threshold, say)")
     parser.add_argument("--keep-no-signal", action="store_true", help="train on groups whose rewards are all equal")
     parser.add_argument("--smoke", action="store_true", help="2 steps per setting on a tiny task with the local sampler")
     args = parser.parse_args(argv)
@@ -310,6 +313,11 @@ def main(argv=None) -> list[dict]:
     sys.path.insert(0, str(REPO))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.retable:
+        names = args.settings.split(",") + (["inflight"] if args.inflight else [])
+        results = [json.loads((out / f"{n}.json").read_text()) for n in names if (out / f"{n}.json").exists()]
+        print(table(results, args.threshold))
+        return results
     init = str(Path(args.init).resolve()) if args.init else warm_start(args)
     start_profile = profile_start(args, init)
     results = []
@@ -346,7 +354,7 @@ def run_trl_setting(args, init: str) -> dict | None:
             "steps": args.steps, "seed": args.seed, "groups_per_batch": args.groups, "group_size": args.group_size,
             "dataset_args": {k: v for k, v in task_args(args).items() if k != "group_size"},
             "max_tokens": args.max_tokens, "temperature": config.explorer.temperature,
-            "learning_rate": RL_LEARNING_RATE, "grad_clip_norm": config.learner.grad_clip_norm, "threads": args.trl_threads}
+            "learning_rate": args.lr, "grad_clip_norm": config.learner.grad_clip_norm, "threads": args.trl_threads}
     result = run_trl(spec, args.trl_python, args.trl_path)
     steps = result["steps"][1:] or result["steps"]
     share = sum(s["generate_s"] for s in steps) / max(sum(s["step_s"] for s in steps), 1e-9)
