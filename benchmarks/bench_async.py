@@ -165,10 +165,12 @@ def run_rlpipe(args, init: str, setting: str) -> dict | None:
 
 
 def lag_figures(records: list[dict]) -> tuple[float, float]:
-    """(mean, max) version lag of what was trained: staleness/mean (token-weighted, where the
-    learner logs it) or else the trajectory-weighted mean of the staleness/<k> counts."""
+    """(mean, max) version lag of what was trained: staleness/mean (the mean over a batch's
+    action tokens, where the learner logs it; weighted here by each step's sampled tokens) or
+    else the mean over trained samples of their oldest token's lag (the staleness/<k> counts);
+    max is the oldest token's (staleness/max)."""
     if any("staleness/mean" in r for r in records):
-        weights = [(r["staleness/mean"], r.get("tokens/trained", 1.0)) for r in records if "staleness/mean" in r]
+        weights = [(r["staleness/mean"], r.get("tokens/sampled", 1.0)) for r in records if "staleness/mean" in r]
         mean = sum(m * w for m, w in weights) / max(sum(w for _, w in weights), 1e-9)
     else:
         counts: dict[int, float] = {}

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -21,6 +20,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow  # starts the roles of two runs
 def test_smoke_runs_sync_and_async_and_tabulates(tmp_path, capsys):
     bench = load_bench()
     results = bench.main(["--smoke", "--settings", "sync,async2", "--out", str(tmp_path)])
@@ -45,3 +45,11 @@ def test_time_to_threshold_needs_a_window_of_steps():
     assert bench.time_to(result, 0.9) is None  # the first step alone is no window
     steps_per_s, tokens_per_s = bench.rates(result)
     assert steps_per_s == pytest.approx(1.0) and tokens_per_s == pytest.approx(10.0)
+
+
+def test_lag_is_token_weighted_where_the_learner_logs_it_else_per_sample():
+    bench = load_bench()
+    per_token = [{"staleness/mean": 1.0, "tokens/sampled": 100, "staleness/max": 3},
+                 {"staleness/mean": 0.0, "tokens/sampled": 300, "staleness/max": 1}]
+    assert bench.lag_figures(per_token) == (0.25, 3)
+    assert bench.lag_figures([{"staleness/0": 3.0, "staleness/2": 1.0, "staleness/max": 2.0}]) == (0.5, 2.0)
