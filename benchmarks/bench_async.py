@@ -5,7 +5,7 @@
         [--threshold 0.5] [--trl-path DIR] [--out runs/bench_async] [--smoke]
 
 Workload: envs.longtail (count from 1 to n, n heavy-tailed: most answers a few tokens, one in
-ten over 60, the longest about 300; max_tokens 320), 4 groups x 8 samples per step, LoRA rank 16,
+ten over 50, the longest about 300; max_tokens 320), 4 groups x 8 samples per step, LoRA rank 16,
 on the embedded model after an SFT warm-up on the task's format (run once and shared by every
 setting; `--init` reuses one). Every setting starts from the same warm start with the same seed,
 dataset, batch shape and step budget:
