@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from rlpipe.pipeline import transport
+from rlpipe.pipeline.buffer import read_groups
 from rlpipe.pipeline.launch import group_members
 from rlpipe.pipeline.learner import latest_checkpoint
 from rlpipe.pipeline.config import vocab_size
@@ -99,11 +100,21 @@ def accounting(run_dir: Path) -> tuple[dict, dict]:
 
 
 def test_async_run_end_to_end(tmp_path):
+    """With in-flight weight updates where the engine offers them (vLLM): the runs about
+    the engine's failures (Ctrl-C, chaos, fail fast) cover the default, between requests."""
     evaluation = ['eval_factory = "envs.arithmetic:eval_items"', "eval_args = { n = 12, difficulty = 1 }"]
     config = write_config(tmp_path, "e2e", steps=5, max_staleness=1, eval_every=5, dataset_lines=evaluation,
                           sampler=SAMPLER)
-    out = run_to_end(config)
+    inflight = SAMPLER == "vllm"
+    code, out, _ = run_until_stopped(config, *(["--set", "explorer.weight_updates=inflight"] if inflight else []))
+    assert code == 0, out[-3000:]
     run_dir = tmp_path / "e2e"
+    if inflight:
+        assert "weight updates inflight" in (run_dir / "logs" / "explorer.log").read_text()
+        for group in read_groups(run_dir / "buffer"):  # a token never has an older version than the one before it
+            for t in group.trajectories:
+                versions = [v for v, m in zip(t.policy_versions, t.action_mask) if m]
+                assert versions == sorted(versions) and min(versions) >= 0, versions
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     for r in records:

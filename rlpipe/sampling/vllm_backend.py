@@ -152,11 +152,11 @@ class VLLMEngine:
         self.max_model_len = self.llm.model_config.max_model_len
         kv = config.cache_config.kv_cache_memory_bytes
         log.info("vLLM engine for %s started in %.1f s: max_model_len %d, max_lora_rank %d, dtype %s, "
-                 "tensor_parallel_size %d, KV cache %s, %s executor", base_model, time.monotonic() - started,
+                 "tensor_parallel_size %d, KV cache %s, %s executor, weight updates %s", base_model, time.monotonic() - started,
                  self.max_model_len, self.max_lora_rank, str(config.model_config.dtype).removeprefix("torch."),
                  config.parallel_config.tensor_parallel_size,
                  f"{kv / (1 << 20):.0f} MiB" if kv else f"{config.cache_config.gpu_memory_utilization:g} of the device",
-                 config.parallel_config.distributed_executor_backend)
+                 config.parallel_config.distributed_executor_backend, self.weight_updates)
         # vLLM CPU LoRA index bug workaround, see _zero_adapter
         self._lora_index_bug = on_cpu
         self._max_loras = max_loaded_adapters + on_cpu
