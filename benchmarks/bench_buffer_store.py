@@ -35,7 +35,7 @@ import zmq
 
 from rlpipe.pipeline.buffer import ExperienceBuffer, serve
 from rlpipe.pipeline.transport import Codec, RequestClient, tcp_address
-from rlpipe.pipeline.validation import checked_decoder, judge
+from rlpipe.pipeline.validation import checked_decoder, why_dropped
 from rlpipe.types import GroupAck, Shutdown, Trajectory, TrajectoryGroup
 
 VOCAB = 32000
@@ -68,7 +68,7 @@ def crc_log(frames: list[bytes], directory: Path) -> None:
         for start in range(0, len(frames), ROUND):
             for frame in frames[start:start + ROUND]:
                 group = decoder.decode(frame)
-                judge(group, None, False)  # the validation serve() does
+                why_dropped(group, None, False)  # the validation serve() does
                 if group.group_id in seen:
                     continue
                 seen.add(group.group_id)
@@ -136,7 +136,7 @@ def main() -> None:
 
     decoder = checked_decoder(VOCAB)
     cases = {
-        "decode + validate only": lambda d: [judge(decoder.decode(f), None, False) for f in frames],
+        "decode + validate only": lambda d: [why_dropped(decoder.decode(f), None, False) for f in frames],
         "crc-log, flush each, fsync/round": lambda d: crc_log(frames, d),
         "sqlite WAL, NORMAL, commit/round": lambda d: sqlite(frames, d, "NORMAL", ROUND),
         "sqlite WAL, FULL, commit/group": lambda d: sqlite(frames, d, "FULL", 1),

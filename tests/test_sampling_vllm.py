@@ -173,7 +173,7 @@ def test_mixed_batch_of_base_and_adapters(vllm_engine, tiny_model_path, make_lor
 
 def test_prompt_logprobs_alongside_other_requests(vllm_engine, tiny_model_path, make_lora_adapter, reference_logprobs):
     """vLLM 0.32 kills its engine when a prompt-logprob request shares an engine step with
-    other requests (rlpipe/sampling/gate.py); rlpipe runs those alone, so concurrent
+    other requests (rlpipe/sampling/prompt_logprob_lock.py); rlpipe runs those alone, so concurrent
     compute_logprobs calls and samples all succeed, each with the right logprobs."""
     adapter = make_lora_adapter(seed=70)
     client = create_sampling_client(tiny_model_path, adapter, policy_version=70)

@@ -63,7 +63,7 @@ from rlpipe.pipeline.validation import (
     checked_decoder,
     drop_reason,
     explain,
-    judge,
+    why_dropped,
     group_versions,
     oldest_version,
     validate,
@@ -107,7 +107,7 @@ def is_stale(group_version: int, learner_version: int, max_staleness: int) -> bo
 
 
 @dataclass(slots=True)
-class Examined:
+class IncomingGroup:
     """A group as the buffer's intake sees it, before the store decides it."""
 
     group_id: str
@@ -154,7 +154,7 @@ class ExperienceBuffer:
         """Decide several groups in one transaction (one fsync); outcomes in order."""
         return self.decide([self._examined(*check(g, self.vocab_size)) for g in groups])
 
-    def examine_frame(self, frame: zmq.Frame | bytes, codec: Codec) -> Examined | CreditRequest | None:
+    def examine_frame(self, frame: zmq.Frame | bytes, codec: Codec) -> IncomingGroup | CreditRequest | None:
         """A frame from the experience socket as a group to decide, an explorer's request for
         credits (rlpipe/pipeline/admission.py), or None when it is neither (then counted in
         codec's rejections, which feed `rejected`)."""
@@ -175,7 +175,7 @@ class ExperienceBuffer:
             return codec.reject("unexpected")
         return self._examined(msg, problem, data)
 
-    def decide(self, items: list[Examined]) -> list[str]:
+    def decide(self, items: list[IncomingGroup]) -> list[str]:
         """The store's decision on each item, committed (durably) before this returns."""
         store, outcomes = self.store, []
         with store.transaction():
@@ -207,12 +207,12 @@ class ExperienceBuffer:
         written with the next transaction or flush()."""
         self.store.bump(f"rejected:{reason}")
 
-    def _examined(self, group, problem: str | None, body) -> Examined:
-        reason, detail, versions = judge(group, problem, self.drop_no_signal)
-        return Examined(group.group_id, reason, detail, group.run_id, group.incarnation, versions.version, body,
+    def _examined(self, group, problem: str | None, body) -> IncomingGroup:
+        reason, detail, versions = why_dropped(group, problem, self.drop_no_signal)
+        return IncomingGroup(group.group_id, reason, detail, group.run_id, group.incarnation, versions.version, body,
                         group.explorer_id if isinstance(group.explorer_id, str) else "", versions.newest)
 
-    def _identity_reason(self, item: Examined) -> str | None:
+    def _identity_reason(self, item: IncomingGroup) -> str | None:
         if item.run_id and self.run_id and item.run_id != self.run_id:
             return "other_run"
         if item.incarnation < self.store.get("learner_incarnation"):
@@ -328,7 +328,7 @@ def _intake(server: RequestServer, buf: ExperienceBuffer, limit: int, admission:
     they may have been waiting for are counted). Returns the number of frames taken."""
     taken = _take(server, limit)
     items = [(to, item) for to, frame in taken if (item := buf.examine_frame(frame, server.codec)) is not None]
-    groups = [(to, item) for to, item in items if isinstance(item, Examined)]
+    groups = [(to, item) for to, item in items if isinstance(item, IncomingGroup)]
     outcomes = buf.decide([item for _, item in groups])
     for (to, item), outcome in zip(groups, outcomes):
         # A lost ack costs a re-send, answered "duplicate": nothing to do if the peer is gone.

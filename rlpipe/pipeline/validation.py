@@ -124,7 +124,7 @@ def no_signal(group) -> bool:
     return len({t.reward for t in group.trajectories}) == 1
 
 
-def judge(group, problem: str | None, drop_no_signal: bool) -> tuple[str | None, str | None, Versions]:
+def why_dropped(group, problem: str | None, drop_no_signal: bool) -> tuple[str | None, str | None, Versions]:
     """(drop reason, detail, action versions) of a decoded group; problem is what its
     checked decode found. The reason is None for a group to accept."""
     if group.failed:
@@ -168,7 +168,7 @@ def validate(group: TrajectoryGroup, vocab_size: int) -> str | None:
 def drop_reason(group: TrajectoryGroup, vocab_size: int, drop_no_signal: bool) -> tuple[str | None, str | None]:
     """(reason, detail) for a group the buffer will not accept, (None, None) otherwise."""
     checked, problem, _ = check(group, vocab_size)
-    return judge(checked, problem, drop_no_signal)[:2]
+    return why_dropped(checked, problem, drop_no_signal)[:2]
 
 
 def oldest_version(group: TrajectoryGroup) -> int:

@@ -90,7 +90,7 @@ class LiveAdapter:
         self.pause_ms: list[float] = []
         """Wall time generation was paused for each update (the first load pauses nothing)."""
 
-    async def swap(self, llm, gate, adapter: Adapter) -> None:
+    async def swap(self, llm, prompt_logprob_lock, adapter: Adapter) -> None:
         """Put adapter's weights into the live slot (on the engine loop). Requests decoding now
         continue on them at their next token."""
         from vllm.lora.request import LoRARequest
@@ -103,8 +103,8 @@ class LiveAdapter:
             await llm.pin_lora(self.key)
             await llm.update_weight_version(str(adapter.version))
         else:
-            # Shared hold: a prompt-logprob request (run alone, gate.py) finishes on one version.
-            async with gate.hold(exclusive=False):
+            # Shared hold: a prompt-logprob request (run alone, prompt_logprob_lock.py) finishes on one version.
+            async with prompt_logprob_lock.hold(exclusive=False):
                 started = time.perf_counter()
                 await llm.pause_generation(mode="keep", clear_cache=self.recompute_kv)
                 try:

@@ -61,7 +61,7 @@ from pathlib import Path
 
 from rlpipe.sampling.adapters import Adapter, AdapterTable, base_weight_shapes, snapshot_adapter, write_zero_adapter
 from rlpipe.sampling.client import Request
-from rlpipe.sampling.gate import Gate
+from rlpipe.sampling.prompt_logprob_lock import PromptLogprobLock
 from rlpipe.sampling.inflight import LiveAdapter, check_mode, token_versions
 from rlpipe.sampling.loop import LoopThread, environ, log_failure
 from rlpipe.sampling.errors import EngineDeadError, EngineStartError, SamplingError, SamplingTimeout
@@ -164,7 +164,7 @@ class VLLMEngine:
         self._plain_base = 0  # base requests in flight without any LoRA
         self._route_lock = threading.Lock()  # _base_lora / _plain_base (never held while waiting on the loop)
         self._load_lock = threading.Lock()  # one adapter load at a time
-        self._gate = Gate()  # prompt-logprob requests run alone: a vLLM bug, see gate.py
+        self._prompt_logprob_lock = PromptLogprobLock()  # they run alone (a vLLM bug)
 
     async def _first_request(self) -> None:
         from vllm import SamplingParams as VSamplingParams
@@ -251,7 +251,7 @@ class VLLMEngine:
             if self._lora_index_bug:
                 self._guard_base_requests(timeout_s)
             try:
-                self._on_loop(live.swap(self.llm, self._gate, adapter), timeout_s, f"updating the live adapter to {path}")
+                self._on_loop(live.swap(self.llm, self._prompt_logprob_lock, adapter), timeout_s, f"updating the live adapter to {path}")
             except Exception as e:
                 shutil.rmtree(adapter.path, ignore_errors=True)
                 self.check_alive()
@@ -353,7 +353,7 @@ class VLLMEngine:
                     asyncio.ensure_future(self._remove(old)).add_done_callback(log_failure(f"removing adapter {old.name}"))
 
     async def _admitted(self, request: Request, lora, live: bool):
-        async with self._gate.hold(exclusive=request.prompt_logprobs):  # see rlpipe/sampling/gate.py
+        async with self._prompt_logprob_lock.hold(exclusive=request.prompt_logprobs):  # see rlpipe/sampling/prompt_logprob_lock.py
             return await self._generate(request, lora, live)
 
     async def _watch(self, coro, request: Request):

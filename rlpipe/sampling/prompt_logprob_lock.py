@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 
 
-class Gate:
+class PromptLogprobLock:
     def __init__(self):
         self._shared = 0
         self._exclusive = False
